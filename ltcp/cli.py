@@ -1,0 +1,53 @@
+"""Command line: ``ltcp CONFIG`` serves, ``ltcp --check CONFIG`` only validates."""
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import ConfigError, load
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="ltcp", description="TCP and TLS stream router for the linkerd service mesh.")
+    parser.add_argument("config", help="configuration file (YAML or JSON); '-' reads standard input")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the configuration, print a summary and exit")
+    parser.add_argument("--log-level", choices=LEVELS, type=str.lower,
+                        default=os.environ.get("LTCP_LOG", "info").lower(),
+                        help="log verbosity (default: $LTCP_LOG or info)")
+    parser.add_argument("--version", action="version", version=f"ltcp {__version__}")
+    return parser
+
+
+def summary(config):
+    """One line: what the configuration would serve."""
+    servers = sum(len(r.servers) for r in config.routers)
+    kinds = sorted({r.interpreter.kind for r in config.routers})
+    return (f"{len(config.routers)} router{'s' * (len(config.routers) != 1)}, "
+            f"{servers} server{'s' * (servers != 1)}, interpreters: {', '.join(kinds)}")
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.log_level not in LEVELS:
+        print(f"ltcp: LTCP_LOG must be one of {', '.join(LEVELS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        name = "<stdin>" if args.config == "-" else args.config
+        for line in exc.errors:
+            print(line if line.startswith(name) else f"{name}: {line}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"ok: {summary(config)}")
+        return 0
+    from .app import serve
+    return serve(config)

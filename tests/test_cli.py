@@ -1,0 +1,71 @@
+"""The command line as a user meets it: exit codes, one-line errors, no tracebacks."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from ltcp import __version__
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
+
+
+def ltcp(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "ltcp", *args], input=stdin,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_check_prints_a_summary():
+    result = ltcp("--check", str(FIXTURES / "linkerd-tcp-example.yml"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok: 1 router, 1 server, interpreters: io.l5d.namerd.http"
+
+
+def test_check_reads_stdin():
+    result = ltcp("--check", "-", stdin=(EXAMPLES / "quickstart.yaml").read_text().replace("disco", "."))
+    assert result.returncode == 0, result.stderr
+    assert "io.l5d.fs" in result.stdout
+
+
+def test_check_reports_every_error_and_exits_2():
+    result = ltcp("--check", "-", stdin="routers:\n  - label: a\n    servers: [{port: -1}]\nadmn: {}\n")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert "<stdin>: admn: unknown key (did you mean admin?)" in lines
+    assert "<stdin>: routers[0].interpreter: is required" in lines
+    assert any(line.startswith("<stdin>: routers[0].servers[0].port: must be an integer") for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, stdin, expected", [
+    (["/definitely/missing.yaml"], None, "/definitely/missing.yaml: cannot read configuration: No such file or directory"),
+    (["-"], "routers: [\n", "<stdin>:2:1: YAML syntax error"),
+])
+def test_bad_files_give_one_line_and_exit_2(args, stdin, expected):
+    result = ltcp(*args, stdin=stdin)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bytes_that_are_not_utf8(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    result = ltcp(str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"{path}: not UTF-8 text (byte 0)"
+    piped = subprocess.run([sys.executable, "-m", "ltcp", "-"], input=b"\xc3\x28", capture_output=True, timeout=30)
+    assert piped.returncode == 2 and piped.stderr.decode().strip() == "<stdin>: not UTF-8 text (byte 0)"
+
+
+def test_version():
+    result = ltcp("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"ltcp {__version__}"
+
+
+def test_bad_log_level_from_environment():
+    result = subprocess.run([sys.executable, "-m", "ltcp", "--check", str(FIXTURES / "linkerd-tcp-example.yml")],
+                            capture_output=True, text=True, timeout=30, env={"LTCP_LOG": "loud", "PATH": ""})
+    assert result.returncode == 2 and "LTCP_LOG" in result.stderr

@@ -1,0 +1,144 @@
+"""The reactor: readiness, deferred calls, timers, cross-thread wakeups."""
+
+import logging
+import os
+import selectors
+import socket
+import threading
+
+from ltcp.loop import READ, Reactor
+
+
+class RecordingSelector(selectors.DefaultSelector):
+    """The real selector, remembering every timeout it was asked to sleep for."""
+
+    def __init__(self):
+        super().__init__()
+        self.timeouts = []
+
+    def select(self, timeout=None):
+        self.timeouts.append(timeout)
+        return super().select(timeout)
+
+
+def test_call_soon_runs_in_order_and_stop_ends_run(reactor):
+    seen = []
+    reactor.call_soon(seen.append, 1)
+    reactor.call_soon(seen.append, 2)
+    reactor.call_soon(reactor.stop)
+    reactor.run()
+    assert seen == [1, 2]
+
+
+def test_call_later_fires_after_its_delay(reactor):
+    start = reactor.time()
+    fired = []
+    reactor.call_later(0.05, lambda: (fired.append(reactor.time()), reactor.stop()))
+    cancelled = reactor.call_later(0.01, fired.append, "never")
+    cancelled.cancel()
+    reactor.run()
+    assert len(fired) == 1 and fired[0] - start >= 0.05
+
+
+def test_select_sleeps_until_the_next_timer_and_forever_when_idle():
+    selector = RecordingSelector()
+    reactor = Reactor(selector=selector)
+    try:
+        reactor.call_later(0.25, reactor.stop)
+        reactor.run()
+        # Woken by the timer, not by polling: a handful of selects at most.
+        assert len(selector.timeouts) <= 3
+        assert 0.2 <= selector.timeouts[0] <= 0.26
+
+        selector.timeouts.clear()
+        thread = threading.Thread(target=reactor.run)
+        thread.start()
+        waker = threading.Timer(0.1, reactor.call_soon_threadsafe, (reactor.stop,))
+        waker.start()
+        thread.join(5)
+        waker.join()
+        assert selector.timeouts[0] is None
+        assert len(selector.timeouts) <= 2
+    finally:
+        reactor.close()
+
+
+def test_idle_reactor_uses_no_cpu():
+    """Over half a second with one timer far away the loop stays asleep."""
+    reactor = Reactor()
+    usage = []
+    reactor.call_later(60, lambda: None)
+    reactor.call_soon(lambda: usage.append(os.times()))
+    reactor.call_later(0.5, lambda: (usage.append(os.times()), reactor.stop()))
+    try:
+        reactor.run()
+    finally:
+        reactor.close()
+    before, after = usage
+    assert (after.user - before.user) + (after.system - before.system) < 0.05
+
+
+def test_threadsafe_calls_from_many_threads_all_run(running_reactor):
+    done = threading.Event()
+    count = []
+    total = 8 * 2000
+
+    def bump():
+        count.append(1)
+        if len(count) == total:
+            done.set()
+
+    def producer():
+        for _ in range(2000):
+            running_reactor.call_soon_threadsafe(bump)
+
+    threads = [threading.Thread(target=producer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert done.wait(10)
+    assert len(count) == total
+
+
+def test_wakeups_coalesce_and_never_block(reactor):
+    """Without a running loop, 100,000 wakeups leave one byte in the pipe."""
+    for _ in range(100_000):
+        reactor.call_soon_threadsafe(lambda: None)
+    assert os.read(reactor._wake_r, 65536) == b"\0"
+
+
+def test_failing_callbacks_are_logged_and_the_loop_goes_on(reactor, caplog):
+    seen = []
+    reactor.call_soon(lambda: 1 / 0)
+    reactor.call_later(0, lambda: {}["missing"])
+    reactor.call_later(0.02, lambda: (seen.append("after"), reactor.stop()))
+    with caplog.at_level(logging.ERROR, logger="ltcp"):
+        reactor.run()
+    assert seen == ["after"]
+    messages = "\n".join(r.getMessage() + str(r.exc_info) for r in caplog.records)
+    assert "ZeroDivisionError" in messages and "KeyError" in messages
+
+
+def test_readiness_dispatch_and_modify(reactor):
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    got = []
+
+    def on_event(mask):
+        if mask & READ:
+            got.append(a.recv(100))
+            reactor.modify(a, selectors.EVENT_WRITE, on_event)
+        else:
+            got.append("writable")
+            reactor.unregister(a)
+            reactor.stop()
+
+    try:
+        reactor.register(a, READ, on_event)
+        b.send(b"ping")
+        reactor.run()
+        assert got == [b"ping", "writable"]
+    finally:
+        a.close()
+        b.close()

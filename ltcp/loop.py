@@ -35,6 +35,7 @@ class Reactor:
         self._selector = selector if selector is not None else selectors.DefaultSelector()
         self._clock = clock
         self.wheel = TimerWheel(clock, tick, slots, on_error=self._timer_failed)
+        self.now = self.time()  # refreshed once per loop turn; cheap stamps for the hot path
         self._ready = collections.deque()
         self._running = False
         self._wakeup_sent = False
@@ -101,9 +102,12 @@ class Reactor:
         select = self._selector.select
         ready = self._ready
         wheel = self.wheel
+        clock = self._clock
         while self._running:
             timeout = 0 if ready else wheel.timeout()
-            for key, mask in select(timeout):
+            events = select(timeout)
+            self.now = clock() / NS_PER_SEC
+            for key, mask in events:
                 try:
                     key.data(mask)
                 except Exception:

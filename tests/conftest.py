@@ -3,6 +3,7 @@ import threading
 import pytest
 
 from ltcp.loop import Reactor
+from netutil import Backend, Proxy
 
 
 @pytest.fixture
@@ -24,3 +25,33 @@ def running_reactor():
     thread.join(5)
     assert not thread.is_alive(), "reactor did not stop"
     r.close()
+
+
+@pytest.fixture
+def proxies():
+    """Start proxies with ``proxies(document)``; all are stopped afterwards."""
+    started = []
+
+    def start(document):
+        proxy = Proxy(document)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def backends():
+    """Start backends with ``backends(handler)``; all are closed afterwards."""
+    started = []
+
+    def start(*args, **kwargs):
+        backend = Backend(*args, **kwargs)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.close()

@@ -1,0 +1,345 @@
+"""One balancer per destination name: its endpoints, waiters, pool and dials.
+
+Discovery updates arrive as events (``update``) on the reactor thread; picks
+use a ``Picker`` rebuilt only when the set of usable endpoints changes, so the
+per-connection path never recomputes balancer state.
+"""
+
+import collections
+import functools
+import logging
+import random
+import socket
+
+from .connector import Connect
+from .endpoint import Endpoint, Picker
+from .loop import READ
+
+__all__ = ["Balancer", "Dial"]
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF = 0.025  # first pause once every endpoint has failed a dial; doubles to 1 s
+POOL_RETRY = 1.0  # pause before refilling the pool after a failure
+
+
+class Balancer:
+    """Endpoints of one destination name and how connections are spread over them."""
+
+    def __init__(self, reactor, name, settings, rng=None):
+        self.reactor = reactor
+        self.name = name
+        self.settings = settings
+        self.random = (rng or random.Random()).random
+        self.endpoints = {}  # sockaddr -> Endpoint, as discovery last said
+        self.retired = {}  # sockaddr -> Endpoint removed by discovery, streams still open
+        self.resolved = False  # has discovery answered at all?
+        self.last_update = None
+        self.waiters = {}  # Dial -> None, oldest first
+        self.picker = Picker(())
+        self.pool = collections.deque()  # PooledConnection, ready to hand out
+        self.pool_connecting = 0
+        self.pool_timer = None
+        self.closed = False
+        self.attempt_failures = collections.Counter()  # cause -> count
+
+    # -- discovery ------------------------------------------------------------
+
+    def update(self, addresses):
+        """Replace the endpoint set; None or empty means the name resolves to nothing."""
+        if self.closed:
+            return
+        current, fresh = self.endpoints, {}
+        for address in addresses or ():
+            key = (address.ip, address.port)
+            endpoint = current.get(key) or self.retired.pop(key, None) or Endpoint(address.ip, address.port, balancer=self)
+            endpoint.weight = address.weight
+            endpoint.retired = False
+            fresh[key] = endpoint
+        removed = [e for key, e in current.items() if key not in fresh]
+        for endpoint in removed:
+            self._retire(endpoint)
+        added = sum(1 for key in fresh if key not in current)
+        self.endpoints = fresh
+        self.resolved = True
+        self.last_update = self.reactor.time()
+        if added or removed or not fresh:
+            log.info("%s: %d endpoints (%d added, %d removed)", self.name, len(fresh), added, len(removed))
+        self._rebuild()
+        self._drop_pooled(lambda pooled: pooled.endpoint.retired)
+        waiters, self.waiters = self.waiters, {}
+        for dial in waiters:
+            if fresh:
+                dial.next_attempt()
+            else:
+                dial.fail("no_endpoints")
+        self._fill_pool()
+
+    def _retire(self, endpoint):
+        endpoint.retired = True
+        endpoint.failed = False
+        if endpoint.revive_timer is not None:
+            endpoint.revive_timer.cancel()
+            endpoint.revive_timer = None
+        if endpoint.load:
+            self.retired[endpoint.sockaddr] = endpoint
+
+    def drop_if_unused(self, endpoint):
+        if endpoint.retired and not endpoint.load:
+            self.retired.pop(endpoint.sockaddr, None)
+
+    def _rebuild(self):
+        usable = [e for e in self.endpoints.values() if not e.failed]
+        # Every endpoint failed: better to try them anyway than to refuse everyone.
+        self.picker = Picker(usable or self.endpoints.values())
+
+    def pick(self, avoid=None):
+        return self.picker.pick(self.random, avoid)
+
+    # -- connect outcomes -----------------------------------------------------
+
+    def connect_succeeded(self, endpoint):
+        endpoint.failures = 0
+        endpoint.connects += 1
+
+    def connect_failed(self, endpoint, cause):
+        self.attempt_failures[cause] += 1
+        endpoint.connect_failures += 1
+        endpoint.failures += 1
+        fail_fast = self.settings.fail_fast
+        if not endpoint.failed and not endpoint.retired and endpoint.failures >= fail_fast.max_consecutive_failures:
+            endpoint.failed = True
+            endpoint.revive_timer = self.reactor.call_later(fail_fast.failure_penalty_secs, self._revive, endpoint)
+            log.warning("%s: endpoint %s ejected for %gs after %d failed connects (%s)", self.name,
+                        endpoint.address, fail_fast.failure_penalty_secs, endpoint.failures, cause)
+            self._rebuild()
+        self.drop_if_unused(endpoint)
+
+    def _revive(self, endpoint):
+        endpoint.revive_timer = None
+        endpoint.failed = False
+        # One more failure sends it straight back out.
+        endpoint.failures = self.settings.fail_fast.max_consecutive_failures - 1
+        log.info("%s: endpoint %s back after its penalty", self.name, endpoint.address)
+        self._rebuild()
+
+    def stream_closed(self, endpoint):
+        endpoint.active -= 1
+        self.drop_if_unused(endpoint)
+
+    # -- dials ------------------------------------------------------------------
+
+    def dial(self, dial):
+        """Start ``dial`` now, or queue it until discovery first answers."""
+        if self.endpoints:
+            dial.next_attempt()
+        elif self.resolved:
+            dial.fail("no_endpoints")
+        elif len(self.waiters) >= self.settings.max_waiters:
+            dial.fail("no_endpoints")
+        else:
+            self.waiters[dial] = None
+
+    def forget(self, dial):
+        self.waiters.pop(dial, None)
+
+    # -- pre-established connections (minConnections) ---------------------------
+
+    def take_pooled(self):
+        """A pooled (endpoint, socket), unregistered and ready for a stream, or None."""
+        if not self.pool:
+            return None
+        pooled = self.pool.popleft()
+        pooled.unwatch()
+        self.reactor.call_soon(self._fill_pool)
+        return pooled.endpoint, pooled.sock
+
+    def _fill_pool(self):
+        if self.closed or self.pool_timer is not None:
+            return
+        settings = self.settings
+        for _ in range(settings.min_connections - len(self.pool) - self.pool_connecting):
+            endpoint = self.pick()
+            if endpoint is None:
+                return
+            endpoint.pending += 1
+            self.pool_connecting += 1
+            Connect(self.reactor, endpoint.family, endpoint.sockaddr, settings.connect_timeout_ms / 1000,
+                    functools.partial(self._pool_connected, endpoint))
+
+    def _pool_connected(self, endpoint, sock, cause):
+        endpoint.pending -= 1
+        self.pool_connecting -= 1
+        if sock is None:
+            self.connect_failed(endpoint, cause)
+            self._refill_later()
+            return
+        self.connect_succeeded(endpoint)
+        if self.closed or endpoint.retired:
+            sock.close()
+            return
+        self.pool.append(PooledConnection(self, endpoint, sock))
+
+    def _refill_later(self):
+        if self.pool_timer is None and not self.closed:
+            self.pool_timer = self.reactor.call_later(POOL_RETRY, self._refill_now)
+
+    def _refill_now(self):
+        self.pool_timer = None
+        self._fill_pool()
+
+    def _drop_pooled(self, condition):
+        keep = collections.deque()
+        for pooled in self.pool:
+            if condition(pooled):
+                pooled.unwatch()
+                pooled.sock.close()
+            else:
+                keep.append(pooled)
+        self.pool = keep
+
+    def pooled_closed(self, pooled):
+        """A pooled connection was closed by its endpoint before use."""
+        self._drop_pooled(lambda p: p is pooled)
+        self._refill_later()
+
+    def close(self):
+        """Stop for good: fail waiters, close pooled connections."""
+        self.closed = True
+        for dial in list(self.waiters):
+            dial.fail("no_endpoints")
+        self.waiters.clear()
+        self._drop_pooled(lambda pooled: True)
+        for endpoint in self.endpoints.values():
+            if endpoint.revive_timer is not None:
+                endpoint.revive_timer.cancel()
+        if self.pool_timer is not None:
+            self.pool_timer.cancel()
+
+
+class PooledConnection:
+    """An idle upstream connection waiting to be handed to a stream.
+
+    While idle it is watched for readability: EOF means the endpoint closed it
+    (drop and replace); data means the server speaks first, so the bytes are
+    left in the kernel for the stream and the watch ends.
+    """
+
+    __slots__ = ("balancer", "endpoint", "sock", "watched")
+
+    def __init__(self, balancer, endpoint, sock):
+        self.balancer = balancer
+        self.endpoint = endpoint
+        self.sock = sock
+        self.watched = True
+        balancer.reactor.register(sock, READ, self._readable)
+
+    def _readable(self, mask):
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.unwatch()
+        else:
+            self.balancer.pooled_closed(self)
+
+    def unwatch(self):
+        if self.watched:
+            self.balancer.reactor.unregister(self.sock)
+            self.watched = False
+
+
+class Dial:
+    """The connect phase of one accepted stream.
+
+    Picks an endpoint, connects within the client's per-attempt timeout, and on
+    failure tries another while the server's connect deadline allows: each
+    endpoint once straight away, then with a doubling pause so a destination
+    whose endpoints all refuse cannot spin the loop.  Ends in exactly one of
+    ``owner.established(dial, endpoint, sock)`` or ``owner.dial_failed(dial, cause)``.
+    """
+
+    __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt",
+                 "deadline_timer", "retry_timer", "tries", "last_cause")
+
+    def __init__(self, balancer, client, envelope, owner):
+        self.balancer = balancer
+        self.client = client
+        self.envelope = envelope
+        self.owner = owner
+        self.endpoint = None
+        self.attempt = None
+        self.retry_timer = None
+        self.tries = 0
+        self.last_cause = None
+        self.deadline_timer = balancer.reactor.call_at(envelope.connect_deadline, self._expired)
+        balancer.dial(self)
+
+    def next_attempt(self):
+        self.retry_timer = None
+        balancer = self.balancer
+        pooled = balancer.take_pooled()
+        if pooled is not None:
+            endpoint, sock = pooled
+            self.endpoint = endpoint
+            self._finish(endpoint, sock)
+            return
+        endpoint = balancer.pick(avoid=self.endpoint)
+        if endpoint is None:
+            self.fail("no_endpoints")
+            return
+        self.endpoint = endpoint
+        self.tries += 1
+        endpoint.pending += 1
+        reactor = balancer.reactor
+        remaining = self.envelope.connect_deadline - reactor.time()
+        timeout = min(balancer.settings.connect_timeout_ms / 1000, max(remaining, 0.001))
+        self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, timeout, self._connected)
+
+    def _connected(self, sock, cause):
+        self.attempt = None
+        endpoint = self.endpoint
+        endpoint.pending -= 1
+        balancer = self.balancer
+        if sock is not None:
+            balancer.connect_succeeded(endpoint)
+            self._finish(endpoint, sock)
+            return
+        balancer.connect_failed(endpoint, cause)
+        self.last_cause = cause
+        extra = self.tries - len(balancer.endpoints)
+        if extra < 0:
+            self.next_attempt()
+        else:
+            self.retry_timer = balancer.reactor.call_later(min(1.0, RETRY_BACKOFF * 2 ** extra), self.next_attempt)
+
+    def _finish(self, endpoint, sock):
+        self.deadline_timer.cancel()
+        self.deadline_timer = None
+        self.owner.established(self, endpoint, sock)
+
+    def _expired(self):
+        self.deadline_timer = None
+        self._stop()
+        self.owner.dial_failed(self, "timeout")
+
+    def fail(self, cause):
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+        self._stop()
+        self.owner.dial_failed(self, cause)
+
+    def _stop(self):
+        self.balancer.forget(self)
+        if self.attempt is not None:
+            self.attempt.cancel()
+            self.attempt = None
+            self.endpoint.pending -= 1
+            self.balancer.drop_if_unused(self.endpoint)
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None

@@ -1,0 +1,206 @@
+"""The byte pump between an accepted client and its upstream connection.
+
+Each socket is a ``Leg``.  Reading a leg moves bytes through the reactor's
+shared buffer straight into the other leg's socket; only what the other side
+cannot take right now is copied into that leg's ``pending`` bytes, and while
+anything is pending the source leg is not read (backpressure).  EOF on a leg is
+passed on as ``shutdown(SHUT_WR)`` to the other once its pending bytes are out;
+the stream ends when both directions have ended this way, or at once on an
+error, a timeout or ``close()``.
+
+Interest in readiness follows state: a leg wants READ while it can still send
+bytes somewhere, and WRITE while bytes are pending for it.  A leg that wants
+nothing is unregistered, so a hung-up socket cannot wake the loop in vain.
+"""
+
+import socket
+import struct
+
+from .loop import READ, WRITE
+
+__all__ = ["Duplex"]
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class Leg:
+    """One socket of a duplex and the bytes waiting to be written to it."""
+
+    __slots__ = ("duplex", "sock", "peer", "events", "pending", "eof", "shut", "received")
+
+    def __init__(self, duplex, sock):
+        self.duplex = duplex
+        self.sock = sock
+        self.peer = None
+        self.events = 0  # interest registered with the reactor; 0 = not registered
+        self.pending = None  # memoryview of bytes still to write to this socket
+        self.eof = False  # this socket's peer has finished sending
+        self.shut = False  # we have finished sending to this socket
+        self.received = 0
+
+    def on_event(self, mask):
+        if mask & WRITE:
+            self.flush()
+        if mask & READ and self.events & READ:
+            self.pump()
+
+    def pump(self):
+        """Read once from this leg and forward to the peer."""
+        duplex = self.duplex
+        try:
+            n = self.sock.recv_into(duplex.buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            duplex.abort()
+            return
+        if n == 0:
+            self.eof = True
+            peer = self.peer
+            if peer.pending is None:
+                peer.shutdown_write()
+            if not duplex.closed:
+                self.update()
+            return
+        self.received += n
+        duplex.last_active = duplex.reactor.now
+        peer = self.peer
+        try:
+            sent = peer.sock.send(duplex.view[:n])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            duplex.abort()
+            return
+        if sent < n:
+            peer.pending = memoryview(duplex.buffer[sent:n])
+            self.update()
+            peer.update()
+
+    def flush(self):
+        """Write pending bytes; when they are out, let the peer read again."""
+        try:
+            sent = self.sock.send(self.pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.duplex.abort()
+            return
+        self.duplex.last_active = self.duplex.reactor.now
+        if sent < len(self.pending):
+            self.pending = self.pending[sent:]
+            return
+        self.pending = None
+        peer = self.peer
+        if peer.eof:
+            self.shutdown_write()
+            if self.duplex.closed:
+                return
+        self.update()
+        peer.update()
+
+    def shutdown_write(self):
+        self.shut = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the other end is gone; its reads will tell
+        if self.peer.shut:
+            self.duplex.close("done")
+
+    def wanted(self):
+        events = WRITE if self.pending is not None else 0
+        if not self.eof and self.peer.pending is None:
+            events |= READ
+        return events
+
+    def update(self):
+        events = self.wanted()
+        if events != self.events:
+            reactor = self.duplex.reactor
+            if not events:
+                reactor.unregister(self.sock)
+            elif not self.events:
+                reactor.register(self.sock, events, self.on_event)
+            else:
+                reactor.modify(self.sock, events, self.on_event)
+            self.events = events
+
+    def release(self, reset):
+        if self.events:
+            self.duplex.reactor.unregister(self.sock)
+            self.events = 0
+        if reset:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        self.sock.close()
+        self.pending = None
+
+
+class Duplex:
+    """An established stream: client leg, upstream leg, idle and lifetime limits.
+
+    ``owner.stream_closed(duplex)`` is called exactly once when it ends;
+    ``reason`` then says why ("done", "error", "idle", "lifetime", "closed").
+    """
+
+    __slots__ = ("reactor", "client", "upstream", "owner", "endpoint", "buffer", "view",
+                 "last_active", "idle_timeout", "idle_timer", "life_timer", "closed", "reason")
+
+    def __init__(self, reactor, client_sock, upstream_sock, owner, endpoint, buffer,
+                 idle_timeout=None, lifetime=None):
+        self.reactor = reactor
+        self.owner = owner
+        self.endpoint = endpoint
+        self.buffer = buffer
+        self.view = memoryview(buffer)
+        self.closed = False
+        self.reason = None
+        self.last_active = reactor.now
+        self.idle_timeout = idle_timeout
+        self.idle_timer = reactor.call_later(idle_timeout, self._idle_check) if idle_timeout else None
+        self.life_timer = reactor.call_later(lifetime, self.close, "lifetime") if lifetime else None
+        client = self.client = Leg(self, client_sock)
+        upstream = self.upstream = Leg(self, upstream_sock)
+        client.peer = upstream
+        upstream.peer = client
+        client.update()
+        upstream.update()
+
+    @property
+    def bytes_in(self):
+        """Bytes received from the client."""
+        return self.client.received
+
+    @property
+    def bytes_out(self):
+        """Bytes received from the upstream (sent towards the client)."""
+        return self.upstream.received
+
+    def _idle_check(self):
+        idle_for = self.reactor.now - self.last_active
+        if idle_for >= self.idle_timeout:
+            self.idle_timer = None
+            self.close("idle")
+        else:
+            # Re-armed only when the timer fires, never per read.
+            self.idle_timer = self.reactor.call_later(self.idle_timeout - idle_for, self._idle_check)
+
+    def abort(self):
+        """An error on either socket: reset both so neither end mistakes it for a clean end."""
+        self.close("error", reset=True)
+
+    def close(self, reason="closed", reset=False):
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        for timer in (self.idle_timer, self.life_timer):
+            if timer is not None:
+                timer.cancel()
+        self.idle_timer = self.life_timer = None
+        self.client.release(reset)
+        self.upstream.release(reset)
+        self.owner.stream_closed(self)

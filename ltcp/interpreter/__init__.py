@@ -1,0 +1,28 @@
+"""Interpreters turn a destination name into a stream of weighted address sets.
+
+Every interpreter offers the same three calls:
+
+* ``start()`` begins any control-plane work (threads, connections);
+* ``watch(name, deliver)`` follows ``name``: ``deliver(addresses)`` is called
+  from a control-plane thread (or at once) with a list of ``config.Address``
+  each time the set changes, or with ``None`` when the name resolves to nothing;
+* ``close()`` stops every watch and joins the threads.
+
+``deliver`` only queues the update for the reactor (``call_soon_threadsafe``);
+an interpreter never touches data-plane state itself.
+"""
+
+from .. import config as _config
+from .fs import FsInterpreter
+from .static import StaticInterpreter
+
+__all__ = ["build"]
+
+
+def build(interpreter_config):
+    """The interpreter object for one router's ``interpreter`` section."""
+    if isinstance(interpreter_config, _config.StaticInterpreter):
+        return StaticInterpreter(interpreter_config.names)
+    if isinstance(interpreter_config, _config.FsInterpreter):
+        return FsInterpreter(interpreter_config.root_dir, interpreter_config.period_secs)
+    raise NotImplementedError(f"interpreter {interpreter_config.kind} is not available yet")

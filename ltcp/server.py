@@ -1,0 +1,189 @@
+"""Listening sockets: accept, build the Envelope, hand the stream to its balancer.
+
+A listener stops accepting (drops its registration) rather than accepting and
+dropping: at ``maxConcurrency`` until a stream ends, and for a short pause
+when the process runs out of file descriptors.
+"""
+
+import collections
+import errno
+import logging
+import socket
+
+from .balancer import Dial
+from .duplex import Duplex
+from .loop import READ
+
+__all__ = ["Envelope", "Listener"]
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 1024
+ACCEPT_BATCH = 64  # accepts per readiness event, so one busy listener cannot starve the rest
+FD_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Envelope:
+    """What is known about a stream when it is accepted, and the limits it runs under."""
+
+    __slots__ = ("source", "dst_name", "connect_deadline", "lifetime", "idle_timeout")
+
+    def __init__(self, source, dst_name, connect_deadline, lifetime, idle_timeout):
+        self.source = source
+        self.dst_name = dst_name
+        self.connect_deadline = connect_deadline  # reactor time by which upstream must be up
+        self.lifetime = lifetime  # seconds, or None
+        self.idle_timeout = idle_timeout  # seconds, or None
+
+    def __repr__(self):
+        return f"<Envelope {self.source} -> {self.dst_name}>"
+
+
+class Listener:
+    """One configured server: a listening socket and the streams it accepted."""
+
+    def __init__(self, reactor, config, binder, buffer, label):
+        self.reactor = reactor
+        self.config = config
+        self.binder = binder
+        self.buffer = buffer
+        self.label = label
+        self.sock = None
+        self.address = None  # (ip, port) actually bound
+        self.listening = False
+        self.closed = False
+        self.fd_pause_timer = None
+        self.active = 0
+        self.accepted = 0
+        self.finished = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.failures = collections.Counter()  # cause -> streams that never reached an endpoint
+        self.endings = collections.Counter()  # reason -> established streams that ended so
+        self.streams = set()
+        self._connect_timeout = config.connect_timeout_ms / 1000
+        self._idle = config.idle_timeout_ms / 1000 if config.idle_timeout_ms else None
+        self._lifetime = config.connection_lifetime_secs
+        self._dst_name = config.default_dst_name if "{sni}" in config.dst_name else config.dst_name
+
+    def start(self):
+        config = self.config
+        family = socket.AF_INET6 if ":" in config.ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((config.ip, config.port))
+            sock.listen(BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {config.address}: {exc.strerror}") from None
+        sock.setblocking(False)
+        self.sock = sock
+        self.address = sock.getsockname()[:2]
+        self._listen()
+        log.info("router %s listening on %s for %s", self.label, self.display_address, config.dst_name)
+
+    @property
+    def display_address(self):
+        ip, port = self.address
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    def _listen(self):
+        if not self.listening and not self.closed:
+            self.reactor.register(self.sock, READ, self._acceptable)
+            self.listening = True
+
+    def _pause(self):
+        if self.listening:
+            self.reactor.unregister(self.sock)
+            self.listening = False
+
+    def _acceptable(self, mask):
+        limit = self.config.max_concurrency
+        accept = self.sock.accept
+        for _ in range(ACCEPT_BATCH):
+            if self.active >= limit:
+                self._pause()
+                return
+            try:
+                client, source = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._out_of_descriptors(exc)
+                    return
+                log.debug("accept on %s failed: %s", self.display_address, exc)
+                continue  # ECONNABORTED and friends: that client is already gone
+            self._accepted(client, source)
+
+    def _out_of_descriptors(self, exc):
+        self.failures["accept_" + errno.errorcode.get(exc.errno, "error").lower()] += 1
+        if self.fd_pause_timer is None:
+            log.warning("router %s on %s cannot accept (%s); pausing accepts for %gs",
+                        self.label, self.display_address, exc.strerror, FD_PAUSE)
+            self._pause()
+            self.fd_pause_timer = self.reactor.call_later(FD_PAUSE, self._fd_pause_over)
+
+    def _fd_pause_over(self):
+        self.fd_pause_timer = None
+        if self.active < self.config.max_concurrency:
+            self._listen()
+
+    def _accepted(self, client, source):
+        client.setblocking(False)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.accepted += 1
+        self.active += 1
+        dst_name = self._dst_name
+        if dst_name is None:
+            # {sni} cannot be filled for a plain listener yet: fall back or refuse.
+            self.failures["no_sni"] += 1
+            client.close()
+            self._stream_ended()
+            return
+        envelope = Envelope(source, dst_name, self.reactor.time() + self._connect_timeout,
+                            self._lifetime, self._idle)
+        Dial(self.binder.bind(dst_name), client, envelope, self)
+
+    def established(self, dial, endpoint, upstream):
+        endpoint.active += 1
+        envelope = dial.envelope
+        duplex = Duplex(self.reactor, dial.client, upstream, self, endpoint, self.buffer,
+                        envelope.idle_timeout, envelope.lifetime)
+        self.streams.add(duplex)
+
+    def dial_failed(self, dial, cause):
+        self.failures[cause] += 1
+        log.debug("stream from %s to %s failed: %s", dial.envelope.source, dial.envelope.dst_name, cause)
+        dial.client.close()
+        self._stream_ended()
+
+    def stream_closed(self, duplex):
+        self.streams.discard(duplex)
+        duplex.endpoint.balancer.stream_closed(duplex.endpoint)
+        self.bytes_in += duplex.bytes_in
+        self.bytes_out += duplex.bytes_out
+        self.endings[duplex.reason] += 1
+        self._stream_ended()
+
+    def _stream_ended(self):
+        self.active -= 1
+        self.finished += 1
+        if not self.listening and self.fd_pause_timer is None and self.active < self.config.max_concurrency:
+            self._listen()
+
+    def close(self):
+        """Stop accepting; streams already open carry on."""
+        self.closed = True
+        self._pause()
+        if self.fd_pause_timer is not None:
+            self.fd_pause_timer.cancel()
+            self.fd_pause_timer = None
+        if self.sock is not None:
+            self.sock.close()
+
+    def close_streams(self):
+        for duplex in list(self.streams):
+            duplex.close("closed")

@@ -1,0 +1,201 @@
+"""Real-socket helpers for the tests: backends, a proxy runner, waiting on conditions."""
+
+import concurrent.futures
+import os
+import socket
+import threading
+import time
+
+import yaml
+
+from ltcp.app import App
+from ltcp.config import loads
+
+
+def wait_for(condition, timeout=10.0, interval=0.005, message="condition"):
+    """Poll ``condition`` until true; fail the test if it is not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        time.sleep(interval)
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def recv_all(sock, limit=1 << 30):
+    chunks, total = [], 0
+    while total < limit:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def echo(conn):
+    while True:
+        data = conn.recv(1 << 16)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
+def named(name):
+    """A handler that says its name first, then echoes."""
+    def handler(conn):
+        conn.sendall(name.encode() + b"\n")
+        echo(conn)
+    return handler
+
+
+class Backend:
+    """A threaded TCP server on 127.0.0.1 running ``handler(conn)`` per connection."""
+
+    def __init__(self, handler=echo, port=0):
+        self.handler = handler
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.open = 0
+        self.conns = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def addr(self):
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+                self.open += 1
+                self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn):
+        try:
+            self.handler(conn)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self.open -= 1
+            conn.close()
+
+    def close(self):
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)
+        with self._lock:
+            conns = list(self.conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def refused_port():
+    """A port on 127.0.0.1 where connects are refused (bound, never listening)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
+def blackhole():
+    """A listener whose accept queue is full, so new SYNs go unanswered."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(0)
+    port = sock.getsockname()[1]
+    fillers = []
+    for _ in range(16):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        fillers.append(c)
+        time.sleep(0.02)
+        probe = socket.socket()
+        probe.settimeout(0.2)
+        try:
+            probe.connect(("127.0.0.1", port))
+        except (socket.timeout, BlockingIOError):
+            probe.close()
+            return sock, port, fillers
+        fillers.append(probe)
+    raise RuntimeError("could not fill the accept queue")
+
+
+class Proxy:
+    """An ltcp App running on a background thread."""
+
+    def __init__(self, document):
+        text = document if isinstance(document, str) else yaml.safe_dump(document)
+        self.app = App(loads(text, "test.yaml", os.getcwd()))
+        self.app.start()
+        self.thread = threading.Thread(target=self.app.run, name="reactor", daemon=True)
+        self.thread.start()
+
+    def port(self, index=0):
+        return self.app.listeners[index].address[1]
+
+    @property
+    def listener(self):
+        return self.app.listeners[0]
+
+    def connect(self, index=0, timeout=10):
+        return socket.create_connection(("127.0.0.1", self.port(index)), timeout=timeout)
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the reactor thread and return its result."""
+        future = concurrent.futures.Future()
+
+        def run():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.app.reactor.call_soon_threadsafe(run)
+        return future.result(10)
+
+    def balancer(self, name, router=0):
+        return self.call(lambda: self.app.routers[router].binder.balancers.get(name))
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.app.stop()
+            self.thread.join(10)
+            assert not self.thread.is_alive(), "proxy did not stop"
+
+
+def static_config(names, **server):
+    """A one-router, one-server document over io.l5d.static."""
+    server = {"port": 0, "dstName": "/svc/a", **server}
+    client = server.pop("client", {})
+    return {
+        "admin": {"port": 0},
+        "routers": [{
+            "label": "test",
+            "interpreter": {"kind": "io.l5d.static", "names": names},
+            "servers": [server],
+            "client": client,
+        }],
+    }

@@ -1,0 +1,157 @@
+"""Balancing through a live proxy: spread, weights, ejection, discovery changes."""
+
+import collections
+import socket
+
+from netutil import named, recv_all, refused_port, static_config, wait_for
+
+
+def landing(proxy, count, hold):
+    """Open ``count`` streams, keeping them open in ``hold``; where did each land?"""
+    where = collections.Counter()
+    for _ in range(count):
+        c = proxy.connect()
+        where[c.recv(16).strip().decode()] += 1
+        hold.append(c)
+    return where
+
+
+def test_p2c_spreads_held_streams_evenly(proxies, backends):
+    servers = [backends(named(n)) for n in "abc"]
+    proxy = proxies(static_config({"/svc/a": [s.addr for s in servers]}))
+    held = []
+    try:
+        where = landing(proxy, 300, held)
+    finally:
+        for c in held:
+            c.close()
+    # Least-loaded of two keeps open streams within a few of each other.
+    assert set(where) == {"a", "b", "c"}
+    assert max(where.values()) - min(where.values()) <= 6, where
+
+
+def test_weights_are_respected(proxies, backends):
+    light, heavy = backends(named("light")), backends(named("heavy"))
+    proxy = proxies(static_config({"/svc/a": [light.addr, {"addr": heavy.addr, "weight": 3}]}))
+    held = []
+    try:
+        where = landing(proxy, 200, held)
+    finally:
+        for c in held:
+            c.close()
+    # Loads settle near 1:3, the ratio of the weights.
+    assert 40 <= where["light"] <= 60 and 140 <= where["heavy"] <= 160, where
+
+
+def test_one_at_a_time_streams_follow_weights(proxies, backends):
+    """With every endpoint idle the scores tie and the weighted draw decides."""
+    light, heavy = backends(named("light")), backends(named("heavy"))
+    proxy = proxies(static_config({"/svc/a": [light.addr, {"addr": heavy.addr, "weight": 3}]}))
+    where = collections.Counter()
+    for i in range(400):
+        with proxy.connect() as c:
+            where[c.recv(16).strip().decode()] += 1
+        wait_for(lambda: proxy.listener.finished == i + 1)
+    assert 0.15 <= where["light"] / 400 <= 0.35, where
+
+
+def test_refusing_endpoint_is_ejected_and_returns_after_the_penalty(proxies, backends):
+    good = backends(named("good"))
+    holder, dead_port = refused_port()
+    try:
+        proxy = proxies(static_config(
+            {"/svc/a": [good.addr, f"127.0.0.1:{dead_port}"]},
+            client={"failFast": {"maxConsecutiveFailures": 2, "failurePenaltySecs": 0.5}}))
+        for _ in range(30):  # every stream still lands: failed attempts move on
+            with proxy.connect() as c:
+                assert c.recv(16) == b"good\n"
+        balancer = proxy.balancer("/svc/a")
+        dead = proxy.call(lambda: balancer.endpoints[("127.0.0.1", dead_port)])
+        assert proxy.call(lambda: dead.failed) is True
+        failures_when_ejected = proxy.call(lambda: dead.connect_failures)
+        assert failures_when_ejected == 2
+        # The penalty ends; the endpoint is tried again (and fails again at once).
+        wait_for(lambda: not proxy.call(lambda: dead.failed), timeout=5)
+        wait_for(lambda: _stream_lands(proxy) and proxy.call(lambda: dead.connect_failures) > 2, timeout=5)
+        assert proxy.call(lambda: dead.failed) is True
+    finally:
+        holder.close()
+
+
+def _stream_lands(proxy):
+    with proxy.connect() as c:
+        return c.recv(16) == b"good\n"
+
+
+def test_all_failed_endpoints_are_still_used(proxies, backends):
+    holder, port = refused_port()
+    proxy = proxies(static_config(
+        {"/svc/a": [f"127.0.0.1:{port}"]}, connectTimeoutMs=500,
+        client={"failFast": {"maxConsecutiveFailures": 1, "failurePenaltySecs": 60}}))
+    with proxy.connect() as c:  # refused until the deadline: closed
+        assert recv_all(c) == b""
+    balancer = proxy.balancer("/svc/a")
+    assert proxy.call(lambda: balancer.endpoints[("127.0.0.1", port)].failed)
+    holder.close()
+    backends(named("revived"), port=port)
+    with proxy.connect() as c:  # ejected, but the only one: used anyway
+        assert c.recv(16) == b"revived\n"
+
+
+def test_fs_discovery_add_remove_reweight_delete(proxies, backends, tmp_path):
+    a, b = backends(named("a")), backends(named("b"))
+    disco = tmp_path / "disco"
+    disco.mkdir()
+    (disco / "web").write_text(f"127.0.0.1 {a.port}\n")
+    proxy = proxies({
+        "routers": [{
+            "label": "fs",
+            "interpreter": {"kind": "io.l5d.fs", "rootDir": str(disco), "periodSecs": 0.05},
+            "servers": [{"port": 0, "dstName": "/svc/web", "connectTimeoutMs": 2000}],
+        }]})
+
+    def lands():
+        with proxy.connect() as c:
+            return c.recv(16).strip().decode()
+
+    assert lands() == "a"
+    held = proxy.connect()
+    assert held.recv(16) == b"a\n"
+    (disco / "web").write_text(f"127.0.0.1 {b.port} 2\n")
+    wait_for(lambda: lands() == "b", timeout=5, message="b to replace a")
+    # The stream to the removed endpoint is still alive and echoing.
+    held.sendall(b"ping")
+    assert held.recv(16) == b"ping"
+    balancer = proxy.balancer("/svc/web")
+    assert proxy.call(lambda: balancer.endpoints[("127.0.0.1", b.port)].weight) == 2.0
+    assert proxy.call(lambda: [e.address for e in balancer.retired.values()]) == [f"127.0.0.1:{a.port}"]
+    held.close()
+    wait_for(lambda: not proxy.call(lambda: dict(balancer.retired)), timeout=5)
+    (disco / "web").unlink()
+    wait_for(lambda: proxy.call(lambda: not balancer.endpoints), timeout=5)
+    with proxy.connect() as c:  # resolves to nothing: closed at once
+        assert recv_all(c) == b""
+    assert proxy.listener.failures["no_endpoints"] >= 1
+
+
+def test_unknown_static_name_fails_fast(proxies):
+    proxy = proxies(static_config({"/svc/other": ["127.0.0.1:9"]}, connectTimeoutMs=30000))
+    with proxy.connect() as c:
+        c.settimeout(5)
+        assert recv_all(c) == b""
+    assert proxy.listener.failures["no_endpoints"] == 1
+
+
+def test_min_connections_are_pre_established_and_replaced(proxies, backends):
+    backend = backends(named("pooled"))
+    proxy = proxies(static_config({"/svc/a": [backend.addr]}, client={"minConnections": 3}))
+    with proxy.connect() as c:  # the first stream creates the balancer and its pool
+        assert c.recv(16) == b"pooled\n"
+    wait_for(lambda: backend.accepted >= 4, message="pool of 3 plus one stream")
+    accepted = backend.accepted
+    with proxy.connect() as c:  # served from the pool: no new connect is needed first
+        assert c.recv(16) == b"pooled\n"
+    balancer = proxy.balancer("/svc/a")
+    wait_for(lambda: proxy.call(lambda: len(balancer.pool)) == 3, message="pool refilled")
+    wait_for(lambda: backend.accepted == accepted + 1, message="one replacement")
+    assert proxy.call(lambda: balancer.pool_connecting) == 0

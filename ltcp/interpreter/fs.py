@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import math
 import os
+import queue
 import threading
 
 from ..config import Address
@@ -91,8 +92,8 @@ class FsInterpreter:
     def __init__(self, root_dir, period_secs):
         self.root_dir = root_dir
         self.period = period_secs
-        self._watches = {}
-        self._lock = threading.Lock()
+        self._watches = {}  # name -> _Watch, owned by the polling thread
+        self._new = queue.SimpleQueue()  # watches handed over without a lock
         self._wake = threading.Event()
         self._closing = False
         self._thread = None
@@ -107,8 +108,7 @@ class FsInterpreter:
             log.warning("io.l5d.fs: refusing name %r: it does not map to a file under %s", name, self.root_dir)
             deliver(None)
             return
-        with self._lock:
-            self._watches[name] = _Watch(name, path, deliver)
+        self._new.put(_Watch(name, path, deliver))
         self._wake.set()
 
     def close(self):
@@ -119,9 +119,10 @@ class FsInterpreter:
 
     def _run(self):
         while not self._closing:
-            with self._lock:
-                watches = list(self._watches.values())
-            for watch in watches:
+            while not self._new.empty():
+                watch = self._new.get()
+                self._watches[watch.name] = watch
+            for watch in self._watches.values():
                 self._check(watch)
             self._wake.wait(self.period)
             self._wake.clear()

@@ -32,16 +32,21 @@ class Connect:
         self.reactor = reactor
         self.done = done
         self.timer = None
-        sock = self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock = None
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE and friends: this attempt fails, the process goes on
+            reactor.call_soon(self._failed_at_once, failure_cause(exc.errno))
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex(addr)
         if err in (0, errno.EINPROGRESS):
+            self.sock = sock
             reactor.register(sock, WRITE, self._writable)
             self.timer = reactor.call_later(timeout, self._timed_out)
         else:
             # Report on the next turn so callers never see a re-entrant callback.
-            self.sock = None
             sock.close()
             reactor.call_soon(self._failed_at_once, failure_cause(err))
 

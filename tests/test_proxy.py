@@ -177,29 +177,34 @@ def test_reset_by_backend_resets_the_client(proxies, backends):
 
 
 def test_fds_return_to_baseline_after_1000_mixed_streams(proxies, backends):
-    backend = backends(echo)
+    def echo_or_hold(conn):
+        data = recv_all(conn)
+        if data.startswith(b"hold"):
+            time.sleep(1.0)  # half-closed pair that never finishes: only the idle timeout ends it
+        else:
+            conn.sendall(data)
+
+    backend = backends(echo_or_hold)
     proxy = proxies(static_config({"/svc/a": [backend.addr]}, idleTimeoutMs=200))
     baseline = open_fds()
-    lingering = []
     for i in range(1000):
         c = proxy.connect()
-        c.sendall(b"x" * 10)
         kind = i % 4
-        if kind == 0:  # clean FIN
+        if kind == 0:  # clean FIN both ways
+            c.sendall(b"x" * 10)
             c.shutdown(socket.SHUT_WR)
             assert recv_all(c) == b"x" * 10
-            c.close()
-        elif kind == 1:  # RST
+        elif kind == 1:  # RST from the client
+            c.sendall(b"x" * 10)
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-            c.close()
-        elif kind == 2:  # close without reading
-            c.close()
-        else:  # half-close and wait: only the idle timeout ends these
+        elif kind == 2:  # close without reading the answer
+            c.sendall(b"x" * 10)
+        else:  # half-close, then the backend goes quiet
+            c.sendall(b"hold")
             c.shutdown(socket.SHUT_WR)
-            lingering.append(c)
-    wait_for(lambda: proxy.listener.active == 0, timeout=30, message="all streams to end")
-    for c in lingering:
         c.close()
-    wait_for(lambda: backend.open == 0, timeout=30, message="backend connections to close")
+    wait_for(lambda: proxy.listener.active == 0, timeout=30, message="all streams to end")
     assert proxy.listener.accepted == 1000 == proxy.listener.finished
+    assert proxy.listener.endings["idle"] >= 250
+    wait_for(lambda: backend.open == 0, timeout=30, message="backend connections to close")
     wait_for(lambda: open_fds() <= baseline, timeout=10, message="fd count back to baseline")

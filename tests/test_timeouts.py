@@ -56,6 +56,21 @@ def test_connect_deadline_includes_waiting_for_discovery(proxies):
     assert proxy.call(lambda: len(balancer.waiters)) == 0
 
 
+def test_max_waiters_bounds_streams_waiting_for_discovery(proxies):
+    proxy = proxies(static_config({"/svc/a": ["127.0.0.1:9"]}, connectTimeoutMs=5000,
+                                  client={"maxWaiters": 2}))
+    proxy.call(setattr, proxy.app.routers[0].binder, "interpreter", SilentDiscovery())
+    waiting = [proxy.connect(), proxy.connect()]
+    wait_for(lambda: proxy.listener.accepted == 2)
+    with proxy.connect() as c:  # the third has no room to wait: closed at once
+        assert closed_after(c) < 1
+    assert proxy.listener.failures["no_endpoints"] == 1
+    balancer = proxy.balancer("/svc/a")
+    assert proxy.call(lambda: len(balancer.waiters)) == 2
+    for c in waiting:
+        c.close()
+
+
 def test_per_attempt_timeout_moves_to_a_healthy_endpoint(proxies, backends, hole):
     good = backends(named("good"))
     proxy = proxies(static_config(

@@ -1,14 +1,37 @@
 """Running a configuration: routers on one reactor, signals, shutdown."""
 
 import logging
+import resource
 import signal
 
 from .loop import Reactor
 from .router import Router
+from .server import StreamBudget
 
 __all__ = ["App", "serve"]
 
 log = logging.getLogger(__name__)
+
+RESERVED_DESCRIPTORS = 32  # stdio, selector, wakeup pipe, listeners, discovery, admin
+
+
+def stream_capacity(config):
+    """How many streams fit in the descriptor limit (raised to the hard limit first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    listeners = sum(len(r.servers) for r in config.routers)
+    pooled = sum(r.client.min_connections for r in config.routers)
+    capacity = max(1, (soft - RESERVED_DESCRIPTORS - listeners - pooled) // 2)
+    wanted = sum(s.max_concurrency for r in config.routers for s in r.servers)
+    if wanted > capacity:
+        log.warning("descriptor limit %d allows %d concurrent streams in all (maxConcurrency adds up to %d)",
+                    soft, capacity, wanted)
+    return capacity
 
 
 class App:
@@ -24,7 +47,8 @@ class App:
         self.reactor = Reactor()
         self.buffer = bytearray(config.buffer_size_bytes)
         self.closed = False
-        self.routers = [Router(self.reactor, router, self.buffer) for router in config.routers]
+        self.budget = StreamBudget(stream_capacity(config))
+        self.routers = [Router(self.reactor, router, self.buffer, self.budget) for router in config.routers]
 
     @property
     def listeners(self):

@@ -104,6 +104,9 @@ class Balancer:
 
     def connect_failed(self, endpoint, cause):
         self.attempt_failures[cause] += 1
+        if cause == "resources":  # our shortage, not the endpoint's fault
+            self.drop_if_unused(endpoint)
+            return
         endpoint.connect_failures += 1
         endpoint.failures += 1
         fail_fast = self.settings.fail_fast
@@ -310,6 +313,9 @@ class Dial:
             return
         balancer.connect_failed(endpoint, cause)
         self.last_cause = cause
+        if cause == "resources":
+            self.fail(cause)
+            return
         extra = self.tries - len(balancer.endpoints)
         if extra < 0:
             self.next_attempt()

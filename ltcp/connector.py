@@ -8,14 +8,21 @@ from .loop import WRITE
 __all__ = ["Connect", "failure_cause"]
 
 _REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH}
+_LOCAL = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 
 
 def failure_cause(err):
-    """Map an errno to the cause label counted for connect failures."""
+    """Map an errno to the cause label counted for connect failures.
+
+    "resources" is this process running short (descriptors, memory, local
+    ports), which says nothing about the endpoint.
+    """
     if err in _REFUSED:
         return "refused"
     if err == errno.ETIMEDOUT:
         return "timeout"
+    if err in _LOCAL:
+        return "resources"
     return "other"
 
 

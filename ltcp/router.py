@@ -8,11 +8,11 @@ __all__ = ["Router"]
 
 
 class Router:
-    def __init__(self, reactor, config, buffer):
+    def __init__(self, reactor, config, buffer, budget):
         self.label = config.label
         self.interpreter = interpreters.build(config.interpreter)
         self.binder = Binder(reactor, self.interpreter, config.client)
-        self.listeners = [Listener(reactor, server, self.binder, buffer, config.label)
+        self.listeners = [Listener(reactor, server, self.binder, buffer, config.label, budget)
                           for server in config.servers]
 
     def start(self):

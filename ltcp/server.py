@@ -14,7 +14,7 @@ from .balancer import Dial
 from .duplex import Duplex
 from .loop import READ
 
-__all__ = ["Envelope", "Listener"]
+__all__ = ["Envelope", "Listener", "StreamBudget"]
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,36 @@ class Envelope:
         return f"<Envelope {self.source} -> {self.dst_name}>"
 
 
+class StreamBudget:
+    """How many streams the whole process may hold, shared by every listener.
+
+    Sized from the descriptor limit so that a stream, once accepted, can
+    always open its upstream socket: accepting every client first and then
+    finding no descriptor left for any upstream would stall them all.
+    """
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.used = 0
+        self.waiting = set()  # listeners paused until a stream ends
+
+    def has_room(self):
+        return self.used < self.capacity
+
+    def release(self):
+        self.used -= 1
+        if self.waiting:
+            waiting, self.waiting = self.waiting, set()
+            for listener in waiting:
+                listener.resume()
+
+
 class Listener:
     """One configured server: a listening socket and the streams it accepted."""
 
-    def __init__(self, reactor, config, binder, buffer, label):
+    def __init__(self, reactor, config, binder, buffer, label, budget):
         self.reactor = reactor
+        self.budget = budget
         self.config = config
         self.binder = binder
         self.buffer = buffer
@@ -99,12 +124,23 @@ class Listener:
             self.reactor.unregister(self.sock)
             self.listening = False
 
+    def resume(self):
+        """Listen again unless a limit or a descriptor pause still holds."""
+        if self.fd_pause_timer is None and self.active < self.config.max_concurrency:
+            if self.budget.has_room():
+                self._listen()
+            else:
+                self.budget.waiting.add(self)
+
     def _acceptable(self, mask):
         limit = self.config.max_concurrency
+        budget = self.budget
         accept = self.sock.accept
         for _ in range(ACCEPT_BATCH):
-            if self.active >= limit:
+            if self.active >= limit or budget.used >= budget.capacity:
                 self._pause()
+                if self.active < limit:
+                    budget.waiting.add(self)
                 return
             try:
                 client, source = accept()
@@ -112,30 +148,31 @@ class Listener:
                 return
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:
-                    self._out_of_descriptors(exc)
+                    self._out_of_descriptors(f"accept: {exc.strerror}")
                     return
                 log.debug("accept on %s failed: %s", self.display_address, exc)
                 continue  # ECONNABORTED and friends: that client is already gone
             self._accepted(client, source)
 
-    def _out_of_descriptors(self, exc):
-        self.failures["accept_" + errno.errorcode.get(exc.errno, "error").lower()] += 1
+    def _out_of_descriptors(self, reason):
+        """Stop accepting for a moment: logged once per burst, never a busy loop."""
+        self.failures["out_of_descriptors"] += 1
         if self.fd_pause_timer is None:
-            log.warning("router %s on %s cannot accept (%s); pausing accepts for %gs",
-                        self.label, self.display_address, exc.strerror, FD_PAUSE)
+            log.warning("router %s on %s is out of descriptors (%s); pausing accepts for %gs",
+                        self.label, self.display_address, reason, FD_PAUSE)
             self._pause()
             self.fd_pause_timer = self.reactor.call_later(FD_PAUSE, self._fd_pause_over)
 
     def _fd_pause_over(self):
         self.fd_pause_timer = None
-        if self.active < self.config.max_concurrency:
-            self._listen()
+        self.resume()
 
     def _accepted(self, client, source):
         client.setblocking(False)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted += 1
         self.active += 1
+        self.budget.used += 1
         dst_name = self._dst_name
         if dst_name is None:
             # {sni} cannot be filled for a plain listener yet: fall back or refuse.
@@ -155,6 +192,8 @@ class Listener:
         self.streams.add(duplex)
 
     def dial_failed(self, dial, cause):
+        if cause == "resources":
+            self._out_of_descriptors("connect")
         self.failures[cause] += 1
         log.debug("stream from %s to %s failed: %s", dial.envelope.source, dial.envelope.dst_name, cause)
         dial.client.close()
@@ -171,8 +210,9 @@ class Listener:
     def _stream_ended(self):
         self.active -= 1
         self.finished += 1
-        if not self.listening and self.fd_pause_timer is None and self.active < self.config.max_concurrency:
-            self._listen()
+        if not self.listening:
+            self.resume()
+        self.budget.release()
 
     def close(self):
         """Stop accepting; streams already open carry on."""

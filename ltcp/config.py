@@ -145,24 +145,24 @@ def dns_name(value, path, ctx):
     return ctx.error(path, f"must be a DNS name, not {value!r}")
 
 
-def existing_file(value, path, ctx):
-    if not isinstance(value, str) or not value:
-        return ctx.error(path, f"must be a file path, not {value!r}")
-    resolved = os.path.join(ctx.base_dir, os.path.expanduser(value))
-    if not os.path.isfile(resolved):
-        return ctx.error(path, f"file not found: {resolved}")
-    if not os.access(resolved, os.R_OK):
-        return ctx.error(path, f"file not readable: {resolved}")
-    return resolved
+def existing(kind):
+    """A path to an existing file or directory, resolved against the config's directory."""
+    is_kind = os.path.isfile if kind == "file" else os.path.isdir
+
+    def parse(value, path, ctx):
+        if not isinstance(value, str) or not value:
+            return ctx.error(path, f"must be a {kind} path, not {value!r}")
+        resolved = os.path.join(ctx.base_dir, os.path.expanduser(value))
+        if not is_kind(resolved):
+            return ctx.error(path, f"{kind} not found: {resolved}")
+        if not os.access(resolved, os.R_OK):
+            return ctx.error(path, f"{kind} not readable: {resolved}")
+        return resolved
+    return parse
 
 
-def directory(value, path, ctx):
-    if not isinstance(value, str) or not value:
-        return ctx.error(path, f"must be a directory path, not {value!r}")
-    resolved = os.path.join(ctx.base_dir, os.path.expanduser(value))
-    if not os.path.isdir(resolved):
-        return ctx.error(path, f"directory not found: {resolved}")
-    return resolved
+existing_file = existing("file")
+directory = existing("directory")
 
 
 def list_of(item, nonempty=False):

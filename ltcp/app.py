@@ -87,7 +87,7 @@ def serve(config):
     try:
         app = App(config)
         app.start()
-    except (OSError, NotImplementedError) as exc:
+    except OSError as exc:
         log.error("cannot start: %s", exc)
         return 2
     for signum in (signal.SIGTERM, signal.SIGINT):

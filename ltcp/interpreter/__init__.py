@@ -14,6 +14,7 @@ an interpreter never touches data-plane state itself.
 
 from .. import config as _config
 from .fs import FsInterpreter
+from .namerd import NamerdInterpreter
 from .static import StaticInterpreter
 
 __all__ = ["build"]
@@ -25,4 +26,7 @@ def build(interpreter_config):
         return StaticInterpreter(interpreter_config.names)
     if isinstance(interpreter_config, _config.FsInterpreter):
         return FsInterpreter(interpreter_config.root_dir, interpreter_config.period_secs)
-    raise NotImplementedError(f"interpreter {interpreter_config.kind} is not available yet")
+    if isinstance(interpreter_config, _config.NamerdInterpreter):
+        return NamerdInterpreter(interpreter_config.base_url, interpreter_config.namespace,
+                                 interpreter_config.period_secs, interpreter_config.watch)
+    raise ValueError(f"unknown interpreter {interpreter_config.kind}")

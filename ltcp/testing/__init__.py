@@ -1,0 +1,1 @@
+"""Helpers for testing and demonstrating ltcp without the rest of the mesh."""

@@ -1,0 +1,288 @@
+"""namerd discovery: answers, streams, polling, failures, thread bounds, shutdown."""
+
+import json
+import socket
+import threading
+import time
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given
+
+from ltcp.config import Address
+from ltcp.interpreter.namerd import NamerdError, NamerdInterpreter, ObjectStream, parse_answer
+from ltcp.testing.namerd import NamerdServer, bound
+from netutil import named, recv_all, wait_for
+
+
+# -- pure parsing ------------------------------------------------------------------
+
+def test_bound_answer_with_weights():
+    state, addresses, problems = parse_answer(bound(["127.0.0.1:80", ("::1", 81, 2.5)]))
+    assert state == "bound" and problems == []
+    assert addresses == [Address("127.0.0.1", 80, 1.0), Address("::1", 81, 2.5)]
+
+
+def test_bad_addresses_are_skipped_with_a_reason():
+    answer = {"type": "bound", "addrs": [
+        {"ip": "db.example", "port": 1}, {"ip": "127.0.0.1", "port": 0}, "nope",
+        {"ip": "127.0.0.1", "port": 5, "meta": {"endpoint_addr_weight": -1}},
+        {"ip": "127.0.0.1", "port": 6}]}
+    state, addresses, problems = parse_answer(answer)
+    assert addresses == [Address("127.0.0.1", 6, 1.0)]
+    assert problems[0] == "addrs[0]: 'db.example' is not an IP address literal"
+    assert len(problems) == 4
+
+
+@pytest.mark.parametrize("answer, outcome", [
+    ({"type": "failed", "reason": "x"}, "failed"),
+    ({"type": "bond"}, "malformed"),
+    ([], "malformed"),
+    ({"type": "bound"}, "malformed"),
+])
+def test_unusable_answers_raise(answer, outcome):
+    with pytest.raises(NamerdError) as info:
+        parse_answer(answer)
+    assert info.value.outcome == outcome
+
+
+def test_neg_and_pending():
+    assert parse_answer({"type": "neg"})[:2] == ("neg", None)
+    assert parse_answer({"type": "pending"})[:2] == ("pending", None)
+
+
+answers = st.lists(st.builds(lambda ports: bound([f"127.0.0.1:{p}" for p in ports]),
+                             st.lists(st.integers(1, 65535), max_size=4)), min_size=1, max_size=5)
+
+
+@given(answers, st.lists(st.integers(1, 50), max_size=20))
+def test_object_stream_reassembles_any_split(objects, cuts):
+    data = b"".join(json.dumps(o).encode() + b"\n" for o in objects)
+    stream, got, at = ObjectStream(), [], 0
+    for cut in cuts:
+        got += stream.feed(data[at:at + cut])
+        at += cut
+    got += stream.feed(data[at:])
+    assert got == objects and stream.finish() == []
+
+
+@given(st.binary(max_size=200))
+def test_object_stream_garbage_is_an_error_never_a_crash(data):
+    stream = ObjectStream(limit=100)
+    try:
+        stream.feed(data)
+        stream.finish()
+    except NamerdError:
+        pass
+
+
+# -- through a live proxy --------------------------------------------------------
+
+@pytest.fixture
+def namerd():
+    server = NamerdServer().start()
+    yield server
+    server.close()
+
+
+def namerd_config(url, watch=True, period=0.5, **server):
+    return {"routers": [{
+        "label": "mesh",
+        "interpreter": {"kind": "io.l5d.namerd.http", "baseUrl": url, "namespace": "default",
+                        "periodSecs": period, "watch": watch},
+        "servers": [{"port": 0, "dstName": "/svc/web", "connectTimeoutMs": 3000, **server}],
+    }]}
+
+
+def lands(proxy):
+    with proxy.connect() as c:
+        return c.recv(16).strip().decode()
+
+
+def test_watch_moves_new_connections_within_200ms(proxies, backends, namerd):
+    a, b = backends(named("a")), backends(named("b"))
+    namerd.set("/svc/web", [a.addr])
+    proxy = proxies(namerd_config(namerd.url))
+    assert lands(proxy) == "a"
+    wait_for(lambda: namerd.watchers("/svc/web") == 1)
+    namerd.set("/svc/web", [b.addr])
+    changed = time.monotonic()
+    wait_for(lambda: lands(proxy) == "b", timeout=5)
+    assert time.monotonic() - changed < 0.2
+    assert namerd.requests("/svc/web") == 1  # one watch, no polling
+
+
+def test_polling_honours_period(proxies, backends, namerd):
+    a = backends(named("a"))
+    namerd.set("/svc/web", [a.addr])
+    proxy = proxies(namerd_config(namerd.url, watch=False, period=0.2))
+    start = time.monotonic()
+    assert lands(proxy) == "a"
+    wait_for(lambda: namerd.requests("/svc/web") >= 5, timeout=5)
+    # One request at once, then one per period: four periods must have passed.
+    assert time.monotonic() - start >= 0.8 - 0.05
+    assert namerd.watchers("/svc/web") == 0
+
+
+def test_namerd_down_at_startup_then_up(proxies, backends):
+    a = backends(named("a"))
+    with socket.socket() as probe:  # a port where nothing listens yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = proxies(namerd_config(f"http://127.0.0.1:{port}", period=0.3))
+    client = proxy.connect()
+    stats = proxy.app.routers[0].interpreter.stats
+    wait_for(lambda: stats.requests.get("unreachable", 0) >= 2, message="failed attempts against nothing")
+    late = NamerdServer(port)
+    try:
+        late.set("/svc/web", [a.addr])
+        late.start()
+        assert client.recv(16) == b"a\n"
+        client.close()
+    finally:
+        late.close()
+
+
+def test_flapping_settles_on_the_last_state(proxies, backends, namerd):
+    a, b, c = backends(named("a")), backends(named("b")), backends(named("c"))
+    namerd.set("/svc/web", [a.addr])
+    proxy = proxies(namerd_config(namerd.url))
+    assert lands(proxy) == "a"
+    for _ in range(50):
+        namerd.set("/svc/web", [b.addr])
+        namerd.set("/svc/web", [a.addr])
+    namerd.set("/svc/web", [c.addr])
+    wait_for(lambda: lands(proxy) == "c", timeout=5)
+    assert all(lands(proxy) == "c" for _ in range(10))
+
+
+@pytest.mark.parametrize("trouble", ["garbage", "failed", "drop", "http_error"])
+def test_trouble_keeps_the_last_good_set(proxies, backends, namerd, trouble):
+    a, b = backends(named("a")), backends(named("b"))
+    namerd.set("/svc/web", [a.addr])
+    proxy = proxies(namerd_config(namerd.url, period=0.2))
+    assert lands(proxy) == "a"
+    stats = proxy.app.routers[0].interpreter.stats
+    if trouble == "http_error":
+        namerd.http_error("/svc/web", 500)
+        namerd.drop("/svc/web")  # end the current watch so the next request meets the 500
+        wait_for(lambda: stats.requests.get("http_500", 0) >= 1, timeout=5)
+    else:
+        getattr(namerd, trouble)("/svc/web")
+        expected = {"garbage": "malformed", "failed": "failed", "drop": "dropped"}[trouble]
+        wait_for(lambda: stats.requests.get(expected, 0) >= 1, timeout=5)
+    assert all(lands(proxy) == "a" for _ in range(5))
+    namerd.set("/svc/web", [b.addr])
+    wait_for(lambda: lands(proxy) == "b", timeout=5)
+
+
+def test_split_objects_and_stalls(proxies, backends, namerd):
+    a, b, c = backends(named("a")), backends(named("b")), backends(named("c"))
+    namerd.split("/svc/web", [a.addr])
+    proxy = proxies(namerd_config(namerd.url, period=0.2))
+    assert lands(proxy) == "a"
+    namerd.split("/svc/web", [b.addr])
+    wait_for(lambda: lands(proxy) == "b", timeout=5)
+    namerd.stall("/svc/web")
+    namerd.drop("/svc/web")  # the reconnect meets the stall
+    wait_for(lambda: namerd.requests("/svc/web") >= 2, timeout=5)
+    assert all(lands(proxy) == "b" for _ in range(5))  # stalled namerd: last set still serves
+    namerd.set("/svc/web", [c.addr])  # ends the stall
+    wait_for(lambda: lands(proxy) == "c", timeout=5)
+
+
+def test_neg_fails_waiting_clients_at_once(proxies, namerd):
+    namerd.neg("/svc/web")
+    proxy = proxies(namerd_config(namerd.url, connectTimeoutMs=10000))
+    start = time.monotonic()
+    with proxy.connect() as c:
+        assert recv_all(c) == b""
+    assert time.monotonic() - start < 1
+    assert proxy.listener.failures["no_endpoints"] == 1
+
+
+def test_pending_keeps_clients_waiting_until_bound(proxies, backends, namerd):
+    a = backends(named("a"))
+    namerd.pending("/svc/web")
+    proxy = proxies(namerd_config(namerd.url, connectTimeoutMs=10000))
+    client = proxy.connect()
+    wait_for(lambda: namerd.watchers("/svc/web") == 1)
+    namerd.set("/svc/web", [a.addr])
+    assert client.recv(16) == b"a\n"
+    client.close()
+
+
+def test_a_burst_of_1000_updates_does_not_stall_the_data_plane(proxies, backends, namerd):
+    servers = [backends(named(str(i))) for i in range(4)]
+    namerd.set("/svc/web", [servers[0].addr])
+    proxy = proxies(namerd_config(namerd.url))
+    assert lands(proxy) == "0"
+    reactor = proxy.app.reactor
+    lateness = []
+    probing = threading.Event()
+    probing.set()
+
+    def probe(expected):
+        lateness.append(reactor.time() - expected)
+        if probing.is_set():
+            reactor.call_later(0.01, probe, reactor.time() + 0.01)
+
+    proxy.call(lambda: reactor.call_later(0.01, probe, reactor.time() + 0.01))
+    wait_for(lambda: len(lateness) >= 5)
+    before_burst = len(lateness)
+    for i in range(1000):
+        namerd.set("/svc/web", [s.addr for s in servers[: 1 + i % 4]])
+    namerd.set("/svc/web", [servers[3].addr])
+    wait_for(lambda: lands(proxy) == "3", timeout=10)
+    wait_for(lambda: len(lateness) >= before_burst + 10)
+    probing.clear()
+    assert max(lateness) < 0.25, f"reactor lag up to {max(lateness):.3f}s"
+    balancer = proxy.balancer("/svc/web")
+    assert proxy.call(lambda: len(balancer.endpoints)) == 1
+
+
+def test_300_names_stay_within_the_thread_bound_and_converge(namerd):
+    names = [f"/svc/n{i}" for i in range(300)]
+    for i, name in enumerate(names):
+        namerd.set(name, [f"127.0.0.1:{1000 + i}"])
+    interpreter = NamerdInterpreter(namerd.url, "default", 0.2, watch=True)
+    latest = {}
+    lock = threading.Lock()
+
+    def deliver_for(name):
+        def deliver(addresses):
+            with lock:
+                latest[name] = addresses
+        return deliver
+
+    interpreter.start()
+    try:
+        for name in names:
+            interpreter.watch(name, deliver_for(name))
+        wait_for(lambda: len(latest) == 300, timeout=20, message="all 300 names resolved")
+        for i, name in enumerate(names):
+            namerd.set(name, [f"127.0.0.1:{2000 + i}"])
+        wait_for(lambda: all(latest[n] == [Address("127.0.0.1", 2000 + i)] for i, n in enumerate(names)),
+                 timeout=20, message="all 300 names converged")
+        namerd_threads = [t for t in threading.enumerate() if t.name.startswith("ltcp-namerd")]
+        assert len(namerd_threads) <= interpreter.max_streams + 1 == 17
+        assert sum(namerd.watchers(n) for n in names) == 16
+    finally:
+        interpreter.close()
+
+
+def test_close_stops_every_worker_within_a_second(namerd):
+    namerd.set("/svc/streamed", ["127.0.0.1:1"])
+    namerd.stall("/svc/stalled")
+    interpreter = NamerdInterpreter(namerd.url, "default", 5, watch=True, max_streams=2)
+    interpreter.start()
+    seen = threading.Event()
+    interpreter.watch("/svc/streamed", lambda addresses: seen.set())
+    interpreter.watch("/svc/stalled", lambda addresses: None)  # stuck waiting for headers
+    interpreter.watch("/svc/polled", lambda addresses: None)
+    assert seen.wait(5)
+    wait_for(lambda: namerd.requests("/svc/stalled") == 1)
+    start = time.monotonic()
+    interpreter.close()
+    assert time.monotonic() - start < 1.0
+    assert not [t for t in threading.enumerate() if t.name.startswith("ltcp-namerd")]

@@ -27,10 +27,7 @@ def stream_capacity(config):
     listeners = sum(len(r.servers) for r in config.routers)
     pooled = sum(r.client.min_connections for r in config.routers)
     capacity = max(1, (soft - RESERVED_DESCRIPTORS - listeners - pooled) // 2)
-    wanted = sum(s.max_concurrency for r in config.routers for s in r.servers)
-    if wanted > capacity:
-        log.warning("descriptor limit %d allows %d concurrent streams in all (maxConcurrency adds up to %d)",
-                    soft, capacity, wanted)
+    log.info("descriptor limit %d: at most %d concurrent streams in all", soft, capacity)
     return capacity
 
 

@@ -84,7 +84,7 @@ def running(backends):
 
 def test_streams_stop_at_the_descriptor_budget_and_resume(running):
     ltcp = running(nofile=64)  # (64 - 32 reserved - 1 listener) // 2 = 15 streams
-    assert "allows 15 concurrent streams" in ltcp.log
+    assert "at most 15 concurrent streams" in ltcp.log
     clients = [ltcp.connect() for _ in range(30)]
     try:
         assert all(served(c) for c in clients[:15])

@@ -1,9 +1,11 @@
 """Running a configuration: routers on one reactor, signals, shutdown."""
 
 import logging
+import os
 import resource
 import signal
 
+from .admin import AdminServer
 from .loop import Reactor
 from .router import Router
 from .server import StreamBudget
@@ -35,8 +37,8 @@ class App:
     """Every router of a configuration on one reactor.
 
     ``start()`` binds the listeners (so ports chosen by the system are known
-    before ``run()``), ``run()`` blocks on the reactor, and ``stop()`` may be
-    called from any thread.
+    before ``run()``), ``run()`` blocks on the reactor until a drain finishes
+    or ``stop()``; ``request_drain()`` and ``stop()`` may be called from any thread.
     """
 
     def __init__(self, config):
@@ -44,6 +46,8 @@ class App:
         self.reactor = Reactor()
         self.buffer = bytearray(config.buffer_size_bytes)
         self.closed = False
+        self.draining = False
+        self.grace_timer = None
         self.budget = StreamBudget(stream_capacity(config))
         self.routers = [Router(self.reactor, router, self.buffer, self.budget) for router in config.routers]
 
@@ -66,9 +70,39 @@ class App:
             self.close()
 
     def stop(self):
-        self.reactor.call_soon_threadsafe(self._stop)
+        """End at once: open streams are cut."""
+        self.reactor.call_soon_threadsafe(self.reactor.stop)
 
-    def _stop(self):
+    def request_drain(self):
+        self.reactor.call_soon_threadsafe(self.drain)
+
+    def drain(self):
+        """Stop accepting, let open streams finish for graceSecs, then stop."""
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.config.admin.grace_secs
+        for router in self.routers:
+            router.stop_accepting()
+        log.info("drain started: %d streams open, up to %gs to finish", self.budget.used, grace)
+        if not self.budget.used:
+            self._drained()
+            return
+        self.budget.on_empty = self._drained
+        self.grace_timer = self.reactor.call_later(grace, self._grace_over)
+
+    def _grace_over(self):
+        self.grace_timer = None
+        log.info("grace period over: closing %d streams", self.budget.used)
+        for router in self.routers:
+            router.close_streams()  # the last release calls _drained
+
+    def _drained(self):
+        self.budget.on_empty = None
+        if self.grace_timer is not None:
+            self.grace_timer.cancel()
+            self.grace_timer = None
+        log.info("drain finished")
         self.reactor.stop()
 
     def close(self):
@@ -80,15 +114,29 @@ class App:
 
 
 def serve(config):
-    """Serve until SIGTERM or SIGINT; the process exit status."""
+    """Serve until drained (SIGTERM, SIGINT, /shutdown); the process exit status."""
+    app = App(config)
     try:
-        app = App(config)
         app.start()
+        admin = AdminServer(app, config.admin)
     except OSError as exc:
-        log.error("cannot start: %s", exc)
+        app.close()
+        log.error("cannot start: %s", exc.strerror or exc)
         return 2
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: app.stop())
-    app.run()
+    interrupted = []
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and interrupted:
+            os._exit(130)  # a second Ctrl-C: stop waiting for streams
+        interrupted.append(signum)
+        app.request_drain()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    admin.start()
+    try:
+        app.run()
+    finally:
+        admin.close()
     log.info("stopped")
     return 0

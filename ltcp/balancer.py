@@ -10,6 +10,7 @@ import functools
 import logging
 import random
 import socket
+import time
 
 from .connector import Connect
 from .endpoint import Endpoint, Picker
@@ -34,14 +35,14 @@ class Balancer:
         self.endpoints = {}  # sockaddr -> Endpoint, as discovery last said
         self.retired = {}  # sockaddr -> Endpoint removed by discovery, streams still open
         self.resolved = False  # has discovery answered at all?
-        self.last_update = None
+        self.last_update = None  # wall-clock time of the last discovery answer
         self.waiters = {}  # Dial -> None, oldest first
         self.picker = Picker(())
         self.pool = collections.deque()  # PooledConnection, ready to hand out
         self.pool_connecting = 0
         self.pool_timer = None
         self.closed = False
-        self.attempt_failures = collections.Counter()  # cause -> count
+        self.connect_failures = collections.Counter()  # cause -> count
 
     # -- discovery ------------------------------------------------------------
 
@@ -62,7 +63,7 @@ class Balancer:
         added = sum(1 for key in fresh if key not in current)
         self.endpoints = fresh
         self.resolved = True
-        self.last_update = self.reactor.time()
+        self.last_update = time.time()
         if added or removed or not fresh:
             log.info("%s: %d endpoints (%d added, %d removed)", self.name, len(fresh), added, len(removed))
         self._rebuild()
@@ -103,7 +104,7 @@ class Balancer:
         endpoint.connects += 1
 
     def connect_failed(self, endpoint, cause):
-        self.attempt_failures[cause] += 1
+        self.connect_failures[cause] += 1
         if cause == "resources":  # our shortage, not the endpoint's fault
             self.drop_if_unused(endpoint)
             return
@@ -333,6 +334,8 @@ class Dial:
         self.owner.dial_failed(self, "timeout")
 
     def fail(self, cause):
+        if cause == "no_endpoints":
+            self.balancer.connect_failures[cause] += 1
         if self.deadline_timer is not None:
             self.deadline_timer.cancel()
             self.deadline_timer = None

@@ -143,10 +143,10 @@ class Duplex:
     """An established stream: client leg, upstream leg, idle and lifetime limits.
 
     ``owner.stream_closed(duplex)`` is called exactly once when it ends;
-    ``reason`` then says why ("done", "error", "idle", "lifetime", "closed").
+    ``reason`` then says why ("done", "error", "idle", "lifetime", "shutdown").
     """
 
-    __slots__ = ("reactor", "client", "upstream", "owner", "endpoint", "buffer", "view",
+    __slots__ = ("reactor", "client", "upstream", "owner", "endpoint", "buffer", "view", "started",
                  "last_active", "idle_timeout", "idle_timer", "life_timer", "closed", "reason")
 
     def __init__(self, reactor, client_sock, upstream_sock, owner, endpoint, buffer,
@@ -158,7 +158,7 @@ class Duplex:
         self.view = memoryview(buffer)
         self.closed = False
         self.reason = None
-        self.last_active = reactor.now
+        self.started = self.last_active = reactor.now
         self.idle_timeout = idle_timeout
         self.idle_timer = reactor.call_later(idle_timeout, self._idle_check) if idle_timeout else None
         self.life_timer = reactor.call_later(lifetime, self.close, "lifetime") if lifetime else None
@@ -192,7 +192,7 @@ class Duplex:
         """An error on either socket: reset both so neither end mistakes it for a clean end."""
         self.close("error", reset=True)
 
-    def close(self, reason="closed", reset=False):
+    def close(self, reason, reset=False):
         if self.closed:
             return
         self.closed = True

@@ -10,6 +10,7 @@ __all__ = ["Router"]
 class Router:
     def __init__(self, reactor, config, buffer, budget):
         self.label = config.label
+        self.interpreter_kind = config.interpreter.kind
         self.interpreter = interpreters.build(config.interpreter)
         self.binder = Binder(reactor, self.interpreter, config.client)
         self.listeners = [Listener(reactor, server, self.binder, buffer, config.label, budget)
@@ -25,10 +26,13 @@ class Router:
         for listener in self.listeners:
             listener.close()
 
+    def close_streams(self):
+        for listener in self.listeners:
+            listener.close_streams()
+
     def close(self):
         """Close listeners, streams and balancers; stop discovery."""
         self.stop_accepting()
-        for listener in self.listeners:
-            listener.close_streams()
+        self.close_streams()
         self.binder.close()
         self.interpreter.close()

@@ -12,6 +12,7 @@ import socket
 
 from .balancer import Dial
 from .duplex import Duplex
+from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from .loop import READ
 
 __all__ = ["Envelope", "Listener", "StreamBudget"]
@@ -27,11 +28,12 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 class Envelope:
     """What is known about a stream when it is accepted, and the limits it runs under."""
 
-    __slots__ = ("source", "dst_name", "connect_deadline", "lifetime", "idle_timeout")
+    __slots__ = ("source", "dst_name", "accepted_at", "connect_deadline", "lifetime", "idle_timeout")
 
-    def __init__(self, source, dst_name, connect_deadline, lifetime, idle_timeout):
+    def __init__(self, source, dst_name, accepted_at, connect_deadline, lifetime, idle_timeout):
         self.source = source
         self.dst_name = dst_name
+        self.accepted_at = accepted_at  # reactor time
         self.connect_deadline = connect_deadline  # reactor time by which upstream must be up
         self.lifetime = lifetime  # seconds, or None
         self.idle_timeout = idle_timeout  # seconds, or None
@@ -52,6 +54,7 @@ class StreamBudget:
         self.capacity = capacity
         self.used = 0
         self.waiting = set()  # listeners paused until a stream ends
+        self.on_empty = None  # called when the last stream ends (graceful drain)
 
     def has_room(self):
         return self.used < self.capacity
@@ -62,6 +65,8 @@ class StreamBudget:
             waiting, self.waiting = self.waiting, set()
             for listener in waiting:
                 listener.resume()
+        if not self.used and self.on_empty is not None:
+            self.on_empty()
 
 
 class Listener:
@@ -86,7 +91,10 @@ class Listener:
         self.bytes_out = 0
         self.failures = collections.Counter()  # cause -> streams that never reached an endpoint
         self.endings = collections.Counter()  # reason -> established streams that ended so
-        self.streams = set()
+        self.connect_latency = Histogram(LATENCY_BUCKETS)  # accept -> upstream established
+        self.stream_duration = Histogram(DURATION_BUCKETS)  # upstream established -> closed
+        self.dials = set()  # streams still connecting
+        self.streams = set()  # established streams
         self._connect_timeout = config.connect_timeout_ms / 1000
         self._idle = config.idle_timeout_ms / 1000 if config.idle_timeout_ms else None
         self._lifetime = config.connection_lifetime_secs
@@ -180,18 +188,21 @@ class Listener:
             client.close()
             self._stream_ended()
             return
-        envelope = Envelope(source, dst_name, self.reactor.time() + self._connect_timeout,
-                            self._lifetime, self._idle)
-        Dial(self.binder.bind(dst_name), client, envelope, self)
+        now = self.reactor.time()
+        envelope = Envelope(source, dst_name, now, now + self._connect_timeout, self._lifetime, self._idle)
+        self.dials.add(Dial(self.binder.bind(dst_name), client, envelope, self))
 
     def established(self, dial, endpoint, upstream):
+        self.dials.discard(dial)
         endpoint.active += 1
         envelope = dial.envelope
+        self.connect_latency.observe(self.reactor.time() - envelope.accepted_at)
         duplex = Duplex(self.reactor, dial.client, upstream, self, endpoint, self.buffer,
                         envelope.idle_timeout, envelope.lifetime)
         self.streams.add(duplex)
 
     def dial_failed(self, dial, cause):
+        self.dials.discard(dial)
         if cause == "resources":
             self._out_of_descriptors("connect")
         self.failures[cause] += 1
@@ -205,6 +216,7 @@ class Listener:
         self.bytes_in += duplex.bytes_in
         self.bytes_out += duplex.bytes_out
         self.endings[duplex.reason] += 1
+        self.stream_duration.observe(self.reactor.now - duplex.started)
         self._stream_ended()
 
     def _stream_ended(self):
@@ -225,5 +237,8 @@ class Listener:
             self.sock.close()
 
     def close_streams(self):
+        """End every stream now, connecting or established."""
+        for dial in list(self.dials):
+            dial.fail("shutdown")
         for duplex in list(self.streams):
-            duplex.close("closed")
+            duplex.close("shutdown")

@@ -15,11 +15,14 @@ rather than a scan.
 import logging
 import time
 
+from .histogram import Histogram
+
 __all__ = ["Timer", "TimerWheel"]
 
 log = logging.getLogger(__name__)
 
 NS_PER_SEC = 1_000_000_000
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
 class Timer:
@@ -64,6 +67,7 @@ class TimerWheel:
         self._count = 0
         self._current = clock() // self.tick_ns  # last tick fully processed
         self._on_error = on_error or _log_error
+        self.lag = Histogram(LAG_BUCKETS)  # seconds each timer fired after its deadline
 
     def __len__(self):
         return self._count
@@ -137,11 +141,11 @@ class TimerWheel:
                 due.extend(self._take_due(index, target))
             due.sort(key=_timer_order)
             self._current = target
-            return self._fire(due)
+            return self._fire(due, now)
         for tick in range(first, target + 1):
             self._current = tick
             if self._occupied >> (tick & self._mask) & 1:
-                fired += self._fire(self._take_due(tick & self._mask, tick))
+                fired += self._fire(self._take_due(tick & self._mask, tick), now)
             if not self._occupied:
                 self._current = target
                 break
@@ -159,13 +163,15 @@ class TimerWheel:
             self._occupied &= ~(1 << index)
         return due
 
-    def _fire(self, due):
+    def _fire(self, due, now):
         fired = 0
+        observe = self.lag.observe
         for timer in due:
             if not timer.active:  # cancelled by an earlier callback of this batch
                 continue
             timer.active = False
             fired += 1
+            observe((now - timer.when) / NS_PER_SEC)
             try:
                 timer.fn(*timer.args)
             except Exception as exc:

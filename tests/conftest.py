@@ -32,8 +32,8 @@ def proxies():
     """Start proxies with ``proxies(document)``; all are stopped afterwards."""
     started = []
 
-    def start(document):
-        proxy = Proxy(document)
+    def start(document, admin=False):
+        proxy = Proxy(document, admin)
         started.append(proxy)
         return proxy
 

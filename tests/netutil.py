@@ -8,6 +8,7 @@ import time
 
 import yaml
 
+from ltcp.admin import AdminServer
 from ltcp.app import App
 from ltcp.config import loads
 
@@ -146,10 +147,15 @@ def blackhole():
 class Proxy:
     """An ltcp App running on a background thread."""
 
-    def __init__(self, document):
+    def __init__(self, document, admin=False):
         text = document if isinstance(document, str) else yaml.safe_dump(document)
-        self.app = App(loads(text, "test.yaml", os.getcwd()))
+        config = loads(text, "test.yaml", os.getcwd())
+        self.app = App(config)
         self.app.start()
+        self.admin = None
+        if admin:
+            self.admin = AdminServer(self.app, config.admin)
+            self.admin.start()
         self.thread = threading.Thread(target=self.app.run, name="reactor", daemon=True)
         self.thread.start()
 
@@ -179,11 +185,17 @@ class Proxy:
     def balancer(self, name, router=0):
         return self.call(lambda: self.app.routers[router].binder.balancers.get(name))
 
+    @property
+    def admin_url(self):
+        return "http://%s:%d" % self.admin.address
+
     def stop(self):
         if self.thread.is_alive():
             self.app.stop()
             self.thread.join(10)
             assert not self.thread.is_alive(), "proxy did not stop"
+        if self.admin is not None:
+            self.admin.close()
 
 
 def static_config(names, **server):

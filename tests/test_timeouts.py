@@ -81,7 +81,7 @@ def test_per_attempt_timeout_moves_to_a_healthy_endpoint(proxies, backends, hole
         assert c.recv(16) == b"good\n"
     assert time.monotonic() - start < 2
     balancer = proxy.balancer("/svc/a")
-    assert proxy.call(lambda: balancer.attempt_failures["timeout"]) >= 1
+    assert proxy.call(lambda: balancer.connect_failures["timeout"]) >= 1
 
 
 def test_idle_timeout_fires_when_idle_and_not_before(proxies, backends):

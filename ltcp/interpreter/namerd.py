@@ -30,6 +30,7 @@ import weakref
 import urllib3
 
 from ..config import Address
+from ..histogram import LATENCY_BUCKETS, Histogram
 
 __all__ = ["NamerdInterpreter", "NamerdError", "ObjectStream", "parse_answer"]
 
@@ -40,7 +41,6 @@ MAX_OBJECT_BYTES = 4 << 20
 CONNECT_TIMEOUT = 5.0
 POLL_READ_TIMEOUT = 10.0
 FIRST_BACKOFF = 0.1
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 BOUND, NEG, PENDING = "bound", "neg", "pending"
 
@@ -148,9 +148,7 @@ class Stats:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests = {}  # outcome -> count
-        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.latency_count = 0
+        self.latency = Histogram(LATENCY_BUCKETS)
         self.endpoints = {}  # name -> endpoints in the last good set
         self.last_update = {}  # name -> wall-clock time of the last good answer
 
@@ -160,11 +158,13 @@ class Stats:
 
     def observe(self, seconds):
         """Time from sending a request to namerd's response headers."""
-        index = next((i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound), len(LATENCY_BUCKETS))
         with self.lock:
-            self.latency_sum += seconds
-            self.latency_count += 1
-            self.latency_buckets[index] += 1
+            self.latency.observe(seconds)
+
+    def snapshot(self):
+        with self.lock:
+            return {"requests": dict(self.requests), "latency": self.latency.copy(),
+                    "endpoints": dict(self.endpoints), "last_update": dict(self.last_update)}
 
     def updated(self, name, addresses):
         with self.lock:

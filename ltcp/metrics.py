@@ -1,0 +1,205 @@
+"""What the admin server reports: a snapshot of reactor-owned state, as JSON or Prometheus.
+
+The counters live as plain ints on reactor objects.  A scrape asks the reactor
+for a ``snapshot`` (one ``call_soon_threadsafe`` round trip, so it is a
+consistent copy taken between two events) and turns it into metric families
+on the admin thread.  Nothing here runs on the data-plane hot path.
+"""
+
+import concurrent.futures
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .endpoint import RETIRED
+
+__all__ = ["snapshot", "on_reactor", "LtcpCollector", "routers_json"]
+
+
+def on_reactor(reactor, fn, timeout=5.0):
+    """Run ``fn()`` on the reactor thread and return its result (from any other thread)."""
+    future = concurrent.futures.Future()
+
+    def run():
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    reactor.call_soon_threadsafe(run)
+    try:
+        return future.result(timeout)
+    finally:
+        future.cancel()
+
+
+def snapshot(app):
+    """Plain data describing every router; call on the reactor thread."""
+    return {
+        "routers": [_router(router) for router in app.routers],
+        "reactor_lag": app.reactor.wheel.lag.copy(),
+        "draining": app.draining,
+    }
+
+
+def _router(router):
+    stats = getattr(router.interpreter, "stats", None)
+    return {
+        "label": router.label,
+        "interpreter": router.interpreter_kind,
+        "servers": [_server(listener) for listener in router.listeners],
+        "destinations": [_destination(b) for b in router.binder.balancers.values()],
+        "route_cache": {"hits": router.binder.hits, "creations": router.binder.creations},
+        "discovery": stats.snapshot() if stats is not None else None,
+    }
+
+
+def _server(listener):
+    return {
+        "address": listener.display_address if listener.address else None,
+        "dst_name": listener.config.dst_name,
+        "listening": listener.listening,
+        "active": listener.active,
+        "accepted": listener.accepted,
+        "closed": listener.finished,
+        "received_bytes": listener.bytes_in + sum(d.bytes_in for d in listener.streams),
+        "sent_bytes": listener.bytes_out + sum(d.bytes_out for d in listener.streams),
+        "failures": {**listener.failures, **{k: v for k, v in listener.endings.items() if k != "done"}},
+        "connect_latency": listener.connect_latency.copy(),
+        "stream_duration": listener.stream_duration.copy(),
+    }
+
+
+def _destination(balancer):
+    endpoints = list(balancer.endpoints.values()) + [e for e in balancer.retired.values()]
+    return {
+        "name": balancer.name,
+        "resolved": balancer.resolved,
+        "last_update": balancer.last_update,
+        "waiters": len(balancer.waiters),
+        "pooled": len(balancer.pool),
+        "connect_failures": dict(balancer.connect_failures),
+        "endpoints": [{
+            "address": e.address,
+            "weight": e.weight,
+            "state": e.state,
+            "open": e.active,
+            "pending": e.pending,
+            "consecutive_failures": e.failures,
+            "connects": e.connects,
+            "connect_failures": e.connect_failures,
+        } for e in endpoints],
+    }
+
+
+def routers_json(data):
+    """The snapshot as /routers.json shows it (histograms left to /metrics)."""
+    return {
+        "draining": data["draining"],
+        "routers": [{
+            "label": r["label"],
+            "interpreter": r["interpreter"],
+            "servers": [{k: v for k, v in s.items() if k not in ("connect_latency", "stream_duration")}
+                        for s in r["servers"]],
+            "destinations": r["destinations"],
+            "route_cache": r["route_cache"],
+        } for r in data["routers"]],
+    }
+
+
+def _histogram(name, doc, labels):
+    return HistogramMetricFamily(name, doc, labels=labels)
+
+
+def _add_histogram(family, values, histogram):
+    buckets = [(_bound(bound), count) for bound, count in histogram.cumulative()]
+    family.add_metric(values, buckets, histogram.sum)
+
+
+def _bound(bound):
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+class LtcpCollector:
+    """A prometheus_client collector built from one snapshot per scrape."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def describe(self):
+        return []  # families are only known at scrape time; skip registration-time collection
+
+    def collect(self):
+        data = on_reactor(self.app.reactor, lambda: snapshot(self.app))
+        server_labels = ["router", "server"]
+        dst_labels = ["router", "dst"]
+        f = {
+            "accepted": CounterMetricFamily("ltcp_accepted", "Connections accepted", labels=server_labels),
+            "closed": CounterMetricFamily("ltcp_closed", "Streams finished, by any ending", labels=server_labels),
+            "active": GaugeMetricFamily("ltcp_active_streams", "Streams open (connecting or established)",
+                                        labels=server_labels),
+            "received": CounterMetricFamily("ltcp_received_bytes", "Bytes received from clients",
+                                            labels=server_labels),
+            "sent": CounterMetricFamily("ltcp_sent_bytes", "Bytes sent to clients", labels=server_labels),
+            "stream_failures": CounterMetricFamily(
+                "ltcp_stream_failures", "Streams that did not end cleanly, by cause",
+                labels=server_labels + ["cause"]),
+            "connect_latency": _histogram("ltcp_connect_latency_seconds",
+                                          "Accept to upstream established", server_labels),
+            "duration": _histogram("ltcp_stream_duration_seconds",
+                                   "Upstream established to stream closed", server_labels),
+            "connect_failures": CounterMetricFamily(
+                "ltcp_connect_failures", "Failed connects to endpoints (and streams with none), by cause",
+                labels=dst_labels + ["cause"]),
+            "endpoints": GaugeMetricFamily("ltcp_endpoints", "Endpoints by state", labels=dst_labels + ["state"]),
+            "waiters": GaugeMetricFamily("ltcp_waiters", "Streams waiting for discovery", labels=dst_labels),
+            "last_update": GaugeMetricFamily("ltcp_discovery_last_update_timestamp_seconds",
+                                             "When discovery last answered for a name", labels=dst_labels),
+            "cache_hits": CounterMetricFamily("ltcp_route_cache_hits", "Streams whose balancer existed",
+                                              labels=["router"]),
+            "cache_creations": CounterMetricFamily("ltcp_route_cache_creations", "Balancers created",
+                                                   labels=["router"]),
+            "discovery_requests": CounterMetricFamily("ltcp_discovery_requests", "namerd requests by outcome",
+                                                      labels=["router", "outcome"]),
+            "discovery_latency": _histogram("ltcp_discovery_request_duration_seconds",
+                                            "namerd request to response headers", ["router"]),
+        }
+        for router in data["routers"]:
+            label = router["label"]
+            for server in router["servers"]:
+                values = [label, server["address"] or ""]
+                f["accepted"].add_metric(values, server["accepted"])
+                f["closed"].add_metric(values, server["closed"])
+                f["active"].add_metric(values, server["active"])
+                f["received"].add_metric(values, server["received_bytes"])
+                f["sent"].add_metric(values, server["sent_bytes"])
+                for cause, count in sorted(server["failures"].items()):
+                    f["stream_failures"].add_metric(values + [cause], count)
+                _add_histogram(f["connect_latency"], values, server["connect_latency"])
+                _add_histogram(f["duration"], values, server["stream_duration"])
+            for dst in router["destinations"]:
+                values = [label, dst["name"]]
+                for cause, count in sorted(dst["connect_failures"].items()):
+                    f["connect_failures"].add_metric(values + [cause], count)
+                states = {"available": 0, "failed": 0, RETIRED: 0}
+                for endpoint in dst["endpoints"]:
+                    states[endpoint["state"]] += 1
+                for state, count in states.items():
+                    f["endpoints"].add_metric(values + [state], count)
+                f["waiters"].add_metric(values, dst["waiters"])
+                if dst["last_update"] is not None:
+                    f["last_update"].add_metric(values, dst["last_update"])
+            f["cache_hits"].add_metric([label], router["route_cache"]["hits"])
+            f["cache_creations"].add_metric([label], router["route_cache"]["creations"])
+            discovery = router["discovery"]
+            if discovery is not None:
+                for outcome, count in sorted(discovery["requests"].items()):
+                    f["discovery_requests"].add_metric([label, outcome], count)
+                _add_histogram(f["discovery_latency"], [label], discovery["latency"])
+        lag = _histogram("ltcp_reactor_lag_seconds", "How late reactor timers fired", [])
+        _add_histogram(lag, [], data["reactor_lag"])
+        draining = GaugeMetricFamily("ltcp_draining", "1 while a graceful shutdown is under way")
+        draining.add_metric([], 1 if data["draining"] else 0)
+        yield from f.values()
+        yield lag
+        yield draining

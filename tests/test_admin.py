@@ -1,0 +1,277 @@
+"""The admin server: metrics that match the traffic, live state, errors, drain."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import urllib3
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from netutil import echo, named, recv_all, refused_port, wait_for
+
+http = urllib3.PoolManager(retries=False, timeout=10)
+
+
+def scrape(url):
+    response = http.request("GET", url + "/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.data.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def three_servers(backend_addr, dead_port):
+    return {
+        "admin": {"port": 0},
+        "routers": [{
+            "label": "web",
+            "interpreter": {"kind": "io.l5d.static", "names": {
+                "/svc/echo": [backend_addr], "/svc/dead": [f"127.0.0.1:{dead_port}"]}},
+            "servers": [{"port": 0, "dstName": "/svc/echo"},
+                        {"port": 0, "dstName": "/svc/none", "connectTimeoutMs": 5000},
+                        {"port": 0, "dstName": "/svc/dead", "connectTimeoutMs": 300}],
+        }]}
+
+
+def test_metrics_match_the_traffic(proxies, backends):
+    backend = backends(echo)
+    holder, dead_port = refused_port()
+    proxy = proxies(three_servers(backend.addr, dead_port), admin=True)
+    echo_server = proxy.app.listeners[0].display_address
+    payload = os.urandom(12345)
+    for _ in range(20):
+        with proxy.connect(0) as c:
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            assert recv_all(c) == payload
+    live = proxy.connect(0)  # traffic still flowing while we scrape
+    live.sendall(b"x" * 1000)
+    assert len(recv_all_n(live, 1000)) == 1000
+    for _ in range(3):
+        with proxy.connect(1) as c:
+            assert recv_all(c) == b""
+    with proxy.connect(2) as c:
+        assert recv_all(c) == b""
+    wait_for(lambda: proxy.app.listeners[2].finished == 1 and proxy.app.listeners[0].finished == 20)
+
+    samples = scrape(proxy.admin_url)
+    web = {"router": "web", "server": echo_server}
+    assert value(samples, "ltcp_accepted_total", **web) == 21
+    assert value(samples, "ltcp_closed_total", **web) == 20
+    assert value(samples, "ltcp_active_streams", **web) == 1
+    assert value(samples, "ltcp_received_bytes_total", **web) == 20 * 12345 + 1000
+    assert value(samples, "ltcp_sent_bytes_total", **web) == 20 * 12345 + 1000
+    assert value(samples, "ltcp_connect_latency_seconds_count", **web) == 21
+    assert value(samples, "ltcp_stream_duration_seconds_count", **web) == 20
+    none = {"router": "web", "server": proxy.app.listeners[1].display_address}
+    assert value(samples, "ltcp_stream_failures_total", cause="no_endpoints", **none) == 3
+    assert value(samples, "ltcp_connect_failures_total", router="web", dst="/svc/none", cause="no_endpoints") == 3
+    dead = {"router": "web", "server": proxy.app.listeners[2].display_address}
+    assert value(samples, "ltcp_stream_failures_total", cause="timeout", **dead) == 1
+    assert value(samples, "ltcp_connect_failures_total", router="web", dst="/svc/dead", cause="refused") >= 1
+    assert value(samples, "ltcp_endpoints", router="web", dst="/svc/echo", state="available") == 1
+    assert value(samples, "ltcp_route_cache_creations_total", router="web") == 3
+    assert value(samples, "ltcp_route_cache_hits_total", router="web") == 21 + 3 + 1 - 3
+    assert value(samples, "ltcp_reactor_lag_seconds_count") >= 1
+    assert value(samples, "ltcp_process_resident_memory_bytes") > 0
+    assert value(samples, "ltcp_draining") == 0
+    live.close()
+    holder.close()
+
+
+def recv_all_n(sock, n):
+    data = b""
+    while len(data) < n:
+        data += sock.recv(n - len(data))
+    return data
+
+
+def test_routers_json_follows_discovery_and_ejection(proxies, backends, tmp_path):
+    a = backends(named("a"))
+    holder, dead_port = refused_port()
+    (tmp_path / "web").write_text(f"127.0.0.1 {a.port}\n127.0.0.1 {dead_port} 100\n")
+    proxy = proxies({
+        "admin": {"port": 0},
+        "routers": [{
+            "label": "fs",
+            "interpreter": {"kind": "io.l5d.fs", "rootDir": str(tmp_path), "periodSecs": 0.05},
+            "servers": [{"port": 0, "dstName": "/svc/web", "connectTimeoutMs": 3000}],
+            "client": {"failFast": {"maxConsecutiveFailures": 1, "failurePenaltySecs": 60}},
+        }]}, admin=True)
+    with proxy.connect() as c:
+        assert c.recv(2) == b"a\n"
+
+    def state():
+        response = http.request("GET", proxy.admin_url + "/routers.json")
+        assert response.status == 200 and response.headers["Content-Type"] == "application/json"
+        return json.loads(response.data)
+
+    router = state()["routers"][0]
+    assert router["label"] == "fs" and router["interpreter"] == "io.l5d.fs"
+    endpoints = {e["address"]: e for e in router["destinations"][0]["endpoints"]}
+    assert endpoints[f"127.0.0.1:{dead_port}"]["state"] == "failed"
+    assert endpoints[f"127.0.0.1:{dead_port}"]["weight"] == 100
+    assert endpoints[f"127.0.0.1:{a.port}"]["state"] == "available"
+    held = proxy.connect()
+    assert held.recv(2) == b"a\n"
+    (tmp_path / "web").write_text("127.0.0.1 1\n")
+
+    def retired():
+        eps = {e["address"]: e for e in state()["routers"][0]["destinations"][0]["endpoints"]}
+        return eps.get(f"127.0.0.1:{a.port}", {}).get("state") == "retired" and "127.0.0.1:1" in eps
+
+    wait_for(retired, timeout=5, message="the change in /routers.json")
+    held.close()
+    holder.close()
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("GET", "/nope", None, 404),
+    ("POST", "/metrics", None, 405),
+    ("GET", "/shutdown", None, 405),
+    ("DELETE", "/routers.json", None, 405),
+    ("POST", "/shutdown", b"x" * (65 * 1024), 413),
+])
+def test_bad_requests(proxies, backends, method, path, body, status):
+    proxy = proxies({"admin": {"port": 0}, "routers": [{
+        "label": "r", "interpreter": {"kind": "io.l5d.static", "names": {}},
+        "servers": [{"port": 0, "dstName": "/svc/a"}]}]}, admin=True)
+    response = http.request(method, proxy.admin_url + path, body=body)
+    assert response.status == status
+    if status == 405:
+        assert response.headers["Allow"] in ("GET", "POST")
+    assert not proxy.app.draining
+
+
+def test_shutdown_drains_in_process(proxies, backends):
+    backend = backends(echo)
+    proxy = proxies({"admin": {"port": 0, "graceSecs": 5}, "routers": [{
+        "label": "r", "interpreter": {"kind": "io.l5d.static", "names": {"/svc/a": [backend.addr]}},
+        "servers": [{"port": 0, "dstName": "/svc/a"}]}]}, admin=True)
+    c = proxy.connect()
+    c.sendall(b"before")
+    assert c.recv(6) == b"before"
+    start = time.monotonic()
+    response = http.request("POST", proxy.admin_url + "/shutdown")
+    assert response.status == 200 and time.monotonic() - start < 1
+    wait_for(lambda: proxy.app.draining)
+    with pytest.raises(ConnectionRefusedError):
+        proxy.connect()
+    c.sendall(b"during")
+    assert c.recv(6) == b"during"
+    c.shutdown(socket.SHUT_WR)
+    assert recv_all(c) == b""
+    c.close()
+    proxy.thread.join(5)  # the drain ends the reactor once the last stream is done
+    assert not proxy.thread.is_alive()
+
+
+# -- the real process: signals and /abort -------------------------------------------
+
+class Process:
+    def __init__(self, document):
+        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "-"], stdin=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.proc.stdin.write(yaml.safe_dump(document))
+        self.proc.stdin.close()
+        self.log = ""
+        while "admin server on" not in self.log:
+            line = self.proc.stderr.readline()
+            assert line, self.log
+            self.log += line
+        self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log).group(1))
+        self.admin = re.search(r"admin server on (http://[\d.:]+)/", self.log).group(1)
+        self.rest = []
+        self.reader = threading.Thread(target=lambda: self.rest.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def connect(self):
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+
+def drain_config(backend_addr, grace):
+    return {"admin": {"port": 0, "graceSecs": grace}, "routers": [{
+        "label": "r", "interpreter": {"kind": "io.l5d.static", "names": {"/svc/a": [backend_addr]}},
+        "servers": [{"port": 0, "dstName": "/svc/a"}]}]}
+
+
+def test_sigterm_drains_finishes_short_streams_and_cuts_long_ones(backends):
+    backend = backends(echo)
+    ltcp = Process(drain_config(backend.addr, grace=1.5))
+    try:
+        short, long_ = ltcp.connect(), ltcp.connect()
+        for c in (short, long_):
+            c.sendall(b"hi")
+            assert c.recv(2) == b"hi"
+        ltcp.proc.send_signal(signal.SIGTERM)
+        drained_at = time.monotonic()
+
+        def refused():
+            try:
+                ltcp.connect().close()
+                return False
+            except ConnectionRefusedError:
+                return True
+
+        wait_for(refused, timeout=5, message="listener closed")
+        short.sendall(b"finishing")  # a stream that ends within graceSecs completes intact
+        assert recv_all_n(short, 9) == b"finishing"
+        short.shutdown(socket.SHUT_WR)
+        assert recv_all(short) == b""
+        long_.settimeout(10)
+        try:
+            assert recv_all(long_) == b""
+        except ConnectionResetError:
+            pass
+        assert 1.4 <= time.monotonic() - drained_at < 4
+        assert ltcp.proc.wait(10) == 0
+        ltcp.reader.join(5)
+        log = "".join(ltcp.rest)
+        assert "drain started: 2 streams open" in log and "grace period over: closing 1 streams" in log
+        assert "Traceback" not in log
+    finally:
+        ltcp.proc.kill()
+
+
+def test_abort_exits_1_at_once(backends):
+    backend = backends(echo)
+    ltcp = Process(drain_config(backend.addr, grace=30))
+    held = ltcp.connect()
+    try:
+        response = http.request("POST", ltcp.admin + "/abort")
+        assert response.status == 200
+        assert ltcp.proc.wait(5) == 1
+    finally:
+        held.close()
+        ltcp.proc.kill()
+
+
+def test_second_sigint_exits_at_once(backends):
+    backend = backends(echo)
+    ltcp = Process(drain_config(backend.addr, grace=30))
+    held = ltcp.connect()
+    try:
+        held.sendall(b"hi")
+        assert held.recv(2) == b"hi"
+        ltcp.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: any("drain started" in line for line in ltcp.rest), message="drain to start")
+        ltcp.proc.send_signal(signal.SIGINT)
+        assert ltcp.proc.wait(5) == 130
+    finally:
+        held.close()
+        ltcp.proc.kill()

@@ -12,9 +12,11 @@ import random
 import socket
 import time
 
+from . import proxyproto
 from .connector import Connect
 from .endpoint import Endpoint, Picker
 from .loop import READ
+from .tls import client_context
 
 __all__ = ["Balancer", "Dial"]
 
@@ -42,7 +44,10 @@ class Balancer:
         self.pool_connecting = 0
         self.pool_timer = None
         self.closed = False
+        self.dials = 0  # streams between accept and established that use this balancer
         self.connect_failures = collections.Counter()  # cause -> count
+        self.tls = (client_context(settings.tls), settings.tls.dns_name) if settings.tls else None
+        self.proxy_header = {"v1": proxyproto.build_v1, "v2": proxyproto.build_v2}.get(settings.proxy_protocol)
 
     # -- discovery ------------------------------------------------------------
 
@@ -93,6 +98,12 @@ class Balancer:
         usable = [e for e in self.endpoints.values() if not e.failed]
         # Every endpoint failed: better to try them anyway than to refuse everyone.
         self.picker = Picker(usable or self.endpoints.values())
+
+    @property
+    def idle(self):
+        """Nothing depends on this balancer: it may be evicted from the route cache."""
+        return (not self.dials and not self.waiters and not self.retired
+                and not any(e.load for e in self.endpoints.values()))
 
     def pick(self, avoid=None):
         return self.picker.pick(self.random, avoid)
@@ -159,7 +170,8 @@ class Balancer:
         return pooled.endpoint, pooled.sock
 
     def _fill_pool(self):
-        if self.closed or self.pool_timer is not None:
+        # A PROXY header names the client, so a connection made before it arrives cannot carry one.
+        if self.closed or self.pool_timer is not None or self.proxy_header is not None:
             return
         settings = self.settings
         for _ in range(settings.min_connections - len(self.pool) - self.pool_connecting):
@@ -169,7 +181,7 @@ class Balancer:
             endpoint.pending += 1
             self.pool_connecting += 1
             Connect(self.reactor, endpoint.family, endpoint.sockaddr, settings.connect_timeout_ms / 1000,
-                    functools.partial(self._pool_connected, endpoint))
+                    functools.partial(self._pool_connected, endpoint), tls=self.tls)
 
     def _pool_connected(self, endpoint, sock, cause):
         endpoint.pending -= 1
@@ -240,7 +252,8 @@ class PooledConnection:
 
     def _readable(self, mask):
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK)
+            # Peek below TLS too: only "closed or not" matters here.
+            data = socket.socket.recv(self.sock, 1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -279,8 +292,12 @@ class Dial:
         self.retry_timer = None
         self.tries = 0
         self.last_cause = None
-        self.deadline_timer = balancer.reactor.call_at(envelope.connect_deadline, self._expired)
-        balancer.dial(self)
+        self.deadline_timer = None
+
+    def start(self):
+        self.balancer.dials += 1
+        self.deadline_timer = self.balancer.reactor.call_at(self.envelope.connect_deadline, self._expired)
+        self.balancer.dial(self)
 
     def next_attempt(self):
         self.retry_timer = None
@@ -301,7 +318,12 @@ class Dial:
         reactor = balancer.reactor
         remaining = self.envelope.connect_deadline - reactor.time()
         timeout = min(balancer.settings.connect_timeout_ms / 1000, max(remaining, 0.001))
-        self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, timeout, self._connected)
+        preface = None
+        if balancer.proxy_header is not None:
+            envelope = self.envelope
+            preface = balancer.proxy_header(envelope.source, envelope.destination or self.client.getsockname()[:2])
+        self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, timeout, self._connected,
+                               preface, balancer.tls)
 
     def _connected(self, sock, cause):
         self.attempt = None
@@ -326,6 +348,7 @@ class Dial:
     def _finish(self, endpoint, sock):
         self.deadline_timer.cancel()
         self.deadline_timer = None
+        self.balancer.dials -= 1
         self.owner.established(self, endpoint, sock)
 
     def _expired(self):
@@ -343,6 +366,7 @@ class Dial:
         self.owner.dial_failed(self, cause)
 
     def _stop(self):
+        self.balancer.dials -= 1
         self.balancer.forget(self)
         if self.attempt is not None:
             self.attempt.cancel()

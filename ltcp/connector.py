@@ -2,8 +2,9 @@
 
 import errno
 import socket
+import ssl
 
-from .loop import WRITE
+from .loop import READ, WRITE
 
 __all__ = ["Connect", "failure_cause"]
 
@@ -29,17 +30,23 @@ def failure_cause(err):
 class Connect:
     """Connect to ``addr`` and call ``done(sock, None)`` or ``done(None, cause)`` once.
 
-    The socket is closed on every failure path and on ``cancel()``; on success
-    it is handed over unregistered, nonblocking, with TCP_NODELAY set.
+    After the TCP handshake it writes ``preface`` (a PROXY header) if given,
+    then completes a TLS handshake if ``tls`` is ``(context, server_name)``;
+    all of it within ``timeout``.  The socket is closed on every failure path
+    and on ``cancel()``; on success it is handed over unregistered,
+    nonblocking, with TCP_NODELAY set.
     """
 
-    __slots__ = ("reactor", "sock", "done", "timer")
+    __slots__ = ("reactor", "sock", "done", "timer", "preface", "tls", "events")
 
-    def __init__(self, reactor, family, addr, timeout, done):
+    def __init__(self, reactor, family, addr, timeout, done, preface=None, tls=None):
         self.reactor = reactor
         self.done = done
         self.timer = None
         self.sock = None
+        self.preface = preface
+        self.tls = tls
+        self.events = 0
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:  # EMFILE and friends: this attempt fails, the process goes on
@@ -50,7 +57,7 @@ class Connect:
         err = sock.connect_ex(addr)
         if err in (0, errno.EINPROGRESS):
             self.sock = sock
-            reactor.register(sock, WRITE, self._writable)
+            self._wait(WRITE, self._connected)
             self.timer = reactor.call_later(timeout, self._timed_out)
         else:
             # Report on the next turn so callers never see a re-entrant callback.
@@ -60,23 +67,68 @@ class Connect:
     def _failed_at_once(self, cause):
         self.done(None, cause)
 
-    def _writable(self, mask):
-        sock = self._release()
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            sock.close()
-            self.done(None, failure_cause(err))
+    def _wait(self, events, callback):
+        if not self.events:
+            self.reactor.register(self.sock, events, callback)
         else:
-            self.done(sock, None)
+            self.reactor.modify(self.sock, events, callback)
+        self.events = events
+
+    def _connected(self, mask):
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(failure_cause(err))
+            return
+        if self.preface:
+            try:
+                sent = self.sock.send(self.preface)
+            except OSError:
+                sent = -1
+            if sent != len(self.preface):  # a fresh socket's buffer always has room for it
+                self._fail("other")
+                return
+        if self.tls is None:
+            self._succeed()
+            return
+        context, server_name = self.tls
+        self._unwatch()  # wrapping makes a new object for the same descriptor
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_name, do_handshake_on_connect=False)
+        self._handshake(0)
+
+    def _handshake(self, mask):
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait(READ, self._handshake)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait(WRITE, self._handshake)
+            return
+        except (ssl.SSLError, OSError):
+            self._fail("tls")
+            return
+        self._succeed()
+
+    def _succeed(self):
+        sock = self._release()
+        self.done(sock, None)
+
+    def _fail(self, cause):
+        self._release().close()
+        self.done(None, cause)
 
     def _timed_out(self):
         self.timer = None
-        self._release().close()
-        self.done(None, "timeout")
+        self._fail("timeout")
+
+    def _unwatch(self):
+        if self.events:
+            self.reactor.unregister(self.sock)
+            self.events = 0
 
     def _release(self):
+        self._unwatch()
         sock, self.sock = self.sock, None
-        self.reactor.unregister(sock)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -14,6 +14,7 @@ nothing is unregistered, so a hung-up socket cannot wake the loop in vain.
 """
 
 import socket
+import ssl
 import struct
 
 from .loop import READ, WRITE
@@ -21,16 +22,20 @@ from .loop import READ, WRITE
 __all__ = ["Duplex"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# Not an error, just "not now"; the TLS ones also come from SSL sockets mid-record.
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Leg:
     """One socket of a duplex and the bytes waiting to be written to it."""
 
-    __slots__ = ("duplex", "sock", "peer", "events", "pending", "eof", "shut", "received")
+    __slots__ = ("duplex", "sock", "tls", "notify_due", "peer", "events", "pending", "eof", "shut", "received")
 
     def __init__(self, duplex, sock):
         self.duplex = duplex
         self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.notify_due = False  # a TLS close_notify waits for the socket to drain
         self.peer = None
         self.events = 0  # interest registered with the reactor; 0 = not registered
         self.pending = None  # memoryview of bytes still to write to this socket
@@ -49,13 +54,17 @@ class Leg:
         duplex = self.duplex
         try:
             n = self.sock.recv_into(duplex.buffer)
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
+            if self.notify_due:
+                self.close_notify()
             return
         except OSError:
             duplex.abort()
             return
         if n == 0:
             self.eof = True
+            if self.notify_due:
+                self.close_notify()
             peer = self.peer
             if peer.pending is None:
                 peer.shutdown_write()
@@ -67,7 +76,7 @@ class Leg:
         peer = self.peer
         try:
             sent = peer.sock.send(duplex.view[:n])
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             sent = 0
         except OSError:
             duplex.abort()
@@ -76,12 +85,19 @@ class Leg:
             peer.pending = memoryview(duplex.buffer[sent:n])
             self.update()
             peer.update()
+        elif self.tls and self.sock.pending():
+            # Decrypted bytes already inside the TLS layer raise no readiness event.
+            duplex.reactor.call_soon(self.pump_more)
+
+    def pump_more(self):
+        if self.events & READ:
+            self.pump()
 
     def flush(self):
         """Write pending bytes; when they are out, let the peer read again."""
         try:
             sent = self.sock.send(self.pending)
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             return
         except OSError:
             self.duplex.abort()
@@ -98,13 +114,50 @@ class Leg:
                 return
         self.update()
         peer.update()
+        if peer.tls and peer.events & READ and peer.sock.pending():
+            self.duplex.reactor.call_soon(peer.pump_more)
 
     def shutdown_write(self):
         self.shut = True
+        if self.tls:
+            self.notify_due = True
+            self.close_notify()
+        else:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the other end is gone; its reads will tell
+        if self.peer.shut:
+            self.duplex.close("done")
+
+    def close_notify(self):
+        """End our half of a TLS stream: close_notify, then FIN beneath TLS.
+
+        Python's unwrap() calls SSL_shutdown a second time to look for the
+        peer's close_notify, and that call discards application data already
+        received.  So it only runs once nothing is waiting on the socket;
+        otherwise the next read that drains the socket calls this again.
+        """
+        if not self.eof:
+            if self.sock.pending():
+                return
+            try:
+                if socket.socket.recv(self.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self.notify_due = False
+                return
+        self.notify_due = False
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # "want read": our close_notify is out, the peer's has not come
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)  # SSLSocket.shutdown would drop TLS
         except OSError:
-            pass  # the other end is gone; its reads will tell
+            pass
         if self.peer.shut:
             self.duplex.close("done")
 

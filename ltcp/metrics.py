@@ -49,7 +49,8 @@ def _router(router):
         "interpreter": router.interpreter_kind,
         "servers": [_server(listener) for listener in router.listeners],
         "destinations": [_destination(b) for b in router.binder.balancers.values()],
-        "route_cache": {"hits": router.binder.hits, "creations": router.binder.creations},
+        "route_cache": {"hits": router.binder.hits, "creations": router.binder.creations,
+                        "evictions": router.binder.evictions},
         "discovery": stats.snapshot() if stats is not None else None,
     }
 
@@ -65,6 +66,7 @@ def _server(listener):
         "received_bytes": listener.bytes_in + sum(d.bytes_in for d in listener.streams),
         "sent_bytes": listener.bytes_out + sum(d.bytes_out for d in listener.streams),
         "failures": {**listener.failures, **{k: v for k, v in listener.endings.items() if k != "done"}},
+        "sni_fallbacks": dict(listener.fallbacks),
         "connect_latency": listener.connect_latency.copy(),
         "stream_duration": listener.stream_duration.copy(),
     }
@@ -159,6 +161,10 @@ class LtcpCollector:
                                               labels=["router"]),
             "cache_creations": CounterMetricFamily("ltcp_route_cache_creations", "Balancers created",
                                                    labels=["router"]),
+            "cache_evictions": CounterMetricFamily("ltcp_route_cache_evictions", "Idle balancers evicted",
+                                                   labels=["router"]),
+            "fallbacks": CounterMetricFamily("ltcp_sni_fallbacks", "Streams sent to defaultDstName, by cause",
+                                             labels=server_labels + ["cause"]),
             "discovery_requests": CounterMetricFamily("ltcp_discovery_requests", "namerd requests by outcome",
                                                       labels=["router", "outcome"]),
             "discovery_latency": _histogram("ltcp_discovery_request_duration_seconds",
@@ -175,6 +181,8 @@ class LtcpCollector:
                 f["sent"].add_metric(values, server["sent_bytes"])
                 for cause, count in sorted(server["failures"].items()):
                     f["stream_failures"].add_metric(values + [cause], count)
+                for cause, count in sorted(server["sni_fallbacks"].items()):
+                    f["fallbacks"].add_metric(values + [cause], count)
                 _add_histogram(f["connect_latency"], values, server["connect_latency"])
                 _add_histogram(f["duration"], values, server["stream_duration"])
             for dst in router["destinations"]:
@@ -191,6 +199,7 @@ class LtcpCollector:
                     f["last_update"].add_metric(values, dst["last_update"])
             f["cache_hits"].add_metric([label], router["route_cache"]["hits"])
             f["cache_creations"].add_metric([label], router["route_cache"]["creations"])
+            f["cache_evictions"].add_metric([label], router["route_cache"]["evictions"])
             discovery = router["discovery"]
             if discovery is not None:
                 for outcome, count in sorted(discovery["requests"].items()):

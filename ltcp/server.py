@@ -10,9 +10,11 @@ import errno
 import logging
 import socket
 
+from . import tls
 from .balancer import Dial
 from .duplex import Duplex
 from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
+from .intake import Intake
 from .loop import READ
 
 __all__ = ["Envelope", "Listener", "StreamBudget"]
@@ -28,10 +30,12 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 class Envelope:
     """What is known about a stream when it is accepted, and the limits it runs under."""
 
-    __slots__ = ("source", "dst_name", "accepted_at", "connect_deadline", "lifetime", "idle_timeout")
+    __slots__ = ("source", "destination", "dst_name", "accepted_at", "connect_deadline", "lifetime",
+                 "idle_timeout")
 
     def __init__(self, source, dst_name, accepted_at, connect_deadline, lifetime, idle_timeout):
-        self.source = source
+        self.source = source  # (ip, port) of the client, from a PROXY header if one was read
+        self.destination = None  # (ip, port) the client connected to, if a PROXY header said so
         self.dst_name = dst_name
         self.accepted_at = accepted_at  # reactor time
         self.connect_deadline = connect_deadline  # reactor time by which upstream must be up
@@ -90,6 +94,7 @@ class Listener:
         self.bytes_in = 0
         self.bytes_out = 0
         self.failures = collections.Counter()  # cause -> streams that never reached an endpoint
+        self.fallbacks = collections.Counter()  # cause -> streams sent to defaultDstName for want of SNI
         self.endings = collections.Counter()  # reason -> established streams that ended so
         self.connect_latency = Histogram(LATENCY_BUCKETS)  # accept -> upstream established
         self.stream_duration = Histogram(DURATION_BUCKETS)  # upstream established -> closed
@@ -98,7 +103,8 @@ class Listener:
         self._connect_timeout = config.connect_timeout_ms / 1000
         self._idle = config.idle_timeout_ms / 1000 if config.idle_timeout_ms else None
         self._lifetime = config.connection_lifetime_secs
-        self._dst_name = config.default_dst_name if "{sni}" in config.dst_name else config.dst_name
+        self.tls = tls.server_context(config.tls) if config.tls else None
+        self._intake = bool(config.proxy_protocol or config.tls or "{sni}" in config.dst_name)
 
     def start(self):
         config = self.config
@@ -181,16 +187,28 @@ class Listener:
         self.accepted += 1
         self.active += 1
         self.budget.used += 1
-        dst_name = self._dst_name
-        if dst_name is None:
-            # {sni} cannot be filled for a plain listener yet: fall back or refuse.
-            self.failures["no_sni"] += 1
+        now = self.reactor.time()
+        dst_name = self.config.dst_name
+        envelope = Envelope(source, dst_name, now, now + self._connect_timeout, self._lifetime, self._idle)
+        if self._intake:
+            intake = Intake(self, client, envelope)
+            self.dials.add(intake)
+            intake.start()
+        else:
+            self.dial(None, client, envelope)
+
+    def dial(self, intake, client, envelope):
+        """Start connecting the stream to its destination (after its intake, if any)."""
+        self.dials.discard(intake)
+        balancer = self.binder.bind(envelope.dst_name)
+        if balancer is None:
+            self.failures["route_cache_full"] += 1
             client.close()
             self._stream_ended()
             return
-        now = self.reactor.time()
-        envelope = Envelope(source, dst_name, now, now + self._connect_timeout, self._lifetime, self._idle)
-        self.dials.add(Dial(self.binder.bind(dst_name), client, envelope, self))
+        dial = Dial(balancer, client, envelope, self)
+        self.dials.add(dial)
+        dial.start()
 
     def established(self, dial, endpoint, upstream):
         self.dials.discard(dial)
@@ -202,6 +220,7 @@ class Listener:
         self.streams.add(duplex)
 
     def dial_failed(self, dial, cause):
+        """A stream ends before reaching an endpoint (``dial`` is a Dial or an Intake)."""
         self.dials.discard(dial)
         if cause == "resources":
             self._out_of_descriptors("connect")

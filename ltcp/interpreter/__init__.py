@@ -6,6 +6,7 @@ Every interpreter offers the same three calls:
 * ``watch(name, deliver)`` follows ``name``: ``deliver(addresses)`` is called
   from a control-plane thread (or at once) with a list of ``config.Address``
   each time the set changes, or with ``None`` when the name resolves to nothing;
+* ``unwatch(name)`` stops following a name (the route cache evicted it);
 * ``close()`` stops every watch and joins the threads.
 
 ``deliver`` only queues the update for the reactor (``call_soon_threadsafe``);

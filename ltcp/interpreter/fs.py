@@ -111,6 +111,9 @@ class FsInterpreter:
         self._new.put(_Watch(name, path, deliver))
         self._wake.set()
 
+    def unwatch(self, name):
+        self._new.put(name)
+
     def close(self):
         self._closing = True
         self._wake.set()
@@ -121,7 +124,10 @@ class FsInterpreter:
         while not self._closing:
             while not self._new.empty():
                 watch = self._new.get()
-                self._watches[watch.name] = watch
+                if isinstance(watch, str):  # an unwatch
+                    self._watches.pop(watch, None)
+                else:
+                    self._watches[watch.name] = watch
             for watch in self._watches.values():
                 self._check(watch)
             self._wake.wait(self.period)

@@ -175,13 +175,15 @@ class Stats:
 class _Name:
     """One watched name and what was last delivered for it."""
 
-    __slots__ = ("name", "deliver", "last", "failures")
+    __slots__ = ("name", "deliver", "last", "failures", "streamed", "cancelled")
 
     def __init__(self, name, deliver):
         self.name = name
         self.deliver = deliver
         self.last = ()  # nothing delivered yet
         self.failures = 0
+        self.streamed = False
+        self.cancelled = False  # unwatched: workers drop it at their next look
 
 
 def _pool_manager(sockets, max_streams):
@@ -228,6 +230,7 @@ class NamerdInterpreter:
         self._to_stream = queue.SimpleQueue()
         self._to_poll = queue.SimpleQueue()
         self._assigned = 0  # names given to streaming workers (reactor thread only)
+        self._entries = {}  # name -> _Name (reactor thread only)
         self._sockets = weakref.WeakSet()
         self._http = _pool_manager(self._sockets, max(1, self.max_streams))
         self._executor = None
@@ -257,12 +260,21 @@ class NamerdInterpreter:
                 self._finished.notify_all()
 
     def watch(self, name, deliver):
-        entry = _Name(name, deliver)
+        entry = self._entries[name] = _Name(name, deliver)
         if self._assigned < self.max_streams:
             self._assigned += 1
+            entry.streamed = True
             self._to_stream.put(entry)
         else:
             self._to_poll.put(entry)
+
+    def unwatch(self, name):
+        """Stop following ``name``; a streaming slot is freed once its worker notices."""
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            entry.cancelled = True
+            if entry.streamed:
+                self._assigned -= 1
 
     def close(self, timeout=1.0):
         """Stop every worker: cut their connections and wait up to ``timeout``."""
@@ -319,8 +331,15 @@ class NamerdInterpreter:
     # -- streaming watch ------------------------------------------------------------
 
     def _streamer(self):
-        entry = self._to_stream.get()
-        while entry is not None and not self._closing.is_set():
+        """Follow one name at a time, for as long as it is watched."""
+        while not self._closing.is_set():
+            entry = self._to_stream.get()
+            if entry is None:
+                return
+            self._follow_until_cancelled(entry)
+
+    def _follow_until_cancelled(self, entry):
+        while not self._closing.is_set() and not entry.cancelled:
             try:
                 self._follow(entry)
                 outcome, reason = "dropped", "the watch stream ended"
@@ -330,8 +349,8 @@ class NamerdInterpreter:
                 outcome, reason = "dropped", f"the watch stream broke: {exc}"
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 outcome, reason = "unreachable", f"cannot reach namerd: {exc}"
-            if self._closing.is_set():
-                return  # our own close() cut the stream
+            if self._closing.is_set() or entry.cancelled:
+                return  # our own close() cut the stream, or nobody wants the name any more
             self._failed(entry, outcome, reason)
             if not self._backoff(entry):
                 return
@@ -348,7 +367,7 @@ class NamerdInterpreter:
             self.stats.request("ok")
             objects = ObjectStream()
             for chunk in response.stream(1 << 16):
-                if self._closing.is_set():
+                if self._closing.is_set() or entry.cancelled:
                     return
                 for answer in objects.feed(chunk):
                     self._apply(entry, answer)
@@ -367,6 +386,7 @@ class NamerdInterpreter:
             try:
                 entry = self._to_poll.get(timeout=max(0.0, next_round - time.monotonic()))
             except queue.Empty:
+                polled = [entry for entry in polled if not entry.cancelled]
                 for entry in polled:
                     if self._closing.is_set():
                         return

@@ -14,5 +14,8 @@ class StaticInterpreter:
         addresses = self.names.get(name)
         deliver(list(addresses) if addresses else None)
 
+    def unwatch(self, name):
+        pass
+
     def close(self):
         pass

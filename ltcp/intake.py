@@ -1,0 +1,192 @@
+"""What happens between accept and dial when a server needs to look first.
+
+In order, each only if configured:
+
+1. ``proxyProtocol: accept`` — read the PROXY header an upstream balancer sent
+   and take the client's address from it;
+2. ``tls`` — complete the TLS handshake (the SNI picks the identity), or, for a
+   plain server whose ``dstName`` uses ``{sni}``, read the ClientHello without
+   consuming it;
+3. fill in the destination name and hand the stream to its balancer.
+
+Bytes are only peeked until a header or hello is complete, so nothing is lost
+for the backend.  While a peeked prefix is incomplete the socket stays
+readable, so instead of waiting on readiness (which would spin) the intake
+looks again after a short, growing pause.  The whole intake runs inside the
+server's connect deadline.
+"""
+
+import socket
+import ssl
+
+from . import proxyproto, tls
+from .loop import READ, WRITE
+
+__all__ = ["Intake"]
+
+FIRST_RETRY = 0.005
+LAST_RETRY = 0.1
+
+
+class Intake:
+    __slots__ = ("listener", "client", "envelope", "step", "events", "timer", "retry_timer", "hello_timer",
+                 "delay")
+
+    def __init__(self, listener, client, envelope):
+        self.listener = listener
+        self.client = client
+        self.envelope = envelope
+        self.events = 0
+        self.timer = self.retry_timer = self.hello_timer = None
+        self.delay = FIRST_RETRY
+        self.step = self._read_proxy_header if listener.config.proxy_protocol else self._after_proxy_header
+
+    def start(self):
+        self.timer = self.listener.reactor.call_at(self.envelope.connect_deadline, self._expired)
+        self.step()
+
+    # -- waiting ------------------------------------------------------------------
+
+    def _wait(self, events):
+        if events != self.events:
+            reactor = self.listener.reactor
+            if not self.events:
+                reactor.register(self.client, events, self._ready)
+            else:
+                reactor.modify(self.client, events, self._ready)
+            self.events = events
+
+    def _unwatch(self):
+        if self.events:
+            self.listener.reactor.unregister(self.client)
+            self.events = 0
+
+    def _ready(self, mask):
+        self.step()
+
+    def _look_again_later(self):
+        """An incomplete prefix: the socket stays readable, so poll on a timer instead."""
+        self._unwatch()
+        self.retry_timer = self.listener.reactor.call_later(self.delay, self._retry)
+        self.delay = min(self.delay * 2, LAST_RETRY)
+
+    def _retry(self):
+        self.retry_timer = None
+        self.step()
+
+    def _peek(self, size):
+        """Bytes waiting on the socket, left in place; None if none yet, b"" at EOF."""
+        try:
+            return self.client.recv(size, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._wait(READ)
+            return None
+        except OSError:
+            return b""
+
+    # -- steps --------------------------------------------------------------------
+
+    def _read_proxy_header(self):
+        data = self._peek(proxyproto.PEEK_BYTES)
+        if data is None:
+            return
+        header = proxyproto.parse_header(data)
+        if header.status == proxyproto.NEED_MORE and data:
+            self._look_again_later()
+            return
+        if header.status != proxyproto.PARSED:
+            self.fail("proxy_protocol" if data else "closed")
+            return
+        try:
+            self.client.recv(header.length)  # consume exactly the header
+        except OSError:
+            self.fail("closed")
+            return
+        if header.source is not None:
+            self.envelope.source = header.source
+            self.envelope.destination = header.destination
+        self.delay = FIRST_RETRY
+        self.step = self._after_proxy_header
+        self.step()
+
+    def _after_proxy_header(self):
+        if self.listener.tls is not None:
+            self._unwatch()  # the wrapped socket is a new object on the same descriptor
+            self.client = self.listener.tls.default.wrap_socket(
+                self.client, server_side=True, do_handshake_on_connect=False)
+            self.step = self._handshake
+        else:
+            # A client that has not finished its hello in half the connect
+            # timeout (or speaks only after the server) goes to the fallback.
+            envelope = self.envelope
+            wait = (envelope.connect_deadline - envelope.accepted_at) / 2
+            self.hello_timer = self.listener.reactor.call_at(envelope.accepted_at + wait, self._hello_late)
+            self.step = self._peek_hello
+        self.step()
+
+    def _hello_late(self):
+        self.hello_timer = None
+        self._route(None, "slow")
+
+    def _handshake(self):
+        try:
+            self.client.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait(READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait(WRITE)
+            return
+        except (ssl.SSLError, OSError):
+            self.listener.tls.forget(self.client)
+            self.fail("tls")
+            return
+        self._route(self.listener.tls.take_name(self.client))
+
+    def _peek_hello(self):
+        data = self._peek(tls.MAX_HELLO_BYTES + 5 * 4)
+        if data is None:
+            return
+        hello = tls.parse_client_hello(data)
+        if hello.status == tls.NEED_MORE and data:
+            self._look_again_later()
+            return
+        if hello.status == tls.HELLO:
+            self._route(tls.normalize_server_name(hello.server_name))
+        else:
+            self._route(None, hello.status if data else "closed")
+
+    def _route(self, server_name, cause="no_sni"):
+        """Fill in the destination and start dialing; without a name, fall back or fail."""
+        listener = self.listener
+        template = listener.config.dst_name
+        if server_name is not None:
+            name = template.replace("{sni}", server_name)
+        elif "{sni}" not in template:
+            name = template
+        elif listener.config.default_dst_name is not None:
+            name = listener.config.default_dst_name
+            listener.fallbacks[cause] += 1
+        else:
+            self.fail(cause)
+            return
+        self._stop()
+        self.envelope.dst_name = name
+        listener.dial(self, self.client, self.envelope)
+
+    # -- ending -------------------------------------------------------------------
+
+    def _stop(self):
+        self._unwatch()
+        for timer in (self.timer, self.retry_timer, self.hello_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.retry_timer = self.hello_timer = None
+
+    def _expired(self):
+        self.timer = None
+        self.fail("timeout")
+
+    def fail(self, cause):
+        self._stop()
+        self.listener.dial_failed(self, cause)

@@ -1,0 +1,240 @@
+"""TLS: contexts for terminating and originating, and a ClientHello reader for SNI routing.
+
+``parse_client_hello`` is a pure function over the bytes a client has sent so
+far.  It reassembles the first handshake message across TLS records (and so
+across TCP segments), stops at ``MAX_HELLO_BYTES``, and reports one of:
+
+* ``NEED_MORE``  — a valid prefix; wait for more bytes
+* ``NOT_TLS``    — the first byte is not a TLS handshake record
+* ``MALFORMED``  — looks like TLS but breaks the format (or is too large)
+* ``HELLO``      — a complete ClientHello; ``server_name`` is its SNI or None
+"""
+
+import os
+import re
+import ssl
+import tempfile
+from typing import NamedTuple, Optional
+
+__all__ = ["ClientHello", "parse_client_hello", "normalize_server_name", "server_context",
+           "client_context", "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
+
+NEED_MORE, NOT_TLS, MALFORMED, HELLO = "need_more", "not_tls", "malformed", "hello"
+MAX_HELLO_BYTES = 16 * 1024  # the whole ClientHello handshake message, across records
+MAX_RECORD = 16 * 1024
+_HANDSHAKE, _CLIENT_HELLO, _SERVER_NAME, _HOST_NAME = 0x16, 0x01, 0x0000, 0x00
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+class ClientHello(NamedTuple):
+    status: str
+    server_name: Optional[str] = None
+    reason: str = ""
+
+
+def parse_client_hello(data, limit=MAX_HELLO_BYTES):
+    """Read the SNI out of the start of a TLS stream (see the module docstring)."""
+    if not data:
+        return ClientHello(NEED_MORE)
+    if data[0] != _HANDSHAKE:
+        return ClientHello(NOT_TLS, reason="not a TLS handshake record")
+    message = bytearray()
+    offset = 0
+    while True:
+        if len(data) - offset < 5:
+            return ClientHello(NEED_MORE)
+        kind, major, length = data[offset], data[offset + 1], int.from_bytes(data[offset + 3:offset + 5], "big")
+        if kind != _HANDSHAKE or major != 3:
+            return ClientHello(MALFORMED, reason="expected a TLS handshake record")
+        if not 0 < length <= MAX_RECORD:
+            return ClientHello(MALFORMED, reason=f"record length {length}")
+        if len(data) - offset - 5 < length:
+            return ClientHello(NEED_MORE)
+        message += data[offset + 5:offset + 5 + length]
+        offset += 5 + length
+        if len(message) >= 4:
+            if message[0] != _CLIENT_HELLO:
+                return ClientHello(MALFORMED, reason="the first handshake message is not a ClientHello")
+            size = int.from_bytes(message[1:4], "big")
+            if size > limit:
+                return ClientHello(MALFORMED, reason=f"ClientHello of {size} bytes is too large")
+            if len(message) >= 4 + size:
+                return _read_hello(memoryview(message)[4:4 + size])
+
+
+class _Reader:
+    """Bounds-checked big-endian reads over a memoryview."""
+
+    __slots__ = ("data", "at")
+
+    def __init__(self, data):
+        self.data = data
+        self.at = 0
+
+    def take(self, n):
+        if self.at + n > len(self.data):
+            raise ValueError("truncated")
+        chunk = self.data[self.at:self.at + n]
+        self.at += n
+        return chunk
+
+    def number(self, n):
+        return int.from_bytes(self.take(n), "big")
+
+    def vector(self, length_bytes):
+        return self.take(self.number(length_bytes))
+
+    @property
+    def left(self):
+        return len(self.data) - self.at
+
+
+def _read_hello(body):
+    try:
+        hello = _Reader(body)
+        hello.take(2 + 32)  # legacy_version, random
+        if len(hello.vector(1)) > 32:
+            raise ValueError("session id longer than 32 bytes")
+        suites = hello.vector(2)
+        if not suites or len(suites) % 2:
+            raise ValueError("bad cipher suite list")
+        if not hello.vector(1):
+            raise ValueError("no compression methods")
+        if not hello.left:
+            return ClientHello(HELLO)  # an old hello without extensions
+        extensions = _Reader(hello.vector(2))
+        if hello.left:
+            raise ValueError("bytes after the extensions")
+        name = None
+        while extensions.left:
+            kind = extensions.number(2)
+            content = extensions.vector(2)
+            if kind == _SERVER_NAME:
+                name = _server_name(_Reader(content))
+        return ClientHello(HELLO, name)
+    except ValueError as exc:
+        return ClientHello(MALFORMED, reason=str(exc))
+
+
+def _server_name(extension):
+    names = _Reader(extension.vector(2))
+    if extension.left:
+        raise ValueError("bytes after the server name list")
+    while names.left:
+        kind = names.number(1)
+        value = names.vector(2)
+        if kind == _HOST_NAME:
+            try:
+                return bytes(value).decode("ascii")
+            except UnicodeDecodeError:
+                raise ValueError("server name is not ASCII") from None
+    return None
+
+
+def normalize_server_name(name):
+    """A lowercase DNS name safe to put in a destination path, or None."""
+    if not name:
+        return None
+    name = name.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not 0 < len(name) <= 253:
+        return None
+    if all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return name
+    return None
+
+
+# -- contexts ------------------------------------------------------------------------
+
+def _harden(context):
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
+
+
+def _load_identity(context, identity):
+    """Load a key and its certificate chain, given as one or more PEM files."""
+    if len(identity.certs) == 1:
+        context.load_cert_chain(identity.certs[0], identity.private_key)
+        return
+    with tempfile.TemporaryDirectory(prefix="ltcp-") as directory:
+        chain = os.path.join(directory, "chain.pem")
+        with open(chain, "wb") as out:
+            for path in identity.certs:
+                with open(path, "rb") as part:
+                    out.write(part.read().rstrip(b"\n") + b"\n")
+        context.load_cert_chain(chain, identity.private_key)
+
+
+def _server_side(identity, alpn):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(context)
+    _load_identity(context, identity)
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return context
+
+
+class ServerContexts:
+    """The context a terminating server starts with, switching identity by SNI.
+
+    The server name the client asked for is remembered per connection in
+    ``names`` (keyed by the SSL object) until ``take_name`` collects it.
+    """
+
+    def __init__(self, tls):
+        self.by_name = {name: _server_side(identity, tls.alpn_protocols)
+                        for name, identity in tls.identities.items()}
+        if tls.default_identity is not None:
+            self.default = _server_side(tls.default_identity, tls.alpn_protocols)
+        else:
+            self.default = next(iter(self.by_name.values()))
+        self.require_match = tls.default_identity is None
+        self.names = {}
+        self.default.sni_callback = self._choose
+        for context in self.by_name.values():
+            context.sni_callback = self._choose
+
+    def _lookup(self, name):
+        context = self.by_name.get(name)
+        if context is None and "." in name:
+            context = self.by_name.get("*." + name.split(".", 1)[1])
+        return context
+
+    def _choose(self, ssl_object, server_name, initial_context):
+        name = normalize_server_name(server_name)
+        self.names[ssl_object] = name
+        context = self._lookup(name) if name else None
+        if context is not None:
+            ssl_object.context = context
+        elif self.require_match:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        return None
+
+    def take_name(self, ssl_object):
+        return self.names.pop(ssl_object, None)
+
+    def forget(self, ssl_object):
+        self.names.pop(ssl_object, None)
+
+
+def server_context(tls):
+    return ServerContexts(tls)
+
+
+_client_contexts = {}
+
+
+def client_context(client_tls):
+    """A verifying client context for ``client_tls`` (cached: one per distinct setting)."""
+    context = _client_contexts.get(client_tls)
+    if context is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        _harden(context)
+        if client_tls.trust_certs:
+            for path in client_tls.trust_certs:
+                context.load_verify_locations(cafile=path)
+        else:
+            context.load_default_certs()
+        context = _client_contexts[client_tls] = context
+    return context

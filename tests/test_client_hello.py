@@ -1,0 +1,93 @@
+"""The ClientHello reader: real hellos, re-fragmented records, prefixes, names, garbage."""
+
+import ssl
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+
+from ltcp.tls import HELLO, MALFORMED, NEED_MORE, NOT_TLS, normalize_server_name, parse_client_hello
+
+labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+hostnames = st.lists(labels, min_size=2, max_size=4).map(".".join)
+
+
+def client_hello(server_name, alpn=None):
+    """The first bytes a real Python TLS client sends."""
+    context = ssl.create_default_context()
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    if server_name is None:
+        context.check_hostname = False
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def refragment(hello, sizes):
+    """The same handshake message carried in records of the given sizes."""
+    message = hello[5:5 + int.from_bytes(hello[3:5], "big")]
+    records, at = [], 0
+    for size in sizes:
+        if at >= len(message):
+            break
+        records.append(message[at:at + size])
+        at += size
+    if at < len(message):
+        records.append(message[at:])
+    return b"".join(b"\x16\x03\x01" + len(r).to_bytes(2, "big") + r for r in records)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hostnames, st.lists(st.integers(1, 300), max_size=8))
+def test_real_hellos_in_any_records(name, sizes):
+    data = refragment(client_hello(name, ["h2"]), sizes)
+    assert parse_client_hello(data) == (HELLO, name, "")
+    assert parse_client_hello(data + b"trailing application bytes").server_name == name
+
+
+@settings(max_examples=20, deadline=None)
+@given(hostnames)
+def test_every_prefix_asks_for_more(name):
+    data = client_hello(name)
+    for end in range(0, len(data), 7):
+        assert parse_client_hello(data[:end]).status == NEED_MORE
+
+
+def test_hello_without_sni():
+    assert parse_client_hello(client_hello(None)) == (HELLO, None, "")
+
+
+def test_not_tls_and_malformed():
+    assert parse_client_hello(b"GET / HTTP/1.1\r\n").status == NOT_TLS
+    assert parse_client_hello(b"\x16\x03\x01\x00\x00").status == MALFORMED  # empty record
+    assert parse_client_hello(b"\x16\x03\x01\x00\x04\x02\x00\x00\x00").status == MALFORMED  # ServerHello
+    assert parse_client_hello(b"\x16\x03\x01\x00\x04\x01\xff\xff\xff").status == MALFORMED  # too large
+    hello = client_hello("a.example")
+    broken = bytearray(hello)
+    broken[5 + 4 + 2 + 32] = 200  # session id length past the end
+    assert parse_client_hello(bytes(broken)).status == MALFORMED
+
+
+@given(st.binary(max_size=400))
+def test_garbage_never_raises(data):
+    result = parse_client_hello(data)
+    assert result.status in (NEED_MORE, NOT_TLS, MALFORMED, HELLO)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("API.Example.COM", "api.example.com"),
+    ("example.com.", "example.com"),
+    ("a_b.example", "a_b.example"),
+    ("../etc/passwd", None),
+    ("a/b.example", None),
+    ("a..b", None),
+    ("a\x00b", None),
+    ("-a.example", None),
+    ("x" * 64 + ".example", None),
+    ("", None),
+    ("a b", None),
+])
+def test_server_names_are_normalized_or_refused(name, expected):
+    assert normalize_server_name(name) == expected

@@ -2,7 +2,11 @@
 
 import concurrent.futures
 import os
+import re
+import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -38,6 +42,20 @@ def recv_all(sock, limit=1 << 30):
         chunks.append(chunk)
         total += len(chunk)
     return b"".join(chunks)
+
+
+def recv_exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, f"closed after {len(data)} of {n} bytes"
+        data += chunk
+    return data
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def echo(conn):
@@ -211,3 +229,46 @@ def static_config(names, **server):
             "client": client,
         }],
     }
+
+
+class LtcpProcess:
+    """``python -m ltcp -`` in a subprocess, configured through stdin, its log collected."""
+
+    def __init__(self, document, nofile=None):
+        def limit():
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "-"], stdin=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+        self.proc.stdin.write(yaml.safe_dump(document))
+        self.proc.stdin.close()
+        self.lines = []
+        while not any("admin server on" in line for line in self.lines):
+            line = self.proc.stderr.readline()
+            assert line, "".join(self.lines)
+            self.lines.append(line)
+        self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log).group(1))
+        self.admin = re.search(r"admin server on (http://[\d.:]+)/", self.log).group(1)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    @property
+    def log(self):
+        return "".join(self.lines)
+
+    def connect(self):
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def cpu_over(self, seconds):
+        """CPU seconds the process used during a window of ``seconds``."""
+        before = cpu_seconds(self.proc.pid)
+        time.sleep(seconds)  # a window to measure over, not a wait for a condition
+        return cpu_seconds(self.proc.pid) - before
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(10)
+        self.reader.join(5)
+        return code

@@ -2,20 +2,15 @@
 
 import json
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 import urllib3
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from netutil import echo, named, recv_all, refused_port, wait_for
+from netutil import LtcpProcess, echo, named, recv_all, recv_exactly, refused_port, wait_for
 
 http = urllib3.PoolManager(retries=False, timeout=10)
 
@@ -61,7 +56,7 @@ def test_metrics_match_the_traffic(proxies, backends):
             assert recv_all(c) == payload
     live = proxy.connect(0)  # traffic still flowing while we scrape
     live.sendall(b"x" * 1000)
-    assert len(recv_all_n(live, 1000)) == 1000
+    assert len(recv_exactly(live, 1000)) == 1000
     for _ in range(3):
         with proxy.connect(1) as c:
             assert recv_all(c) == b""
@@ -92,13 +87,6 @@ def test_metrics_match_the_traffic(proxies, backends):
     assert value(samples, "ltcp_draining") == 0
     live.close()
     holder.close()
-
-
-def recv_all_n(sock, n):
-    data = b""
-    while len(data) < n:
-        data += sock.recv(n - len(data))
-    return data
 
 
 def test_routers_json_follows_discovery_and_ejection(proxies, backends, tmp_path):
@@ -183,27 +171,6 @@ def test_shutdown_drains_in_process(proxies, backends):
 
 # -- the real process: signals and /abort -------------------------------------------
 
-class Process:
-    def __init__(self, document):
-        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "-"], stdin=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.proc.stdin.write(yaml.safe_dump(document))
-        self.proc.stdin.close()
-        self.log = ""
-        while "admin server on" not in self.log:
-            line = self.proc.stderr.readline()
-            assert line, self.log
-            self.log += line
-        self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log).group(1))
-        self.admin = re.search(r"admin server on (http://[\d.:]+)/", self.log).group(1)
-        self.rest = []
-        self.reader = threading.Thread(target=lambda: self.rest.extend(self.proc.stderr), daemon=True)
-        self.reader.start()
-
-    def connect(self):
-        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
-
-
 def drain_config(backend_addr, grace):
     return {"admin": {"port": 0, "graceSecs": grace}, "routers": [{
         "label": "r", "interpreter": {"kind": "io.l5d.static", "names": {"/svc/a": [backend_addr]}},
@@ -212,7 +179,7 @@ def drain_config(backend_addr, grace):
 
 def test_sigterm_drains_finishes_short_streams_and_cuts_long_ones(backends):
     backend = backends(echo)
-    ltcp = Process(drain_config(backend.addr, grace=1.5))
+    ltcp = LtcpProcess(drain_config(backend.addr, grace=1.5))
     try:
         short, long_ = ltcp.connect(), ltcp.connect()
         for c in (short, long_):
@@ -230,7 +197,7 @@ def test_sigterm_drains_finishes_short_streams_and_cuts_long_ones(backends):
 
         wait_for(refused, timeout=5, message="listener closed")
         short.sendall(b"finishing")  # a stream that ends within graceSecs completes intact
-        assert recv_all_n(short, 9) == b"finishing"
+        assert recv_exactly(short, 9) == b"finishing"
         short.shutdown(socket.SHUT_WR)
         assert recv_all(short) == b""
         long_.settimeout(10)
@@ -241,7 +208,7 @@ def test_sigterm_drains_finishes_short_streams_and_cuts_long_ones(backends):
         assert 1.4 <= time.monotonic() - drained_at < 4
         assert ltcp.proc.wait(10) == 0
         ltcp.reader.join(5)
-        log = "".join(ltcp.rest)
+        log = ltcp.log
         assert "drain started: 2 streams open" in log and "grace period over: closing 1 streams" in log
         assert "Traceback" not in log
     finally:
@@ -250,7 +217,7 @@ def test_sigterm_drains_finishes_short_streams_and_cuts_long_ones(backends):
 
 def test_abort_exits_1_at_once(backends):
     backend = backends(echo)
-    ltcp = Process(drain_config(backend.addr, grace=30))
+    ltcp = LtcpProcess(drain_config(backend.addr, grace=30))
     held = ltcp.connect()
     try:
         response = http.request("POST", ltcp.admin + "/abort")
@@ -263,13 +230,13 @@ def test_abort_exits_1_at_once(backends):
 
 def test_second_sigint_exits_at_once(backends):
     backend = backends(echo)
-    ltcp = Process(drain_config(backend.addr, grace=30))
+    ltcp = LtcpProcess(drain_config(backend.addr, grace=30))
     held = ltcp.connect()
     try:
         held.sendall(b"hi")
         assert held.recv(2) == b"hi"
         ltcp.proc.send_signal(signal.SIGINT)
-        wait_for(lambda: any("drain started" in line for line in ltcp.rest), message="drain to start")
+        wait_for(lambda: "drain started" in ltcp.log, message="drain to start")
         ltcp.proc.send_signal(signal.SIGINT)
         assert ltcp.proc.wait(5) == 130
     finally:

@@ -1,7 +1,6 @@
 """Balancing through a live proxy: spread, weights, ejection, discovery changes."""
 
 import collections
-import socket
 
 from netutil import named, recv_all, refused_port, static_config, wait_for
 

@@ -1,7 +1,6 @@
 """Configuration: linkerd-tcp's example, our keys, and every kind of bad input."""
 
 import json
-import os
 import pathlib
 
 import hypothesis.strategies as st

@@ -1,66 +1,12 @@
 """File descriptors: the stream budget, running out anyway, and recovering."""
 
 import os
-import re
 import resource
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
-import yaml
 
-from netutil import echo, wait_for
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class LtcpProcess:
-    """ltcp in a subprocess reading its configuration from stdin; its log is collected."""
-
-    def __init__(self, backend, nofile=None):
-        document = {
-            "admin": {"port": 0},
-            "routers": [{"label": "fd",
-                         "interpreter": {"kind": "io.l5d.static", "names": {"/svc/a": [backend.addr]}},
-                         "servers": [{"port": 0, "dstName": "/svc/a", "connectTimeoutMs": 20000}]}]}
-
-        def limit():
-            if nofile:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "-"], stdin=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, preexec_fn=limit)
-        self.proc.stdin.write(yaml.safe_dump(document))
-        self.proc.stdin.close()
-        self.log = ""
-        while "listening on" not in self.log:
-            line = self.proc.stderr.readline()
-            assert line, self.log
-            self.log += line
-        self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log).group(1))
-        os.set_blocking(self.proc.stderr.fileno(), False)
-
-    def read_log(self):
-        self.log += self.proc.stderr.read() or ""
-        return self.log
-
-    def connect(self):
-        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
-
-    def cpu_over(self, seconds):
-        before = cpu_seconds(self.proc.pid)
-        time.sleep(seconds)  # a window to measure CPU over, not a wait for a condition
-        return cpu_seconds(self.proc.pid) - before
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-        return self.proc.returncode
+from netutil import LtcpProcess, echo, wait_for
 
 
 def served(c, message=b"ping"):
@@ -68,12 +14,20 @@ def served(c, message=b"ping"):
     return c.recv(len(message)) == message
 
 
+def fd_config(backend):
+    return {
+        "admin": {"port": 0},
+        "routers": [{"label": "fd",
+                     "interpreter": {"kind": "io.l5d.static", "names": {"/svc/a": [backend.addr]}},
+                     "servers": [{"port": 0, "dstName": "/svc/a", "connectTimeoutMs": 20000}]}]}
+
+
 @pytest.fixture
 def running(backends):
     started = []
 
     def start(nofile=None):
-        process = LtcpProcess(backends(echo), nofile)
+        process = LtcpProcess(fd_config(backends(echo)), nofile)
         started.append(process)
         return process
 
@@ -97,7 +51,7 @@ def test_streams_stop_at_the_descriptor_budget_and_resume(running):
         clients[15].settimeout(10)
         assert clients[15].recv(4) == b"ping"
         assert all(served(c) for c in clients[16:25])
-        assert "out of descriptors" not in ltcp.read_log()
+        assert "out of descriptors" not in ltcp.log
     finally:
         for c in clients:
             c.close()
@@ -113,7 +67,7 @@ def test_emfile_pauses_accepting_without_spinning_and_recovers(running):
     resource.prlimit(ltcp.proc.pid, resource.RLIMIT_NOFILE, (in_use + 3, limits[1]))
     clients = [ltcp.connect() for _ in range(20)]
     try:
-        wait_for(lambda: "out of descriptors" in ltcp.read_log(), timeout=10, message="the EMFILE warning")
+        wait_for(lambda: "out of descriptors" in ltcp.log, timeout=10, message="the EMFILE warning")
         assert ltcp.cpu_over(1.0) < 0.2, "ltcp spins while out of descriptors"
         assert served(first, b"still here")  # an established stream keeps working
         resource.prlimit(ltcp.proc.pid, resource.RLIMIT_NOFILE, limits)
@@ -128,7 +82,7 @@ def test_emfile_pauses_accepting_without_spinning_and_recovers(running):
         assert all(served(c) for c in late)
         for c in late:
             c.close()
-        warnings = ltcp.read_log().count("out of descriptors")
+        warnings = ltcp.log.count("out of descriptors")
         assert 1 <= warnings <= 12, "one warning per pause, not one per failed accept"
     finally:
         first.close()

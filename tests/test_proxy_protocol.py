@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 
 from ltcp.proxyproto import INVALID, NEED_MORE, PARSED, build_v1, build_v2, parse_header
-from netutil import recv_all, wait_for
+from netutil import recv_all, recv_exactly, wait_for
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -86,15 +86,6 @@ def read_v1(conn):
     while not line.endswith(b"\r\n"):
         line += recv_exactly(conn, 1)
     return line
-
-
-def recv_exactly(conn, n):
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        assert chunk
-        data += chunk
-    return data
 
 
 def config(backend_addr, accept=True, send=None):

@@ -8,7 +8,7 @@ import threading
 import pytest
 import trustme
 
-from netutil import Backend, echo, named, recv_all, wait_for
+from netutil import echo, named, recv_all, recv_exactly, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_client_tls_verifies_the_backend(proxies, backends, pki):
     proxy = proxies(document)
     with proxy.connect() as c:
         c.sendall(b"plain in, TLS out")
-        assert recv_all_n(c, 17) == b"plain in, TLS out"
+        assert recv_exactly(c, 17) == b"plain in, TLS out"
     document["routers"][0]["client"]["tls"]["dnsName"] = "wrong.example.com"
     wrong = proxies(document)
     with wrong.connect() as c:
@@ -194,13 +194,6 @@ def closed_without_data(sock):
         return True
 
 
-def recv_all_n(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk
-        data += chunk
-    return data
 
 
 def handshake_in_pieces(sock, context, server_name, first_piece):

@@ -15,7 +15,7 @@ import time
 from . import proxyproto
 from .connector import Connect
 from .endpoint import Endpoint, Picker
-from .loop import READ
+from .loop import READ, WRITE
 from .tls import client_context
 
 __all__ = ["Balancer", "Dial"]
@@ -161,13 +161,12 @@ class Balancer:
     # -- pre-established connections (minConnections) ---------------------------
 
     def take_pooled(self):
-        """A pooled (endpoint, socket), unregistered and ready for a stream, or None."""
+        """A pooled (endpoint, socket, registered events) ready for a stream, or None."""
         if not self.pool:
             return None
         pooled = self.pool.popleft()
-        pooled.unwatch()
         self.reactor.call_soon(self._fill_pool)
-        return pooled.endpoint, pooled.sock
+        return pooled.endpoint, pooled.sock, READ if pooled.watched else 0
 
     def _fill_pool(self):
         # A PROXY header names the client, so a connection made before it arrives cannot carry one.
@@ -194,7 +193,7 @@ class Balancer:
         if self.closed or endpoint.retired:
             sock.close()
             return
-        self.pool.append(PooledConnection(self, endpoint, sock))
+        self.pool.append(PooledConnection(self, endpoint, sock))  # takes over the WRITE registration
 
     def _refill_later(self):
         if self.pool_timer is None and not self.closed:
@@ -248,7 +247,7 @@ class PooledConnection:
         self.endpoint = endpoint
         self.sock = sock
         self.watched = True
-        balancer.reactor.register(sock, READ, self._readable)
+        balancer.reactor.modify(sock, READ, self._readable)
 
     def _readable(self, mask):
         try:
@@ -304,9 +303,9 @@ class Dial:
         balancer = self.balancer
         pooled = balancer.take_pooled()
         if pooled is not None:
-            endpoint, sock = pooled
+            endpoint, sock, events = pooled
             self.endpoint = endpoint
-            self._finish(endpoint, sock)
+            self._finish(endpoint, sock, events)
             return
         endpoint = balancer.pick(avoid=self.endpoint)
         if endpoint is None:
@@ -316,7 +315,7 @@ class Dial:
         self.tries += 1
         endpoint.pending += 1
         reactor = balancer.reactor
-        remaining = self.envelope.connect_deadline - reactor.time()
+        remaining = self.envelope.connect_deadline - reactor.now
         timeout = min(balancer.settings.connect_timeout_ms / 1000, max(remaining, 0.001))
         preface = None
         if balancer.proxy_header is not None:
@@ -332,7 +331,7 @@ class Dial:
         balancer = self.balancer
         if sock is not None:
             balancer.connect_succeeded(endpoint)
-            self._finish(endpoint, sock)
+            self._finish(endpoint, sock, WRITE)
             return
         balancer.connect_failed(endpoint, cause)
         self.last_cause = cause
@@ -345,11 +344,12 @@ class Dial:
         else:
             self.retry_timer = balancer.reactor.call_later(min(1.0, RETRY_BACKOFF * 2 ** extra), self.next_attempt)
 
-    def _finish(self, endpoint, sock):
+    def _finish(self, endpoint, sock, events):
+        """Hand the connected socket (registered for ``events``, or not at all) to the owner."""
         self.deadline_timer.cancel()
         self.deadline_timer = None
         self.balancer.dials -= 1
-        self.owner.established(self, endpoint, sock)
+        self.owner.established(self, endpoint, sock, events)
 
     def _expired(self):
         self.deadline_timer = None

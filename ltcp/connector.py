@@ -33,8 +33,9 @@ class Connect:
     After the TCP handshake it writes ``preface`` (a PROXY header) if given,
     then completes a TLS handshake if ``tls`` is ``(context, server_name)``;
     all of it within ``timeout``.  The socket is closed on every failure path
-    and on ``cancel()``; on success it is handed over unregistered,
-    nonblocking, with TCP_NODELAY set.
+    and on ``cancel()``.  On success it is handed over nonblocking, with
+    TCP_NODELAY set, and still registered with the reactor for WRITE, so the
+    new owner changes its interest with one ``modify`` (or unregisters it).
     """
 
     __slots__ = ("reactor", "sock", "done", "timer", "preface", "tls", "events")
@@ -48,11 +49,10 @@ class Connect:
         self.tls = tls
         self.events = 0
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE and friends: this attempt fails, the process goes on
             reactor.call_soon(self._failed_at_once, failure_cause(exc.errno))
             return
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex(addr)
         if err in (0, errno.EINPROGRESS):
@@ -110,6 +110,9 @@ class Connect:
         self._succeed()
 
     def _succeed(self):
+        if self.events != WRITE:
+            self._wait(WRITE, _ignore_event)
+        self.events = 0  # the registration goes with the socket
         sock = self._release()
         self.done(sock, None)
 
@@ -139,6 +142,10 @@ class Connect:
         if self.sock is not None:
             self._release().close()
         self.done = _ignore
+
+
+def _ignore_event(mask):
+    pass
 
 
 def _ignore(sock, cause):

@@ -13,6 +13,8 @@ bytes somewhere, and WRITE while bytes are pending for it.  A leg that wants
 nothing is unregistered, so a hung-up socket cannot wake the loop in vain.
 """
 
+import fcntl
+import os
 import socket
 import ssl
 import struct
@@ -22,32 +24,56 @@ from .loop import READ, WRITE
 __all__ = ["Duplex"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+PIPE_SIZE = 1 << 18  # bytes one splice may move; the kernel caps it at fs.pipe-max-size
+SPLICE_ROUNDS = 4  # splices per wakeup while the other side keeps up
 # Not an error, just "not now"; the TLS ones also come from SSL sockets mid-record.
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Leg:
-    """One socket of a duplex and the bytes waiting to be written to it."""
+    """One socket of a duplex and the bytes waiting to be written to it.
 
-    __slots__ = ("duplex", "sock", "tls", "notify_due", "peer", "events", "pending", "eof", "shut", "received")
+    Bytes for this socket wait either in ``pending`` (a private copy, after a
+    partial ``send``) or, once the direction carries bulk data between two
+    plain sockets, in ``pipe``: the peer splices from its socket into the pipe
+    and from the pipe into ours, so the bytes never enter Python.
+    """
+
+    __slots__ = ("duplex", "sock", "fd", "tls", "notify_due", "peer", "events", "pending", "pipe", "piped",
+                 "eof", "shut", "received")
 
     def __init__(self, duplex, sock):
         self.duplex = duplex
         self.sock = sock
+        self.fd = sock.fileno()
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.notify_due = False  # a TLS close_notify waits for the socket to drain
         self.peer = None
         self.events = 0  # interest registered with the reactor; 0 = not registered
         self.pending = None  # memoryview of bytes still to write to this socket
+        self.pipe = None  # (read end, write end) carrying spliced bytes to this socket
+        self.piped = 0  # bytes in the pipe
         self.eof = False  # this socket's peer has finished sending
         self.shut = False  # we have finished sending to this socket
         self.received = 0
 
+    @property
+    def backlogged(self):
+        """Bytes are waiting to be written to this socket."""
+        return self.pending is not None or self.piped
+
     def on_event(self, mask):
         if mask & WRITE:
-            self.flush()
+            if self.piped:
+                self.drain_pipe()
+            else:
+                self.flush()
         if mask & READ and self.events & READ:
-            self.pump()
+            if self.peer.pipe is not None:
+                self.splice_in()
+            else:
+                self.pump()
 
     def pump(self):
         """Read once from this leg and forward to the peer."""
@@ -62,14 +88,7 @@ class Leg:
             duplex.abort()
             return
         if n == 0:
-            self.eof = True
-            if self.notify_due:
-                self.close_notify()
-            peer = self.peer
-            if peer.pending is None:
-                peer.shutdown_write()
-            if not duplex.closed:
-                self.update()
+            self.reached_eof()
             return
         self.received += n
         duplex.last_active = duplex.reactor.now
@@ -88,10 +107,82 @@ class Leg:
         elif self.tls and self.sock.pending():
             # Decrypted bytes already inside the TLS layer raise no readiness event.
             duplex.reactor.call_soon(self.pump_more)
+        elif n == len(duplex.buffer) and not (self.tls or peer.tls):
+            peer.open_pipe()  # a full buffer: bulk data, splice from now on
 
     def pump_more(self):
         if self.events & READ:
             self.pump()
+
+    def reached_eof(self):
+        self.eof = True
+        if self.notify_due:
+            self.close_notify()
+        peer = self.peer
+        if not peer.backlogged:
+            peer.shutdown_write()
+        if not self.duplex.closed:
+            self.update()
+
+    # -- the splice path ------------------------------------------------------------
+
+    def open_pipe(self):
+        try:
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # out of descriptors: stay on the copying path
+        try:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # keep the default size
+        self.pipe = (read_end, write_end)
+
+    def splice_in(self):
+        """Move what this socket has into the peer's pipe, and on to the peer's socket.
+
+        Repeats while the peer takes everything, so a fast stream costs one
+        wakeup for several chunks rather than one each.
+        """
+        duplex = self.duplex
+        peer = self.peer
+        for _ in range(SPLICE_ROUNDS):
+            try:
+                n = os.splice(self.fd, peer.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                duplex.abort()
+                return
+            if n == 0:
+                self.reached_eof()
+                return
+            self.received += n
+            duplex.last_active = duplex.reactor.now
+            peer.piped += n
+            peer.drain_pipe()
+            if peer.piped or duplex.closed:
+                return
+
+    def drain_pipe(self):
+        """Splice the pipe's bytes into this socket; when it is empty, let the peer read again."""
+        try:
+            sent = os.splice(self.pipe[0], self.fd, self.piped, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.duplex.abort()
+            return
+        self.piped -= sent
+        if self.piped:
+            if not self.events & WRITE:
+                self.update()
+                self.peer.update()
+            return
+        if sent:
+            self.duplex.last_active = self.duplex.reactor.now
+        self.drained()
+
+    # -- writing out --------------------------------------------------------------------
 
     def flush(self):
         """Write pending bytes; when they are out, let the peer read again."""
@@ -107,9 +198,14 @@ class Leg:
             self.pending = self.pending[sent:]
             return
         self.pending = None
+        self.drained()
+
+    def drained(self):
+        """Nothing waits for this socket any more."""
         peer = self.peer
         if peer.eof:
-            self.shutdown_write()
+            if not self.shut:
+                self.shutdown_write()
             if self.duplex.closed:
                 return
         self.update()
@@ -162,8 +258,8 @@ class Leg:
             self.duplex.close("done")
 
     def wanted(self):
-        events = WRITE if self.pending is not None else 0
-        if not self.eof and self.peer.pending is None:
+        events = WRITE if self.backlogged else 0
+        if not self.eof and not self.peer.backlogged:
             events |= READ
         return events
 
@@ -190,6 +286,11 @@ class Leg:
                 pass
         self.sock.close()
         self.pending = None
+        if self.pipe is not None:
+            for end in self.pipe:
+                os.close(end)
+            self.pipe = None
+            self.piped = 0
 
 
 class Duplex:
@@ -203,7 +304,7 @@ class Duplex:
                  "last_active", "idle_timeout", "idle_timer", "life_timer", "closed", "reason")
 
     def __init__(self, reactor, client_sock, upstream_sock, owner, endpoint, buffer,
-                 idle_timeout=None, lifetime=None):
+                 idle_timeout=None, lifetime=None, upstream_events=0):
         self.reactor = reactor
         self.owner = owner
         self.endpoint = endpoint
@@ -217,6 +318,7 @@ class Duplex:
         self.life_timer = reactor.call_later(lifetime, self.close, "lifetime") if lifetime else None
         client = self.client = Leg(self, client_sock)
         upstream = self.upstream = Leg(self, upstream_sock)
+        upstream.events = upstream_events  # a connector hands the socket over still registered
         client.peer = upstream
         upstream.peer = client
         client.update()
@@ -257,3 +359,6 @@ class Duplex:
         self.client.release(reset)
         self.upstream.release(reset)
         self.owner.stream_closed(self)
+        # Unlink the legs so reference counting frees the stream now, not a GC pass later.
+        self.client.peer = self.upstream.peer = None
+        self.client = self.upstream = None

@@ -177,6 +177,7 @@ class Intake:
     # -- ending -------------------------------------------------------------------
 
     def _stop(self):
+        self.step = None  # a bound method of ours: unlink it so the intake is freed at once
         self._unwatch()
         for timer in (self.timer, self.retry_timer, self.hello_timer):
             if timer is not None:

@@ -112,6 +112,8 @@ class Listener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted sockets inherit TCP_NODELAY on Linux: one setsockopt here, none per client.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((config.ip, config.port))
             sock.listen(BACKLOG)
         except OSError as exc:
@@ -183,11 +185,10 @@ class Listener:
 
     def _accepted(self, client, source):
         client.setblocking(False)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted += 1
         self.active += 1
         self.budget.used += 1
-        now = self.reactor.time()
+        now = self.reactor.now
         dst_name = self.config.dst_name
         envelope = Envelope(source, dst_name, now, now + self._connect_timeout, self._lifetime, self._idle)
         if self._intake:
@@ -210,13 +211,13 @@ class Listener:
         self.dials.add(dial)
         dial.start()
 
-    def established(self, dial, endpoint, upstream):
+    def established(self, dial, endpoint, upstream, upstream_events):
         self.dials.discard(dial)
         endpoint.active += 1
         envelope = dial.envelope
-        self.connect_latency.observe(self.reactor.time() - envelope.accepted_at)
+        self.connect_latency.observe(self.reactor.now - envelope.accepted_at)
         duplex = Duplex(self.reactor, dial.client, upstream, self, endpoint, self.buffer,
-                        envelope.idle_timeout, envelope.lifetime)
+                        envelope.idle_timeout, envelope.lifetime, upstream_events)
         self.streams.add(duplex)
 
     def dial_failed(self, dial, cause):

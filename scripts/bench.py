@@ -1,24 +1,41 @@
-"""Benchmark ltcp against a direct connection on loopback, in one run.
+"""Benchmark ltcp against HAProxy, a plain asyncio proxy and a direct connection, in one run.
 
-    python scripts/bench.py [--quick] [--repeat N] [--rows direct,ltcp]
+    python scripts/bench.py [--quick] [--repeat N] [--rows direct,ltcp,haproxy,asyncio]
 
-Starts its own backends (a sink and an echo server, in a separate process),
-starts ltcp as ``python -m ltcp`` on an io.l5d.static configuration, and drives
-each workload against each row from this process:
+Everything runs on 127.0.0.1 and is started by this script: the backends (a
+sink and an echo server of our own, plus nginx and an iperf3 server when they
+are installed), each proxy row, and the load generators (wrk and iperf3 when
+installed, else built-in Python clients).
 
-* bulk      one stream sending as fast as it can; MB/s counted by the sink
-* reqresp   50 keep-alive connections doing 64-byte request/response; requests/s
-* connrate  10 at a time: connect, one request/response, close; connections/s
-* latency   10 keep-alive connections; p50 and p99 of request/response in microseconds
+Workloads:
 
-Every figure is the median of --repeat runs; ratios are to the direct row.
+  bulk       one stream, as fast as it goes (iperf3, else built-in); MB/s, and
+             the proxy's CPU seconds per GB moved (the generators share the
+             two cores, so throughput alone understates the proxy's cost)
+  keepalive  50 keep-alive connections, small requests (wrk + nginx, else
+             built-in 64-byte echo); requests/s
+  connrate   a new connection per request, 50 at a time (wrk with
+             "Connection: close", else built-in); connections/s
+  latency    10 keep-alive connections; p50 and p99 in microseconds
+  idle-rss   4,000 idle proxied connections: proxy RSS (MB) and KB per connection
+  idle-cpu   CPU of the proxy over 5 s with those 4,000 connections idle and
+             idle timeouts armed; percent of one core
+
+Each figure is the median of --repeat runs (3, or 1 with --quick).  Ratios are
+to HAProxy (and to direct for throughput).  Install the peers with
+``apt-get install haproxy nginx-light iperf3 wrk``.
 """
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
+import re
+import resource
 import selectors
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -28,29 +45,19 @@ import time
 
 import yaml
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 MESSAGE = b"x" * 64
 CHUNK = 256 * 1024
+IDLE_CONNECTIONS = 4000
 
 
-# -- backends (run in their own process) -----------------------------------------
+# -- our own backends (one process, one selector loop) --------------------------------
 
 def _serve(sink_sock, echo_sock):
-    """One selector loop for both backends: a byte-counting sink and an echo server."""
+    """A byte-counting sink (answers the count at EOF) and an echo server."""
     sel = selectors.DefaultSelector()
     buf = bytearray(CHUNK)
     counts = {}
-
-    def accept(listener, role):
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                return
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            counts[conn] = 0
-            sel.register(conn, selectors.EVENT_READ, role)
-
     for sock, role in ((sink_sock, "sink"), (echo_sock, "echo")):
         sock.setblocking(False)
         sel.register(sock, selectors.EVENT_READ, ("listen", role))
@@ -58,7 +65,15 @@ def _serve(sink_sock, echo_sock):
         for key, _ in sel.select():
             sock, role = key.fileobj, key.data
             if isinstance(role, tuple):
-                accept(sock, role[1])
+                while True:
+                    try:
+                        conn, _ = sock.accept()
+                    except BlockingIOError:
+                        break
+                    conn.setblocking(False)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    counts[conn] = 0
+                    sel.register(conn, selectors.EVENT_READ, role[1])
                 continue
             try:
                 n = sock.recv_into(buf)
@@ -68,27 +83,27 @@ def _serve(sink_sock, echo_sock):
                 n = 0
             if n == 0:
                 sel.unregister(sock)
-                try:
-                    if role == "sink":
+                if role == "sink":
+                    try:
                         sock.setblocking(True)
                         sock.sendall(counts[sock].to_bytes(8, "big"))
-                except OSError:
-                    pass
+                    except OSError:
+                        pass
                 del counts[sock]
                 sock.close()
             elif role == "sink":
                 counts[sock] += n
             else:
                 try:
-                    sock.send(buf[:n])  # 64-byte messages always fit
+                    sock.send(buf[:n])
                 except OSError:
                     pass
 
 
-def listening_socket():
+def listening_socket(port=0):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.listen(4096)
     return sock
 
@@ -107,17 +122,154 @@ def wait_listening(port, timeout=15):
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
 
 
-# -- workloads (run here, against one port each) ----------------------------------
+class Backends:
+    """Our sink and echo servers, and nginx and iperf3 when installed."""
 
-def bulk(port, total):
+    def __init__(self, workdir):
+        self.procs = []
+        self.sink, self.echo = listening_socket(), listening_socket()
+        server = multiprocessing.Process(target=_serve, args=(self.sink, self.echo), daemon=True)
+        server.start()
+        self.server = server
+        self.ports = {"sink": self.sink.getsockname()[1], "echo": self.echo.getsockname()[1]}
+        self.nginx = shutil.which("nginx") and shutil.which("wrk")
+        self.iperf = shutil.which("iperf3")
+        if self.nginx:
+            self.ports["http"] = free_port()
+            conf = os.path.join(workdir, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(f"""daemon off; worker_processes 1; user root; pid {workdir}/nginx.pid;
+error_log {workdir}/nginx.err; events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 600s;
+  server {{ listen 127.0.0.1:{self.ports['http']} backlog=4096; location / {{ return 200 "hello, world\\n"; }} }} }}
+""")
+            self.procs.append(subprocess.Popen(["nginx", "-p", workdir, "-c", conf]))
+            wait_listening(self.ports["http"])
+        if self.iperf:
+            self.ports["iperf"] = free_port()
+            self.procs.append(subprocess.Popen(["iperf3", "-s", "-p", str(self.ports["iperf"])],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_listening(self.ports["iperf"])
+
+    def close(self):
+        for proc in self.procs:
+            proc.terminate()
+            proc.wait(10)
+        self.server.terminate()
+
+
+# -- rows ------------------------------------------------------------------------------
+
+class Row:
+    """A way of reaching the backends: ``ports`` maps each backend to the port to use."""
+
+    proc = None
+
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class Direct(Row):
+    name = "direct"
+
+    def __init__(self, backends, workdir):
+        self.ports = dict(backends.ports)
+
+
+class Ltcp(Row):
+    name = "ltcp"
+
+    def __init__(self, backends, workdir):
+        self.ports = {role: free_port() for role in backends.ports}
+        config = {
+            "admin": {"port": 0},
+            "routers": [{
+                "label": "bench",
+                "interpreter": {"kind": "io.l5d.static", "names": {
+                    f"/svc/{role}": [f"127.0.0.1:{port}"] for role, port in backends.ports.items()}},
+                "servers": [{"port": self.ports[role], "dstName": f"/svc/{role}", "idleTimeoutMs": 600000}
+                            for role in backends.ports],
+            }],
+        }
+        path = os.path.join(workdir, "ltcp.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f)
+        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "--log-level", "warning", path])
+        for port in self.ports.values():
+            wait_listening(port)
+
+
+class Haproxy(Row):
+    name = "haproxy"
+
+    def __init__(self, backends, workdir):
+        self.ports = {role: free_port() for role in backends.ports}
+        lines = ["global", "  nbthread 1", "  maxconn 9000",
+                 "defaults", "  mode tcp", "  timeout connect 5s", "  timeout client 600s",
+                 "  timeout server 600s", "  maxconn 9000"]
+        for role, port in backends.ports.items():
+            lines += [f"listen {role}", f"  bind 127.0.0.1:{self.ports[role]}",
+                      f"  server s 127.0.0.1:{port}"]
+        path = os.path.join(workdir, "haproxy.cfg")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL)
+        for port in self.ports.values():
+            wait_listening(port)
+
+
+class Asyncio(Row):
+    name = "asyncio"
+
+    def __init__(self, backends, workdir):
+        self.ports = {role: free_port() for role in backends.ports}
+        pairs = [f"{self.ports[role]}:{port}" for role, port in backends.ports.items()]
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "asyncio_proxy.py"), *pairs],
+                                     stdout=subprocess.DEVNULL)
+        for port in self.ports.values():
+            wait_listening(port)
+
+
+ROWS = {"direct": Direct, "ltcp": Ltcp, "haproxy": Haproxy, "asyncio": Asyncio}
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+def bulk(row, backends, duration):
+    """(MB/s of one stream, CPU seconds the proxy spent per GB moved)."""
+    pid = row.pid()
+    cpu_before = _cpu_seconds(pid) if pid else 0.0
+    rate = _bulk_rate(row, backends, duration)
+    cpu = (_cpu_seconds(pid) - cpu_before) / (rate * duration / 1000) if pid else 0.0
+    return rate, cpu
+
+
+def _bulk_rate(row, backends, duration):
+    if backends.iperf:
+        for attempt in range(5):  # the iperf3 server serves one test at a time; it may still be busy
+            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(row.ports["iperf"]),
+                                  "-t", str(duration), "-J"], capture_output=True, text=True, timeout=duration + 30)
+            report = json.loads(out.stdout)
+            if "error" not in report:
+                return report["end"]["sum_received"]["bits_per_second"] / 8 / 1e6
+            time.sleep(0.5)
+        raise RuntimeError(f"iperf3: {report['error']}")
     payload = memoryview(bytearray(CHUNK))
-    with socket.create_connection(("127.0.0.1", port)) as s:
+    with socket.create_connection(("127.0.0.1", row.ports["sink"])) as s:
         start = time.perf_counter()
         sent = 0
-        while sent < total:
+        while time.perf_counter() - start < duration:
             s.sendall(payload)
             sent += CHUNK
         s.shutdown(socket.SHUT_WR)
@@ -128,26 +280,57 @@ def bulk(port, total):
     return sent / elapsed / 1e6
 
 
-def _keepalive(port, conns, duration, latencies=None):
+def _wrk(port, connections, duration, close=False):
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if close:
+        args += ["-H", "Connection: close"]
+    out = subprocess.run(args + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+                         timeout=duration + 30).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
+    return rate, {k: _micros(v) for k, v in percentiles.items()}
+
+
+def _micros(text):
+    value, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+
+
+def keepalive(row, backends, duration):
+    if backends.nginx:
+        return _wrk(row.ports["http"], 50, duration)[0]
+    return _echo_clients(row.ports["echo"], 50, duration)
+
+
+def connrate(row, backends, duration):
+    if backends.nginx:
+        return _wrk(row.ports["http"], 50, duration, close=True)[0]
+    return _connect_clients(row.ports["echo"], 50, duration)
+
+
+def latency(row, backends, duration):
+    if backends.nginx:
+        percentiles = _wrk(row.ports["http"], 10, duration)[1]
+        return percentiles["50"], percentiles["99"]
+    samples = []
+    _echo_clients(row.ports["echo"], 10, duration, samples)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+
+
+def _echo_clients(port, conns, duration, latencies=None):
     sel = selectors.DefaultSelector()
-    socks = []
-    for _ in range(conns):
-        s = socket.create_connection(("127.0.0.1", port))
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
+    sent_at, done = {}, 0
+    for s in socks:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setblocking(False)
-        socks.append(s)
-    sent_at = {}
-    done = 0
-    start = time.perf_counter()
-    end = start + duration
-    for s in socks:
         sel.register(s, selectors.EVENT_READ, bytearray())
         sent_at[s] = time.perf_counter()
         s.send(MESSAGE)
-    while True:
-        now = time.perf_counter()
-        if now >= end:
-            break
+    start = time.perf_counter()
+    end = start + duration
+    while (now := time.perf_counter()) < end:
         for key, _ in sel.select(end - now):
             s, got = key.fileobj, key.data
             got += s.recv(4096)
@@ -161,30 +344,17 @@ def _keepalive(port, conns, duration, latencies=None):
                 s.send(MESSAGE)
     elapsed = time.perf_counter() - start
     for s in socks:
-        sel.unregister(s)
         s.close()
     return done / elapsed
 
 
-def reqresp(port, duration):
-    return _keepalive(port, 50, duration)
-
-
-def latency(port, duration):
-    samples = []
-    _keepalive(port, 10, duration, samples)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
-
-
-def connrate(port, duration, parallel=10):
+def _connect_clients(port, parallel, duration):
     sel = selectors.DefaultSelector()
     done = 0
 
     def start_one():
         s = socket.socket()
         s.setblocking(False)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # no TIME_WAIT pile-up
         s.connect_ex(("127.0.0.1", port))
         sel.register(s, selectors.EVENT_WRITE, None)
 
@@ -192,14 +362,14 @@ def connrate(port, duration, parallel=10):
         start_one()
     start = time.perf_counter()
     end = start + duration
-    while True:
-        now = time.perf_counter()
-        if now >= end:
-            break
+    while (now := time.perf_counter()) < end:
         for key, mask in sel.select(end - now):
             s = key.fileobj
             if mask & selectors.EVENT_WRITE:
-                s.send(MESSAGE)
+                try:
+                    s.send(MESSAGE)
+                except OSError:
+                    pass
                 sel.modify(s, selectors.EVENT_READ, bytearray())
                 continue
             try:
@@ -210,7 +380,7 @@ def connrate(port, duration, parallel=10):
             if len(key.data) >= len(MESSAGE) or not chunk:
                 sel.unregister(s)
                 s.close()
-                done += 1 if chunk else 0
+                done += bool(chunk)
                 start_one()
     elapsed = time.perf_counter() - start
     for key in list(sel.get_map().values()):
@@ -218,107 +388,123 @@ def connrate(port, duration, parallel=10):
     return done / elapsed
 
 
-# -- rows ---------------------------------------------------------------------------
-
-class Ltcp:
-    """ltcp in a subprocess with a static route to each backend."""
-
-    name = "ltcp"
-
-    def __init__(self, sink_port, echo_port):
-        self.ports = {"sink": free_port(), "echo": free_port()}
-        config = {
-            "admin": {"port": 0},
-            "routers": [{
-                "label": "bench",
-                "interpreter": {"kind": "io.l5d.static", "names": {
-                    "/svc/sink": [f"127.0.0.1:{sink_port}"], "/svc/echo": [f"127.0.0.1:{echo_port}"]}},
-                "servers": [{"port": self.ports["sink"], "dstName": "/svc/sink", "maxConcurrency": 1000000},
-                            {"port": self.ports["echo"], "dstName": "/svc/echo", "maxConcurrency": 1000000}],
-            }],
-        }
-        self.file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-        yaml.safe_dump(config, self.file)
-        self.file.close()
-        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "--log-level", "warning", self.file.name])
-        for port in self.ports.values():
-            wait_listening(port)
-
-    def close(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-        os.unlink(self.file.name)
+def _rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
 
 
-class Direct:
-    name = "direct"
-
-    def __init__(self, sink_port, echo_port):
-        self.ports = {"sink": sink_port, "echo": echo_port}
-
-    def close(self):
-        pass
+def _cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-ROWS = {"direct": Direct, "ltcp": Ltcp}
+def idle(row, backends, duration):
+    """(RSS MB, KB per connection, % CPU) with IDLE_CONNECTIONS idle proxied connections."""
+    pid = row.pid()
+    if pid is None:
+        return None
+    before = _rss_kb(pid)
+    socks = []
+    try:
+        for i in range(IDLE_CONNECTIONS):
+            s = socket.create_connection(("127.0.0.1", row.ports["echo"]))
+            socks.append(s)
+            if i % 500 == 499:  # make sure they are proxied, not just queued
+                s.sendall(b"x")
+                s.recv(1)
+        socks[-1].sendall(b"x")
+        socks[-1].recv(1)
+        time.sleep(1.0)  # let the proxy settle before measuring
+        after = _rss_kb(pid)
+        cpu_before = _cpu_seconds(pid)
+        time.sleep(duration)
+        cpu = (_cpu_seconds(pid) - cpu_before) / duration * 100
+    finally:
+        for s in socks:
+            s.close()
+    return after / 1024, (after - before) / IDLE_CONNECTIONS, cpu
 
 
-def median(runs):
-    if isinstance(runs[0], tuple):
-        return tuple(statistics.median(r[i] for r in runs) for i in range(len(runs[0])))
-    return statistics.median(runs)
+# -- running and reporting -------------------------------------------------------------
+
+def measure(row, backends, args):
+    duration = 2 if args.quick else 5
+    results = {}
+    bulk_runs = [bulk(row, backends, duration) for _ in range(args.repeat)]
+    results["bulk MB/s"] = statistics.median(rate for rate, _ in bulk_runs)
+    if row.name != "direct":
+        results["bulk CPU s/GB"] = statistics.median(cpu for _, cpu in bulk_runs)
+    for name, fn in (("keepalive req/s", keepalive), ("connrate conn/s", connrate),
+                     ("latency p50/p99 us", latency)):
+        runs = [fn(row, backends, duration) for _ in range(args.repeat)]
+        results[name] = (tuple(statistics.median(r[i] for r in runs) for i in range(2))
+                         if isinstance(runs[0], tuple) else statistics.median(runs))
+    if row.name != "direct":
+        rss, per_conn, cpu = idle(row, backends, duration)
+        results["idle RSS MB"] = rss
+        results["idle KB/conn"] = per_conn
+        results["idle CPU %"] = cpu
+    return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short runs (about 20 s in all)")
+    parser.add_argument("--quick", action="store_true", help="2-second workloads, one run each")
     parser.add_argument("--repeat", type=int, default=None, help="runs per figure (median reported)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     args = parser.parse_args()
-    duration = 1.0 if args.quick else 5.0
-    repeat = args.repeat or (1 if args.quick else 3)
-    bulk_bytes = (256 if args.quick else 2048) * 1024 * 1024
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rows = [r for r in args.rows.split(",") if r != "haproxy" or shutil.which("haproxy")]
 
-    print(f"machine: {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-          f"Python {platform.python_version()}; {repeat} run(s) each, median shown")
-    sink, echo = listening_socket(), listening_socket()
-    server = multiprocessing.Process(target=_serve, args=(sink, echo), daemon=True)
-    server.start()
-    results = {}
-    try:
-        for name in args.rows.split(","):
-            row = ROWS[name](sink.getsockname()[1], echo.getsockname()[1])
-            try:
-                results[name] = {
-                    "bulk MB/s": median([bulk(row.ports["sink"], bulk_bytes) for _ in range(repeat)]),
-                    "reqresp req/s": median([reqresp(row.ports["echo"], duration) for _ in range(repeat)]),
-                    "connrate conn/s": median([connrate(row.ports["echo"], duration) for _ in range(repeat)]),
-                    "latency p50/p99 us": median([latency(row.ports["echo"], duration) for _ in range(repeat)]),
-                }
-            finally:
-                row.close()
-    finally:
-        server.terminate()
+    with tempfile.TemporaryDirectory(prefix="ltcp-bench-") as workdir:
+        backends = Backends(workdir)
+        tools = ["iperf3" if backends.iperf else "built-in bulk client",
+                 "wrk + nginx" if backends.nginx else "built-in echo clients"]
+        print(f"machine: {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+              f"Python {platform.python_version()}; tools: {', '.join(tools)}; "
+              f"{args.repeat} run(s) per figure, median shown", flush=True)
+        results = {}
+        try:
+            for name in rows:
+                row = ROWS[name](backends, workdir)
+                try:
+                    results[name] = measure(row, backends, args)
+                finally:
+                    row.close()
+                print(f"  {name}: done", file=sys.stderr, flush=True)
+        finally:
+            backends.close()
     print_table(results)
 
 
 def print_table(results):
     names = list(results)
-    metrics = list(next(iter(results.values())))
-    base = results.get("direct")
-    print(f"{'workload':<20}" + "".join(f"{n:>22}" for n in names))
+    metrics = list(dict.fromkeys(m for r in results.values() for m in r))
+    base = results.get("haproxy")
+    width = 24
+    print(f"{'workload':<20}" + "".join(f"{n:>{width}}" for n in names))
     for metric in metrics:
         cells = []
         for n in names:
-            value = results[n][metric]
-            ratio = ""
-            if base is not None and n != "direct":
-                b = base[metric]
-                ratio = f" ({value[1] / b[1]:.2f}x)" if isinstance(value, tuple) else f" ({value / b:.2f}x)"
-            shown = f"{value[0]:.0f}/{value[1]:.0f}" if isinstance(value, tuple) else f"{value:,.0f}"
-            cells.append(f"{shown + ratio:>22}")
+            value = results[n].get(metric)
+            if value is None:
+                cells.append(f"{'-':>{width}}")
+                continue
+            shown = (f"{value[0]:,.0f}/{value[1]:,.0f}" if isinstance(value, tuple)
+                     else f"{value:,.2f}" if value < 10 else f"{value:,.1f}")
+            reference = base.get(metric) if base and n != "haproxy" else None
+            if reference:
+                ratio = (value[1] / reference[1]) if isinstance(value, tuple) else (value / reference
+                                                                                   if reference else 0)
+                shown += f" ({ratio:.2f}x)"
+            cells.append(f"{shown:>{width}}")
         print(f"{metric:<20}" + "".join(cells))
+    if base:
+        print("ratios in brackets are to HAProxy (latency: p99)")
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main()

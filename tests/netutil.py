@@ -272,3 +272,66 @@ class LtcpProcess:
         code = self.proc.wait(10)
         self.reader.join(5)
         return code
+
+
+class SelectEcho:
+    """An echo server on one thread with a selector, for thousands of connections."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.addr = f"127.0.0.1:{self.port}"
+        self.open = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "stop")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "stop":
+                    for k in list(sel.get_map().values()):
+                        if k.data == "conn":
+                            k.fileobj.close()
+                    sel.close()
+                    return
+                if key.data == "accept":
+                    while True:
+                        try:
+                            conn, _ = self.sock.accept()
+                        except BlockingIOError:
+                            break
+                        conn.setblocking(False)
+                        sel.register(conn, selectors.EVENT_READ, "conn")
+                        self.open += 1
+                    continue
+                conn = key.fileobj
+                try:
+                    data = conn.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    try:
+                        conn.send(data)
+                    except OSError:
+                        pass
+                else:
+                    sel.unregister(conn)
+                    conn.close()
+                    self.open -= 1
+
+    def close(self):
+        self._wake_w.send(b"x")
+        self._thread.join(5)
+        for s in (self.sock, self._wake_r, self._wake_w):
+            s.close()

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from ltcp.tls import HELLO, MALFORMED, NEED_MORE, NOT_TLS, normalize_server_name, parse_client_hello
 
 labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
-hostnames = st.lists(labels, min_size=2, max_size=4).map(".".join)
+# A name that parses as an IP address is never sent as SNI (RFC 6066), so end on letters.
+hostnames = st.tuples(st.lists(labels, min_size=1, max_size=3), st.from_regex(r"[a-z]{2,6}", fullmatch=True)).map(
+    lambda parts: ".".join([*parts[0], parts[1]]))
 
 
 def client_hello(server_name, alpn=None):

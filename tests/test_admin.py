@@ -1,6 +1,7 @@
 """The admin server: metrics that match the traffic, live state, errors, drain."""
 
 import json
+import re
 import os
 import signal
 import socket
@@ -211,7 +212,9 @@ def test_sigterm_drains_finishes_short_streams_and_cuts_long_ones(backends):
         assert ltcp.proc.wait(10) == 0
         ltcp.reader.join(5)
         log = ltcp.log
-        assert "drain started: 2 streams open" in log and "grace period over: closing 1 streams" in log
+        # (a probe above may have been accepted just before the drain, and ended at once)
+        assert re.search(r"drain started: [23] streams open", log)
+        assert "grace period over: closing 1 streams" in log
         assert "Traceback" not in log
     finally:
         ltcp.proc.kill()

@@ -254,8 +254,6 @@ class Leg:
             socket.socket.shutdown(self.sock, socket.SHUT_WR)  # SSLSocket.shutdown would drop TLS
         except OSError:
             pass
-        if self.peer.shut:
-            self.duplex.close("done")
 
     def wanted(self):
         events = WRITE if self.backlogged else 0

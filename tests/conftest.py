@@ -1,3 +1,4 @@
+import logging
 import threading
 
 import pytest
@@ -55,3 +56,18 @@ def backends():
     yield start
     for backend in started:
         backend.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_errors: the test expects ltcp to log errors")
+
+
+@pytest.fixture(autouse=True)
+def no_logged_errors(request, caplog):
+    """Any ERROR from ltcp (the reactor logs every failed callback so) fails the test."""
+    caplog.set_level(logging.WARNING, logger="ltcp")
+    yield
+    if request.node.get_closest_marker("allow_errors"):
+        return
+    errors = [r for r in caplog.get_records("call") if r.name.startswith("ltcp") and r.levelno >= logging.ERROR]
+    assert not errors, "ltcp logged errors:\n" + "\n".join(r.getMessage() for r in errors)

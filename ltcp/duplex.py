@@ -266,16 +266,16 @@ class Leg:
         if events != self.events:
             reactor = self.duplex.reactor
             if not events:
-                reactor.unregister(self.sock)
+                reactor.unregister(self.fd)
             elif not self.events:
-                reactor.register(self.sock, events, self.on_event)
+                reactor.register(self.fd, events, self.on_event)
             else:
-                reactor.modify(self.sock, events, self.on_event)
+                reactor.modify(self.fd, events, self.on_event)
             self.events = events
 
     def release(self, reset):
         if self.events:
-            self.duplex.reactor.unregister(self.sock)
+            self.duplex.reactor.unregister(self.fd)
             self.events = 0
         if reset:
             try:

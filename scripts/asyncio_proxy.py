@@ -7,6 +7,8 @@ half-close passed on with write_eof(); the way such a proxy is usually written.
 """
 
 import asyncio
+import os
+import signal
 import socket
 import sys
 
@@ -45,4 +47,5 @@ async def main(pairs):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))  # no teardown noise when stopped
     asyncio.run(main([tuple(map(int, arg.split(":"))) for arg in sys.argv[1:]]))

@@ -94,10 +94,24 @@ def _serve(sink_sock, echo_sock):
             elif role == "sink":
                 counts[sock] += n
             else:
-                try:
-                    sock.send(buf[:n])
-                except OSError:
-                    pass
+                _echo_back(sock, buf[:n])
+
+
+def _echo_back(sock, data):
+    """Send ``data`` back whole; a rare partial send finishes blocking (bulk clients read meanwhile)."""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        return
+    if sent < len(data):
+        try:
+            sock.setblocking(True)
+            sock.sendall(data[sent:])
+            sock.setblocking(False)
+        except OSError:
+            pass
 
 
 def listening_socket(port=0):
@@ -482,7 +496,8 @@ def main():
 def print_table(results):
     names = list(results)
     metrics = list(dict.fromkeys(m for r in results.values() for m in r))
-    base = results.get("haproxy")
+    reference = "haproxy" if "haproxy" in results else "direct"
+    base = results.get(reference)
     width = 24
     print(f"{'workload':<20}" + "".join(f"{n:>{width}}" for n in names))
     for metric in metrics:
@@ -494,15 +509,14 @@ def print_table(results):
                 continue
             shown = (f"{value[0]:,.0f}/{value[1]:,.0f}" if isinstance(value, tuple)
                      else f"{value:,.2f}" if value < 10 else f"{value:,.1f}")
-            reference = base.get(metric) if base and n != "haproxy" else None
-            if reference:
-                ratio = (value[1] / reference[1]) if isinstance(value, tuple) else (value / reference
-                                                                                   if reference else 0)
+            against = base.get(metric) if base and n != reference else None
+            if against:
+                ratio = value[1] / against[1] if isinstance(value, tuple) else value / against
                 shown += f" ({ratio:.2f}x)"
             cells.append(f"{shown:>{width}}")
         print(f"{metric:<20}" + "".join(cells))
     if base:
-        print("ratios in brackets are to HAProxy (latency: p99)")
+        print(f"ratios in brackets are to {reference} (latency: p99)")
 
 
 if __name__ == "__main__":

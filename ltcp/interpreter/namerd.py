@@ -321,7 +321,8 @@ class NamerdInterpreter:
         self.stats.request(outcome)
         entry.failures += 1
         level = logging.WARNING if entry.failures == 1 else logging.DEBUG
-        log.log(level, "namerd: %s: %s; keeping the last answer", entry.name, reason)
+        log.log(level, "namerd: %s: %s; keeping the last answer, retrying with backoff up to %gs (failure %d)",
+                entry.name, reason, self.period, entry.failures)
 
     def _backoff(self, entry):
         """Sleep before retrying; False once closing.  Exponential, jittered, capped at periodSecs."""

@@ -87,11 +87,8 @@ class Leg:
         except OSError:
             duplex.abort()
             return
-        if n == 0:
-            self.reached_eof()
+        if not self.arrived(n):
             return
-        self.received += n
-        duplex.last_active = duplex.reactor.now
         peer = self.peer
         try:
             sent = peer.sock.send(duplex.view[:n])
@@ -113,6 +110,15 @@ class Leg:
     def pump_more(self):
         if self.events & READ:
             self.pump()
+
+    def arrived(self, n):
+        """Account for a read of ``n`` bytes; at EOF, pass the end on and answer False."""
+        if n == 0:
+            self.reached_eof()
+            return False
+        self.received += n
+        self.duplex.last_active = self.duplex.reactor.now
+        return True
 
     def reached_eof(self):
         self.eof = True
@@ -153,11 +159,8 @@ class Leg:
             except OSError:
                 duplex.abort()
                 return
-            if n == 0:
-                self.reached_eof()
+            if not self.arrived(n):
                 return
-            self.received += n
-            duplex.last_active = duplex.reactor.now
             peer.piped += n
             peer.drain_pipe()
             if peer.piped or duplex.closed:

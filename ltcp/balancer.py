@@ -279,7 +279,7 @@ class Dial:
     """
 
     __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt",
-                 "deadline_timer", "retry_timer", "tries", "last_cause")
+                 "deadline_timer", "retry_timer", "tries")
 
     def __init__(self, balancer, client, envelope, owner):
         self.balancer = balancer
@@ -290,7 +290,6 @@ class Dial:
         self.attempt = None
         self.retry_timer = None
         self.tries = 0
-        self.last_cause = None
         self.deadline_timer = None
 
     def start(self):
@@ -334,7 +333,6 @@ class Dial:
             self._finish(endpoint, sock, WRITE)
             return
         balancer.connect_failed(endpoint, cause)
-        self.last_cause = cause
         if cause == "resources":
             self.fail(cause)
             return

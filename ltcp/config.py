@@ -12,8 +12,10 @@ import dataclasses
 import difflib
 import ipaddress
 import json
+import math
 import os
 import re
+import reprlib
 import sys
 import types
 from dataclasses import dataclass, field
@@ -31,6 +33,33 @@ __all__ = [
 INVALID = object()  # a parser's answer for a value it has already reported
 PLACEHOLDERS = ("sni",)
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+# Limits on the document itself, so that no file can make loading slow or huge.
+MAX_CONFIG_BYTES = 4 << 20
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_NODES = 1_000_000  # values after expanding YAML aliases
+MAX_NUMBER_CHARS = 100
+
+# Ranges shared by many keys; every number in a configuration is finite and bounded.
+DAY_SECS = 86_400
+YEAR_SECS = 365 * DAY_SECS
+MAX_WEIGHT = 1_000_000.0
+MAX_COUNT = 10_000_000
+MIN_PERIOD_SECS = 0.05  # discovery periods: shorter would be busy polling
+
+_brief_repr = reprlib.Repr()
+_brief_repr.maxlevel = 2
+_brief_repr.maxlist = _brief_repr.maxtuple = _brief_repr.maxdict = 3
+BRIEF_CHARS = 80
+
+
+def brief(value):
+    """A short repr for error messages: never the whole of a large (or alias-bombed) value."""
+    return _shorten(_brief_repr.repr(value))
+
+
+def _shorten(text):
+    return text if len(text) <= BRIEF_CHARS else text[:BRIEF_CHARS - 3] + "..."
 
 
 class ConfigError(Exception):
@@ -69,43 +98,54 @@ def _spec(parse, default=dataclasses.MISSING, factory=dataclasses.MISSING):
 
 # -- value parsers: (value, path, ctx) -> parsed value or INVALID -------------
 
-def integer(lo, hi=None):
+def integer(lo, hi):
     def parse(value, path, ctx):
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value >= lo and (hi is None or value <= hi):
-                return value
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        return ctx.error(path, f"must be an integer {bound}, not {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
+            return value
+        return ctx.error(path, f"must be an integer {lo}..{hi}, not {brief(value)}")
     return parse
 
 
-def number(above=None, at_least=None):
+def number(hi, above=None, at_least=None):
+    """A finite number up to ``hi``, and either ``> above`` or ``>= at_least``."""
     def parse(value, path, ctx):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-            if (above is None or value > above) and (at_least is None or value >= at_least):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if (above is None or value > above) and (at_least is None or value >= at_least) and value <= hi:
                 return value
-        bound = f"> {above}" if above is not None else f">= {at_least}"
-        return ctx.error(path, f"must be a number {bound}, not {value!r}")
+        low = f"> {_plain(above)}" if above is not None else f">= {_plain(at_least)}"
+        return ctx.error(path, f"must be a number {low} and <= {_plain(hi)}, not {brief(value)}")
     return parse
+
+
+def _plain(bound):
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def seconds(at_least=None, above=None, hi=DAY_SECS):
+    return number(hi, above=above, at_least=at_least)
+
+
+def milliseconds(hi=DAY_SECS * 1000):
+    return integer(1, hi)
 
 
 def boolean(value, path, ctx):
     if isinstance(value, bool):
         return value
-    return ctx.error(path, f"must be true or false, not {value!r}")
+    return ctx.error(path, f"must be true or false, not {brief(value)}")
 
 
 def text(value, path, ctx):
     if isinstance(value, str) and value:
         return value
-    return ctx.error(path, f"must be a non-empty string, not {value!r}")
+    return ctx.error(path, f"must be a non-empty string, not {brief(value)}")
 
 
 def choice(*options):
     def parse(value, path, ctx):
         if value in options:
             return value
-        return ctx.error(path, f"must be one of {', '.join(options)}, not {value!r}")
+        return ctx.error(path, f"must be one of {', '.join(options)}, not {brief(value)}")
     return parse
 
 
@@ -113,36 +153,36 @@ def ip_literal(value, path, ctx):
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        return ctx.error(path, f"must be an IP address literal, not {value!r}")
+        return ctx.error(path, f"must be an IP address literal, not {brief(value)}")
 
 
 def http_url(value, path, ctx):
     if isinstance(value, str) and re.match(r"https?://[^/\s]+", value):
         return value.rstrip("/")
-    return ctx.error(path, f"must be an http:// or https:// URL, not {value!r}")
+    return ctx.error(path, f"must be an http:// or https:// URL, not {brief(value)}")
 
 
 def name_path(value, path, ctx):
     if isinstance(value, str) and value.startswith("/") and "{" not in value and "}" not in value:
         return value
-    return ctx.error(path, f"must be a name path starting with '/', not {value!r}")
+    return ctx.error(path, f"must be a name path starting with '/', not {brief(value)}")
 
 
 def dst_template(value, path, ctx):
     if not isinstance(value, str) or not value.startswith("/"):
-        return ctx.error(path, f"must be a name path starting with '/', not {value!r}")
+        return ctx.error(path, f"must be a name path starting with '/', not {brief(value)}")
     unknown = [p for p in _PLACEHOLDER.findall(value) if p not in PLACEHOLDERS]
     if unknown:
         return ctx.error(path, f"unknown placeholder {{{unknown[0]}}}; only {{sni}} is supported")
     if _PLACEHOLDER.sub("", value).count("{") or _PLACEHOLDER.sub("", value).count("}"):
-        return ctx.error(path, f"unbalanced braces in {value!r}")
+        return ctx.error(path, f"unbalanced braces in {brief(value)}")
     return value
 
 
 def dns_name(value, path, ctx):
     if isinstance(value, str) and re.fullmatch(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?", value):
         return value.lower()
-    return ctx.error(path, f"must be a DNS name, not {value!r}")
+    return ctx.error(path, f"must be a DNS name, not {brief(value)}")
 
 
 def existing(kind):
@@ -151,7 +191,7 @@ def existing(kind):
 
     def parse(value, path, ctx):
         if not isinstance(value, str) or not value:
-            return ctx.error(path, f"must be a {kind} path, not {value!r}")
+            return ctx.error(path, f"must be a {kind} path, not {brief(value)}")
         resolved = os.path.join(ctx.base_dir, os.path.expanduser(value))
         if not is_kind(resolved):
             return ctx.error(path, f"{kind} not found: {resolved}")
@@ -182,7 +222,7 @@ def map_of(key, item):
             return ctx.error(path, f"must be a mapping, not {type(value).__name__}")
         result = {}
         for k, v in value.items():
-            place = f"{path}[{k}]"
+            place = f"{path}[{_shorten(str(k))}]"
             parsed_key = key(k, place, ctx)
             parsed = item(v, place, ctx)
             if parsed_key is not INVALID and parsed is not INVALID:
@@ -206,7 +246,7 @@ def _build(cls, node, path, ctx, skip=()):
     before = len(ctx.errors)
     for key in node:
         if key not in known:
-            ctx.error(_join(path, str(key)), "unknown key" + _suggest(str(key), known))
+            ctx.error(_join(path, _shorten(str(key))), "unknown key" + _suggest(str(key), known))
     values = {}
     for key, f in fields.items():
         value = node.get(key)
@@ -224,7 +264,7 @@ def _build(cls, node, path, ctx, skip=()):
 
 def _suggest(key, known):
     by_case = [k for k in known if k.lower() == key.lower()]
-    close = by_case or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    close = by_case or (len(key) <= BRIEF_CHARS and difflib.get_close_matches(key, known, n=1, cutoff=0.6))
     return f" (did you mean {close[0]}?)" if close else f"; expected one of: {', '.join(known)}"
 
 
@@ -242,28 +282,40 @@ class Address:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
 
+def parse_port(text_value):
+    """A decimal port 1..65535 (ASCII digits only), or None."""
+    if text_value.isascii() and text_value.isdigit() and len(text_value) <= 5 and 0 < int(text_value) <= 65535:
+        return int(text_value)
+    return None
+
+
 def parse_address(text_value):
     """``"ip:port"`` or ``"[v6]:port"`` -> (ip, port); ValueError says why not."""
     if not isinstance(text_value, str):
-        raise ValueError(f"must be a string 'ip:port', not {text_value!r}")
-    host, sep, port = text_value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"must be 'ip:port', not {text_value!r}")
+        raise ValueError(f"must be a string 'ip:port', not {brief(text_value)}")
+    host, sep, port_text = text_value.rpartition(":")
+    if not sep:
+        raise ValueError(f"must be 'ip:port', not {brief(text_value)}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(f"brackets are for IPv6 addresses only, in {brief(text_value)}")
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, as '[{host}]:{port_text}', not {brief(text_value)}")
     try:
         ip = str(ipaddress.ip_address(host))
     except ValueError:
-        raise ValueError(f"{host!r} is not an IP address literal") from None
-    if not 0 < int(port) <= 65535:
-        raise ValueError(f"port must be 1..65535 in {text_value!r}")
-    return ip, int(port)
+        raise ValueError(f"{brief(host)} is not an IP address literal") from None
+    port = parse_port(port_text)
+    if port is None:
+        raise ValueError(f"port must be 1..65535 in {brief(text_value)}")
+    return ip, port
 
 
 @dataclass(frozen=True)
 class _AddressEntry:
     addr: str = _spec(text)
-    weight: float = _spec(number(above=0), 1.0)
+    weight: float = _spec(number(MAX_WEIGHT, above=0), 1.0)
 
 
 def weighted_address(value, path, ctx):
@@ -287,8 +339,8 @@ def weighted_address(value, path, ctx):
 class Admin:
     ip: str = _spec(ip_literal, "127.0.0.1")
     port: int = _spec(integer(0, 65535), 9989)
-    metrics_interval_secs: float = _spec(number(above=0), 10)
-    grace_secs: float = _spec(number(at_least=0), 10)
+    metrics_interval_secs: float = _spec(seconds(above=0), 10)
+    grace_secs: float = _spec(seconds(at_least=0), 10)
 
 
 @dataclass(frozen=True)
@@ -318,10 +370,10 @@ class Server:
     ip: str = _spec(ip_literal, "127.0.0.1")
     default_dst_name: Optional[str] = _spec(name_path, None)
     proxy_protocol: Optional[str] = _spec(choice("accept"), None)
-    connect_timeout_ms: int = _spec(integer(1), 10_000)
-    connection_lifetime_secs: Optional[float] = _spec(number(above=0), None)
-    idle_timeout_ms: Optional[int] = _spec(integer(1), None)
-    max_concurrency: int = _spec(integer(1), 100_000)
+    connect_timeout_ms: int = _spec(milliseconds(), 10_000)
+    connection_lifetime_secs: Optional[float] = _spec(seconds(above=0, hi=YEAR_SECS), None)
+    idle_timeout_ms: Optional[int] = _spec(milliseconds(YEAR_SECS * 1000), None)
+    max_concurrency: int = _spec(integer(1, MAX_COUNT), 100_000)
     tls: Optional[ServerTls] = _spec(server_tls, None)
 
     @property
@@ -334,7 +386,7 @@ class NamerdInterpreter:
     kind: str = _spec(text)
     base_url: str = _spec(http_url)
     namespace: str = _spec(text, "default")
-    period_secs: float = _spec(number(above=0), 20)
+    period_secs: float = _spec(seconds(at_least=MIN_PERIOD_SECS), 20)
     watch: bool = _spec(boolean, True)
 
 
@@ -348,7 +400,7 @@ class StaticInterpreter:
 class FsInterpreter:
     kind: str = _spec(text)
     root_dir: str = _spec(directory)
-    period_secs: float = _spec(number(above=0), 1)
+    period_secs: float = _spec(seconds(at_least=MIN_PERIOD_SECS), 1)
 
 
 INTERPRETERS = {
@@ -363,14 +415,14 @@ def interpreter(value, path, ctx):
         return ctx.error(path, f"must be a mapping, not {type(value).__name__}")
     kind = value.get("kind")
     if kind not in INTERPRETERS:
-        return ctx.error(_join(path, "kind"), f"must be one of {', '.join(INTERPRETERS)}, not {kind!r}")
+        return ctx.error(_join(path, "kind"), f"must be one of {', '.join(INTERPRETERS)}, not {brief(kind)}")
     return _build(INTERPRETERS[kind], value, path, ctx)
 
 
 @dataclass(frozen=True)
 class FailFast:
-    max_consecutive_failures: int = _spec(integer(1), 5)
-    failure_penalty_secs: float = _spec(number(above=0), 60)
+    max_consecutive_failures: int = _spec(integer(1, MAX_COUNT), 5)
+    failure_penalty_secs: float = _spec(seconds(above=0), 60)
 
 
 @dataclass(frozen=True)
@@ -383,9 +435,9 @@ class ClientTls:
 class ClientSettings:
     """How a router connects to the endpoints of one destination."""
 
-    connect_timeout_ms: int = _spec(integer(1), 500)
+    connect_timeout_ms: int = _spec(milliseconds(), 500)
     min_connections: int = _spec(integer(0, 10_000), 0)
-    max_waiters: int = _spec(integer(0), 1_000_000)
+    max_waiters: int = _spec(integer(0, MAX_COUNT), 1_000_000)
     fail_fast: FailFast = _spec(section(FailFast), FailFast())
     tls: Optional[ClientTls] = _spec(section(ClientTls), None)
     proxy_protocol: Optional[str] = _spec(choice("v1", "v2"), None)
@@ -490,26 +542,106 @@ def _check_unique(config, ctx):
 
 
 def _overlaps(a, b):
-    """Two binds to one port collide if the addresses match or one is a wildcard of the same family."""
-    if a == b:
+    """Whether binds to one port on ``a`` and ``b`` collide, as Linux decides it.
+
+    An IPv4-mapped IPv6 address is its IPv4 address, a wildcard takes every
+    address of its family, and the IPv6 wildcard (dual-stack) takes IPv4 too.
+    """
+    ip_a, ip_b = _bind_address(a), _bind_address(b)
+    if ip_a == ip_b:
         return True
-    ip_a, ip_b = ipaddress.ip_address(a), ipaddress.ip_address(b)
-    return ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
+    for wildcard, other in ((ip_a, ip_b), (ip_b, ip_a)):
+        if wildcard.is_unspecified and (wildcard.version == other.version or wildcard.version == 6):
+            return True
+    return False
+
+
+def _bind_address(text_value):
+    address = ipaddress.ip_address(text_value)
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 # -- loading -------------------------------------------------------------------
 
+class _LimitedLoader(yaml.SafeLoader):
+    """Safe YAML loading that refuses documents nested too deeply or expanding too far.
+
+    Aliases make a small file stand for a huge value (the "billion laughs"):
+    each node's size counts what its aliases expand to, and loading stops as
+    soon as the document would exceed ``MAX_NODES``.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes = {}  # id(node) -> expanded size; nodes stay alive until loading ends
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                self._refuse(f"nested more than {MAX_DEPTH} levels deep")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if id(node) not in self._sizes:
+            self._sizes[id(node)] = self._size(node)
+        if self._sizes[id(node)] > MAX_NODES:
+            self._refuse(f"expands to more than {MAX_NODES} values (YAML aliases)")
+        return node
+
+    def _size(self, node):
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag in (_INT_TAG, _FLOAT_TAG) and len(node.value) > MAX_NUMBER_CHARS:
+                self._refuse(f"a number longer than {MAX_NUMBER_CHARS} characters", node.start_mark)
+            return 1
+        if isinstance(node, yaml.SequenceNode):
+            return 1 + sum(self._sizes[id(child)] for child in node.value)
+        return 1 + sum(self._sizes[id(key)] + self._sizes[id(value)] for key, value in node.value)
+
+    def _refuse(self, problem, mark=None):
+        raise yaml.composer.ComposerError(None, None, problem, mark or self.peek_event().start_mark)
+
+
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+def _json_number(text_value):
+    if len(text_value) > MAX_NUMBER_CHARS:
+        raise ValueError(f"a number longer than {MAX_NUMBER_CHARS} characters")
+    return int(text_value) if text_value.lstrip("-").isdigit() else float(text_value)
+
+
+def _json_depth_ok(document):
+    """Whether a decoded JSON document nests at most ``MAX_DEPTH`` levels (no recursion)."""
+    level = [document]
+    for _ in range(MAX_DEPTH):
+        level = [child for node in level if isinstance(node, (dict, list))
+                 for child in (node.values() if isinstance(node, dict) else node)]
+        if not level:
+            return True
+    return not any(isinstance(node, (dict, list)) for node in level)
+
+
 def loads(source_text, source="<config>", base_dir="."):
     """Parse configuration text (JSON if it starts with ``{``, else YAML)."""
+    if len(source_text) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{source}: larger than {MAX_CONFIG_BYTES >> 20} MiB"], source)
     try:
         if source_text.lstrip().startswith("{"):
-            document = json.loads(source_text)
+            document = json.loads(source_text, parse_int=_json_number, parse_float=_json_number)
+            if not _json_depth_ok(document):
+                raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
         else:
-            document = yaml.safe_load(source_text)
+            document = yaml.load(source_text, Loader=_LimitedLoader)
     except json.JSONDecodeError as exc:
         raise ConfigError([f"{source}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"], source) from None
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_message(source, exc)], source) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: nested more than {MAX_DEPTH} levels deep"], source) from None
+    except ValueError as exc:  # a JSON number too long, or YAML's own conversion refusing one
+        raise ConfigError([f"{source}: {exc}"], source) from None
     if document is None:
         raise ConfigError([f"{source}: the configuration is empty"], source)
     ctx = _Context(base_dir)
@@ -526,10 +658,12 @@ def load(path):
     source = "<stdin>" if path == "-" else path
     try:
         if path == "-":
-            raw = sys.stdin.buffer.read()
+            raw = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
         else:
             with open(path, "rb") as f:
-                raw = f.read()
+                raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{source}: larger than {MAX_CONFIG_BYTES >> 20} MiB"], source)
         source_text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{source}: cannot read configuration: {exc.strerror or exc}"], source) from None

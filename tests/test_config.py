@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import time
 
 import hypothesis.strategies as st
 import pytest
@@ -98,15 +99,15 @@ def test_static_names_with_weights_and_ipv6():
     ((["routers", 0, "servers", 0, "dstName"], "/svc/{host}"), "unknown placeholder {host}"),
     ((["routers", 0, "servers", 0, "ip"], "localhost"), "routers[0].servers[0].ip: must be an IP address literal"),
     ((["routers", 0, "interpreter"], {"kind": "io.l5d.namerd.http", "baseUrl": "ftp://x"}), "baseUrl: must be an http:// or https:// URL"),
-    ((["routers", 0, "interpreter"], {"kind": "io.l5d.namerd.http", "baseUrl": "http://x", "periodSecs": 0}), "periodSecs: must be a number > 0"),
-    ((["routers", 0, "interpreter"], {"kind": "io.l5d.fs", "rootDir": "/no/such/dir", "periodSecs": -1}), "periodSecs: must be a number > 0"),
+    ((["routers", 0, "interpreter"], {"kind": "io.l5d.namerd.http", "baseUrl": "http://x", "periodSecs": 0}), "periodSecs: must be a number >= 0.05"),
+    ((["routers", 0, "interpreter"], {"kind": "io.l5d.fs", "rootDir": "/no/such/dir", "periodSecs": -1}), "periodSecs: must be a number >= 0.05"),
     ((["routers", 0, "interpreter"], {"kind": "io.l5d.nope"}), "routers[0].interpreter.kind: must be one of"),
     ((["routers", 0, "interpreter", "names", "/svc/a"], [{"addr": "127.0.0.1:1", "weight": 0}]), "weight: must be a number > 0"),
     ((["routers", 0, "interpreter", "names", "/svc/a"], [{"addr": "127.0.0.1:1", "weight": -2}]), "weight: must be a number > 0"),
     ((["routers", 0, "interpreter", "names", "/svc/a"], ["example.com:80"]), "is not an IP address literal"),
     ((["routers", 0, "client"], {"kind": "io.l5d.global", "prefix": "/svc"}), "routers[0].client.prefix: io.l5d.global applies to every name"),
     ((["routers", 0, "client"], {"kind": "io.l5d.static", "configs": [{"connectTimeoutMs": 1}]}), "routers[0].client.configs[0].prefix: is required"),
-    ((["routers", 0, "client", "failFast"], {"maxConsecutiveFailures": 0}), "maxConsecutiveFailures: must be an integer >= 1"),
+    ((["routers", 0, "client", "failFast"], {"maxConsecutiveFailures": 0}), "maxConsecutiveFailures: must be an integer 1..10000000"),
     ((["routers", 0, "client", "proxyProtocol"], "v3"), "proxyProtocol: must be one of v1, v2"),
     ((["routers", 0, "servers", 0, "tls"], {"defaultIdentity": {"privateKey": "/no/key.pem", "certs": ["/no/cert.pem"]}}), "privateKey: file not found: /no/key.pem"),
     ((["routers", 0, "servers", 0, "tls"], {"alpnProtocols": ["h2"]}), "tls: needs a defaultIdentity or at least one entry"),
@@ -117,6 +118,102 @@ def test_static_names_with_weights_and_ipv6():
 def test_each_bad_input_is_named(edit, expected):
     errors = errors_of(with_changes(edit))
     assert any(expected in e for e in errors), errors
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    # Each of these once made a running ltcp fail: overflow in the timer wheel,
+    # a stream stuck for its whole deadline, a silent thread death, a misrouting sum.
+    ((["routers", 0, "servers", 0, "connectionLifetimeSecs"], INF), "connectionLifetimeSecs: must be a number > 0 and <= 31536000, not inf"),
+    ((["routers", 0, "servers", 0, "connectionLifetimeSecs"], NAN), "connectionLifetimeSecs: must be a number"),
+    ((["routers", 0, "client", "failFast"], {"failurePenaltySecs": INF}), "failurePenaltySecs: must be a number > 0 and <= 86400"),
+    ((["admin"], {"graceSecs": INF}), "admin.graceSecs: must be a number >= 0 and <= 86400"),
+    ((["admin"], {"metricsIntervalSecs": 1e9}), "admin.metricsIntervalSecs: must be a number > 0 and <= 86400"),
+    ((["routers", 0, "interpreter"], {"kind": "io.l5d.fs", "rootDir": ".", "periodSecs": INF}), "periodSecs: must be a number >= 0.05 and <= 86400"),
+    ((["routers", 0, "interpreter"], {"kind": "io.l5d.fs", "rootDir": ".", "periodSecs": 1e-9}), "periodSecs: must be a number >= 0.05"),
+    ((["routers", 0, "interpreter", "names", "/svc/a"], [{"addr": "127.0.0.1:1", "weight": 1e308}]), "weight: must be a number > 0 and <= 1000000"),
+    ((["routers", 0, "servers", 0, "connectTimeoutMs"], 10 ** 30), "connectTimeoutMs: must be an integer 1..86400000"),
+    ((["routers", 0, "servers", 0, "idleTimeoutMs"], 10 ** 12), "idleTimeoutMs: must be an integer 1..31536000000"),
+    ((["routers", 0, "servers", 0, "maxConcurrency"], 10 ** 9), "maxConcurrency: must be an integer 1..10000000"),
+    ((["routers", 0, "client", "maxWaiters"], 10 ** 9), "maxWaiters: must be an integer 0..10000000"),
+    ((["routers", 0, "interpreter", "names", "/svc/a"], ["::1:25601"]), "write an IPv6 address in brackets, as '[::1]:25601'"),
+    ((["routers", 0, "interpreter", "names", "/svc/a"], ["[127.0.0.1]:80"]), "brackets are for IPv6 addresses only"),
+    ((["routers", 0, "interpreter", "names", "/svc/a"], ["127.0.0.1:\u00b2"]), "port must be 1..65535"),
+    ((["routers", 0, "interpreter", "names", "/svc/a"], ["127.0.0.1:" + "9" * 40]), "port must be 1..65535"),
+])
+def test_every_number_has_a_finite_range(edit, expected):
+    errors = errors_of(with_changes(edit))
+    assert any(expected in e for e in errors), errors
+
+
+def test_yaml_infinities_are_refused():
+    text = yaml.safe_dump(MINIMAL).replace("dstName: /svc/a", "dstName: /svc/a\n    connectionLifetimeSecs: .inf")
+    assert "connectionLifetimeSecs: must be a number > 0 and <= 31536000, not inf" in errors_of(text)[0]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[" * 20_000, "cfg.yaml:1:65: YAML syntax error: nested more than 64 levels deep"),
+    ('{"a":' + "[" * 100_000, "cfg.yaml: nested more than 64 levels deep"),
+    ('{"a":' + "[" * 70 + "]" * 70 + "}", "cfg.yaml: nested more than 64 levels deep"),
+    ("routers: " + "9" * 5000, "cfg.yaml:1:10: YAML syntax error: a number longer than 100 characters"),
+    ('{"routers": ' + "9" * 5000 + "}", "cfg.yaml: a number longer than 100 characters"),
+])
+def test_parser_limits_give_one_clear_line(text, expected):
+    errors = errors_of(text)
+    assert expected in errors[0], errors
+
+
+def test_an_alias_bomb_is_refused_quickly():
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdef", "bcdefg"):
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    lines.append("routers: [{label: *g}]")
+    text = "\n".join(lines)
+    assert len(text) < 500
+    started = time.monotonic()
+    errors = errors_of(text)
+    assert time.monotonic() - started < 2
+    assert errors == ["cfg.yaml:8:1: YAML syntax error: expands to more than 1000000 values (YAML aliases)"]
+
+
+def test_errors_never_repeat_a_huge_value():
+    errors = errors_of(with_changes((["routers", 0, "label"], [["x" * 1000] * 1000] * 10)))
+    assert len(errors[0]) < 300, errors[0]
+
+
+def test_anchors_for_shared_settings_still_work():
+    text = yaml.safe_dump(MINIMAL) + "admin: &admin {port: 9000}\n"
+    assert loads(text).admin.port == 9000
+
+
+def test_oversized_files_are_refused(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("# padding\n" * 500_000)
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert info.value.errors == [f"{path}: larger than 4 MiB"]
+
+
+@pytest.mark.parametrize("first, second", [
+    ("0.0.0.0", "::"),
+    ("127.0.0.1", "::"),
+    ("127.0.0.1", "::ffff:127.0.0.1"),
+    ("::1", "::"),
+    ("0.0.0.0", "10.1.2.3"),
+])
+def test_listener_clashes_that_linux_would_refuse(first, second):
+    doc = with_changes((["routers", 0, "servers"], [{"port": 7000, "ip": first, "dstName": "/a"},
+                                                    {"port": 7000, "ip": second, "dstName": "/b"}]))
+    assert any("is already used by routers[0].servers[0]" in e for e in errors_of(doc))
+
+
+@pytest.mark.parametrize("first, second", [("127.0.0.1", "127.0.0.2"), ("::1", "127.0.0.1"), ("0.0.0.0", "::1")])
+def test_listeners_that_can_share_a_port(first, second):
+    doc = with_changes((["routers", 0, "servers"], [{"port": 7000, "ip": first, "dstName": "/a"},
+                                                    {"port": 7000, "ip": second, "dstName": "/b"}]))
+    assert len(loads(yaml.safe_dump(doc)).routers[0].servers) == 2
 
 
 def test_duplicate_labels_and_listeners():

@@ -9,12 +9,11 @@ resolves to nothing.
 
 import ipaddress
 import logging
-import math
 import os
 import queue
 import threading
 
-from ..config import Address
+from ..config import MAX_WEIGHT, Address, parse_port
 
 __all__ = ["FsInterpreter", "parse_addresses", "name_to_path"]
 
@@ -40,7 +39,8 @@ def parse_addresses(text, source="<fs>"):
         except ValueError:
             problems.append(f"{where}: {fields[0]!r} is not an IP address literal")
             continue
-        if not fields[1].isdigit() or not 0 < int(fields[1]) <= 65535:
+        port = parse_port(fields[1])
+        if port is None:
             problems.append(f"{where}: port must be 1..65535, not {fields[1]!r}")
             continue
         weight = 1.0
@@ -49,15 +49,15 @@ def parse_addresses(text, source="<fs>"):
                 weight = float(fields[2])
             except ValueError:
                 weight = -1.0
-            if not (weight > 0 and math.isfinite(weight)):
-                problems.append(f"{where}: weight must be a number > 0, not {fields[2]!r}")
+            if not 0 < weight <= MAX_WEIGHT:
+                problems.append(f"{where}: weight must be a number > 0 and <= {MAX_WEIGHT:g}, not {fields[2]!r}")
                 continue
-        key = (ip, int(fields[1]))
+        key = (ip, port)
         if key in seen:
             problems.append(f"{where}: {fields[0]} {fields[1]} is listed twice; the first entry is kept")
             continue
         seen.add(key)
-        addresses.append(Address(ip, int(fields[1]), weight))
+        addresses.append(Address(ip, port, weight))
     return addresses, problems
 
 

@@ -29,7 +29,7 @@ import weakref
 
 import urllib3
 
-from ..config import Address
+from ..config import MAX_WEIGHT, Address
 from ..histogram import LATENCY_BUCKETS, Histogram
 
 __all__ = ["NamerdInterpreter", "NamerdError", "ObjectStream", "parse_answer"]
@@ -100,8 +100,8 @@ def _address(entry):
         raise NamerdError(f"port must be an integer 1..65535, not {port!r}")
     meta = entry.get("meta") or {}
     weight = meta.get("endpoint_addr_weight", 1.0) if isinstance(meta, dict) else 1.0
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < float("inf"):
-        raise NamerdError(f"endpoint_addr_weight must be a number > 0, not {weight!r}")
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight <= MAX_WEIGHT:
+        raise NamerdError(f"endpoint_addr_weight must be a number > 0 and <= {MAX_WEIGHT:g}, not {weight!r}")
     return Address(ip, port, float(weight))
 
 

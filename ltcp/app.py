@@ -9,6 +9,7 @@ from .admin import AdminServer
 from .loop import Reactor
 from .router import Router
 from .server import StreamBudget
+from .tls import TlsMaterialError
 
 __all__ = ["App", "serve"]
 
@@ -115,7 +116,11 @@ class App:
 
 def serve(config):
     """Serve until drained (SIGTERM, SIGINT, /shutdown); the process exit status."""
-    app = App(config)
+    try:
+        app = App(config)
+    except TlsMaterialError as exc:  # a file changed since it was checked
+        log.error("cannot start: %s", exc)
+        return 2
     try:
         app.start()
         admin = AdminServer(app, config.admin)

@@ -7,6 +7,7 @@ import sys
 
 from . import __version__
 from .config import ConfigError, load
+from .tls import material_problems
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -32,6 +33,13 @@ def summary(config):
             f"{servers} server{'s' * (servers != 1)}, interpreters: {', '.join(kinds)}")
 
 
+def _refuse(name, errors):
+    """Print one line per problem, each starting with the file's name; the exit status."""
+    for line in errors:
+        print(line if line.startswith(name) else f"{name}: {line}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     if args.log_level not in LEVELS:
@@ -39,13 +47,14 @@ def main(argv=None):
         return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = "<stdin>" if args.config == "-" else args.config
     try:
         config = load(args.config)
     except ConfigError as exc:
-        name = "<stdin>" if args.config == "-" else args.config
-        for line in exc.errors:
-            print(line if line.startswith(name) else f"{name}: {line}", file=sys.stderr)
-        return 2
+        return _refuse(name, exc.errors)
+    problems = material_problems(config)
+    if problems:
+        return _refuse(name, problems)
     if args.check:
         print(f"ok: {summary(config)}")
         return 0

@@ -10,6 +10,7 @@ across TCP segments), stops at ``MAX_HELLO_BYTES``, and reports one of:
 * ``HELLO``      — a complete ClientHello; ``server_name`` is its SNI or None
 """
 
+import base64
 import os
 import re
 import ssl
@@ -17,7 +18,8 @@ import tempfile
 from typing import NamedTuple, Optional
 
 __all__ = ["ClientHello", "parse_client_hello", "normalize_server_name", "server_context",
-           "client_context", "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
+           "client_context", "material_problems", "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED",
+           "HELLO"]
 
 NEED_MORE, NOT_TLS, MALFORMED, HELLO = "need_more", "not_tls", "malformed", "hello"
 MAX_HELLO_BYTES = 16 * 1024  # the whole ClientHello handshake message, across records
@@ -147,23 +149,89 @@ def normalize_server_name(name):
 
 # -- contexts ------------------------------------------------------------------------
 
+class TlsMaterialError(ValueError):
+    """A key or certificate file ltcp cannot use; the message names the file and why."""
+
+
+MAX_PEM_BYTES = 1 << 20
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
+
+
+def _pem_blocks(path):
+    """[(label, body)] of the PEM blocks in a file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PEM_BYTES + 1)
+    except OSError as exc:
+        raise TlsMaterialError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise TlsMaterialError(f"{path}: larger than {MAX_PEM_BYTES >> 20} MiB; not a PEM file")
+    return [(label.decode(), body) for label, body in _PEM_BLOCK.findall(data)]
+
+
+def check_certificates(path):
+    """Refuse a file that does not hold only well-formed PEM certificates (at least one)."""
+    certificates = [body for label, body in _pem_blocks(path) if label == "CERTIFICATE"]
+    if not certificates:
+        raise TlsMaterialError(f"{path}: holds no PEM certificate")
+    for index, body in enumerate(certificates):
+        try:
+            der = base64.b64decode(body, validate=False)
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)
+        except (ValueError, ssl.SSLError):
+            raise TlsMaterialError(f"{path}: certificate {index + 1} is not a valid X.509 certificate") from None
+
+
+def check_private_key(path):
+    """Refuse a file without a usable private key, saying what it holds instead."""
+    blocks = _pem_blocks(path)
+    labels = {label for label, _ in blocks}
+    if "ENCRYPTED PRIVATE KEY" in labels or any(b"ENCRYPTED" in body.split(b"\n\n")[0]
+                                                for label, body in blocks if label.endswith("PRIVATE KEY")):
+        raise TlsMaterialError(f"{path}: the private key is encrypted; ltcp needs it unencrypted "
+                               "(protect the file with permissions instead)")
+    if not any(label.endswith("PRIVATE KEY") for label in labels):
+        if "CERTIFICATE" in labels:
+            raise TlsMaterialError(f"{path}: holds a certificate, not a private key")
+        raise TlsMaterialError(f"{path}: holds no PEM private key")
+
+
+def _no_password():
+    raise TlsMaterialError("the private key is encrypted")
+
+
 def _harden(context):
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION
 
 
 def _load_identity(context, identity):
-    """Load a key and its certificate chain, given as one or more PEM files."""
-    if len(identity.certs) == 1:
-        context.load_cert_chain(identity.certs[0], identity.private_key)
-        return
+    """Load a key and its certificate chain, given as one or more PEM files.
+
+    Each file is checked first, so that a mistake is reported with its file
+    and reason rather than as OpenSSL's "PEM lib".
+    """
+    for path in identity.certs:
+        check_certificates(path)
+    check_private_key(identity.private_key)
     with tempfile.TemporaryDirectory(prefix="ltcp-") as directory:
-        chain = os.path.join(directory, "chain.pem")
-        with open(chain, "wb") as out:
-            for path in identity.certs:
-                with open(path, "rb") as part:
-                    out.write(part.read().rstrip(b"\n") + b"\n")
-        context.load_cert_chain(chain, identity.private_key)
+        chain = identity.certs[0]
+        if len(identity.certs) > 1:
+            chain = os.path.join(directory, "chain.pem")
+            with open(chain, "wb") as out:
+                for path in identity.certs:
+                    with open(path, "rb") as part:
+                        out.write(part.read().rstrip(b"\n") + b"\n")
+        try:
+            context.load_cert_chain(chain, identity.private_key, password=_no_password)
+        except TlsMaterialError as exc:
+            raise TlsMaterialError(f"{identity.private_key}: {exc}") from None
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise TlsMaterialError(f"{identity.private_key}: does not match the certificate in "
+                                       f"{identity.certs[0]}") from None
+            raise TlsMaterialError(f"{identity.private_key} with {identity.certs[0]}: "
+                                   f"{exc.reason or exc}") from None
 
 
 def _server_side(identity, alpn):
@@ -233,8 +301,46 @@ def client_context(client_tls):
         _harden(context)
         if client_tls.trust_certs:
             for path in client_tls.trust_certs:
+                check_certificates(path)
                 context.load_verify_locations(cafile=path)
         else:
             context.load_default_certs()
         context = _client_contexts[client_tls] = context
     return context
+
+
+def material_problems(config):
+    """Build every TLS context ``config`` names; one line per failure, naming its place and file.
+
+    ``--check`` runs this, and so does ``serve`` before it opens anything, so a
+    configuration that passes the check starts.
+    """
+    problems = []
+    for i, router in enumerate(config.routers):
+        for j, server in enumerate(router.servers):
+            if server.tls is not None:
+                place = f"routers[{i}].servers[{j}].tls"
+                identities = [(f"{place}.identities[{name}]", identity)
+                              for name, identity in server.tls.identities.items()]
+                if server.tls.default_identity is not None:
+                    identities.insert(0, (f"{place}.defaultIdentity", server.tls.default_identity))
+                for where, identity in identities:
+                    problems += _problem(where, _server_side, identity, server.tls.alpn_protocols)
+        client = router.client
+        settings = [(f"routers[{i}].client.tls", client.tls)]
+        settings += [(f"routers[{i}].client.configs[{k}].tls", prefixed.overrides.get("tls"))
+                     for k, prefixed in enumerate(client.configs)]
+        for where, client_tls in settings:
+            if client_tls is not None:
+                problems += _problem(where, client_context, client_tls)
+    return problems
+
+
+def _problem(where, build, *args):
+    try:
+        build(*args)
+    except TlsMaterialError as exc:
+        return [f"{where}: {exc}"]
+    except ssl.SSLError as exc:  # what the checks above did not foresee, still one line
+        return [f"{where}: {exc.reason or exc}"]
+    return []

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from ltcp import __version__
 
@@ -69,3 +70,55 @@ def test_bad_log_level_from_environment():
     result = subprocess.run([sys.executable, "-m", "ltcp", "--check", str(FIXTURES / "linkerd-tcp-example.yml")],
                             capture_output=True, text=True, timeout=30, env={"LTCP_LOG": "loud", "PATH": ""})
     assert result.returncode == 2 and "LTCP_LOG" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    """Good and broken TLS files: each broken one once passed --check and crashed serve."""
+    import trustme
+
+    root = tmp_path_factory.mktemp("material")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    good, other = ca.issue_cert("a.example"), other_ca.issue_cert("b.example")
+    good.private_key_pem.write_to_path(str(root / "key.pem"))
+    good.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
+    other.private_key_pem.write_to_path(str(root / "other-key.pem"))
+    ca.cert_pem.write_to_path(str(root / "ca.pem"))
+    subprocess.run(["openssl", "pkey", "-in", str(root / "key.pem"), "-aes256", "-passout", "pass:secret",
+                    "-out", str(root / "encrypted-key.pem")], check=True, capture_output=True)
+    (root / "junk.pem").write_text("this is not PEM at all\n")
+    (root / "bad-cert.pem").write_text("-----BEGIN CERTIFICATE-----\nTm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    return root
+
+
+def tls_document(root, key="key.pem", certs=("cert.pem",), trust=None):
+    server = {"port": 0, "dstName": "/svc/a",
+              "tls": {"defaultIdentity": {"privateKey": str(root / key), "certs": [str(root / c) for c in certs]}}}
+    router = {"label": "r", "interpreter": {"kind": "io.l5d.static", "names": {}}, "servers": [server]}
+    if trust:
+        router["client"] = {"tls": {"dnsName": "a.example", "trustCerts": [str(root / trust)]}}
+    return yaml.safe_dump({"admin": {"port": 0}, "routers": [router]})
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"key": "other-key.pem"}, "defaultIdentity: {root}/other-key.pem: does not match the certificate in {root}/cert.pem"),
+    ({"key": "encrypted-key.pem"}, "defaultIdentity: {root}/encrypted-key.pem: the private key is encrypted"),
+    ({"key": "cert.pem"}, "defaultIdentity: {root}/cert.pem: holds a certificate, not a private key"),
+    ({"key": "junk.pem"}, "defaultIdentity: {root}/junk.pem: holds no PEM private key"),
+    ({"certs": ("junk.pem",)}, "defaultIdentity: {root}/junk.pem: holds no PEM certificate"),
+    ({"certs": ("cert.pem", "junk.pem")}, "defaultIdentity: {root}/junk.pem: holds no PEM certificate"),
+    ({"certs": ("bad-cert.pem",)}, "defaultIdentity: {root}/bad-cert.pem: certificate 1 is not a valid X.509"),
+    ({"trust": "junk.pem"}, "routers[0].client.tls: {root}/junk.pem: holds no PEM certificate"),
+])
+@pytest.mark.parametrize("command", [["--check"], []])
+def test_bad_tls_material_is_one_line_naming_the_file(material, files, expected, command):
+    result = ltcp(*command, "-", stdin=tls_document(material, **files))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected.format(root=material) in lines[0], lines
+
+
+def test_good_tls_material_passes_check(material):
+    result = ltcp("--check", "-", stdin=tls_document(material, certs=("cert.pem", "ca.pem"), trust="ca.pem"))
+    assert result.returncode == 0, result.stderr

@@ -114,6 +114,35 @@ class App:
             self.reactor.close()
 
 
+# Signals an operator or a service manager may send that ltcp gives no meaning
+# yet: without a handler each would end the process at once, cutting every stream.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
+
+
+def _install_signal_handlers(app):
+    """SIGTERM and SIGINT drain (a second SIGINT exits at once); the rest are logged and ignored.
+
+    Handlers run on the main thread between two bytecodes of the reactor, so
+    they only queue work for it; the reactor does the logging.
+    """
+    interrupted = []
+
+    def drain(signum, frame):
+        if signum == signal.SIGINT and interrupted:
+            os._exit(130)  # a second Ctrl-C: stop waiting for streams
+        interrupted.append(signum)
+        app.request_drain()
+
+    def ignore(signum, frame):
+        app.reactor.call_soon_threadsafe(
+            log.warning, "received %s: it has no meaning for ltcp yet; ignored", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, ignore)
+
+
 def serve(config):
     """Serve until drained (SIGTERM, SIGINT, /shutdown); the process exit status."""
     try:
@@ -128,16 +157,7 @@ def serve(config):
         app.close()
         log.error("cannot start: %s", exc.strerror or exc)
         return 2
-    interrupted = []
-
-    def on_signal(signum, frame):
-        if signum == signal.SIGINT and interrupted:
-            os._exit(130)  # a second Ctrl-C: stop waiting for streams
-        interrupted.append(signum)
-        app.request_drain()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    _install_signal_handlers(app)
     admin.start()
     try:
         app.run()

@@ -1,14 +1,18 @@
-"""io.l5d.fs: the address file parser and the mapping of names to files."""
+"""io.l5d.fs: the address file parser, the mapping of names to files, and following files safely."""
 
 import logging
 import os
 import threading
+import time
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import given
 
 from ltcp.config import Address
+from ltcp.interpreter import fs as fs_module
 from ltcp.interpreter.fs import FsInterpreter, name_to_path, parse_addresses
+from netutil import named
 
 
 def test_parse_lines_weights_comments():
@@ -82,3 +86,120 @@ def test_watch_delivers_changes_and_refuses_escapes(tmp_path, caplog):
     finally:
         interpreter.close()
     assert not interpreter._thread.is_alive()
+
+
+class Deliveries:
+    """Collects what an interpreter delivers for one name, and lets a test wait for it."""
+
+    def __init__(self):
+        self.updates = []
+        self.changed = threading.Condition()
+
+    def __call__(self, addresses):
+        with self.changed:
+            self.updates.append(addresses)
+            self.changed.notify_all()
+
+    def wait(self, count=1, timeout=5):
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.updates) >= count, timeout), self.updates
+            return self.updates[count - 1]
+
+
+@pytest.fixture
+def fs(tmp_path):
+    interpreter = FsInterpreter(str(tmp_path), 0.05)
+    interpreter.start()
+    yield interpreter
+    interpreter.close()
+    assert not interpreter._thread.is_alive()
+
+
+def test_a_fifo_fails_fast_and_never_blocks_other_names(fs, tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "web").write_text("127.0.0.1 80\n")
+    pipe, web = Deliveries(), Deliveries()
+    fs.watch("/svc/pipe", pipe)
+    assert pipe.wait() is None
+    fs.watch("/svc/web", web)
+    assert web.wait() == [Address("127.0.0.1", 80, 1.0)]
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink loop", "too big"])
+def test_names_that_can_never_resolve_fail_fast_and_warn_once(fs, tmp_path, caplog, kind):
+    if kind == "directory":
+        (tmp_path / "web").mkdir()
+    elif kind == "symlink loop":
+        os.symlink(tmp_path / "web", tmp_path / "web2")
+        os.symlink(tmp_path / "web2", tmp_path / "web")
+    else:
+        (tmp_path / "web").write_bytes(b"# padding\n" * 200_000)
+    web, other = Deliveries(), Deliveries()
+    with caplog.at_level(logging.WARNING, logger="ltcp"):
+        fs.watch("/svc/web", web)
+        assert web.wait() is None
+        for round_ in range(1, 6):  # five more looks at every file, each after a period
+            (tmp_path / f"other{round_}").write_text("127.0.0.1 80\n")
+            fs.watch(f"/svc/other{round_}", other)
+            other.wait(round_)
+    warnings = [r for r in caplog.records if "io.l5d.fs: /svc/web" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert web.updates == [None]
+
+
+def test_a_resolved_name_keeps_its_set_when_its_file_breaks(fs, tmp_path):
+    (tmp_path / "web").write_text("127.0.0.1 80\n")
+    web = Deliveries()
+    fs.watch("/svc/web", web)
+    assert web.wait() == [Address("127.0.0.1", 80, 1.0)]
+    (tmp_path / "web").unlink()
+    (tmp_path / "web").mkdir()
+    (tmp_path / "probe").write_text("127.0.0.1 81\n")
+    probe = Deliveries()
+    fs.watch("/svc/probe", probe)
+    probe.wait()
+    time.sleep(fs_module.VANISH_SECS + 0.2)  # a window in which nothing may be delivered
+    assert web.updates == [[Address("127.0.0.1", 80, 1.0)]]
+
+
+def test_a_deleted_file_empties_the_set_once_it_stays_deleted(fs, tmp_path):
+    (tmp_path / "web").write_text("127.0.0.1 80\n")
+    web = Deliveries()
+    fs.watch("/svc/web", web)
+    web.wait()
+    deleted = time.monotonic()
+    (tmp_path / "web").unlink()
+    assert web.wait(2) is None
+    assert time.monotonic() - deleted >= fs_module.VANISH_SECS
+
+
+def test_rewrites_in_place_never_fail_a_client(proxies, backends, tmp_path):
+    a, b = backends(named("a")), backends(named("b"))
+    path = tmp_path / "web"
+    path.write_text(f"127.0.0.1 {a.port}\n")
+    proxy = proxies({"routers": [{
+        "label": "fs", "interpreter": {"kind": "io.l5d.fs", "rootDir": str(tmp_path), "periodSecs": 0.05},
+        "servers": [{"port": 0, "dstName": "/svc/web", "connectTimeoutMs": 2000}]}]})
+    with proxy.connect() as c:
+        assert c.recv(2) == b"a\n"
+    done = threading.Event()
+
+    def rewrite():
+        for i in range(1, 11):  # a writer that truncates, then takes its time to write
+            with open(path, "w") as f:
+                f.flush()
+                time.sleep(0.04)
+                f.write(f"127.0.0.1 {(a, b)[i % 2].port}\n")
+            time.sleep(0.2)
+        done.set()
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    answers = []
+    while not done.is_set():
+        with proxy.connect() as c:
+            answers.append(c.recv(2))
+    writer.join()
+    assert answers.count(b"a\n") > 10 and answers.count(b"b\n") > 10  # every change was followed
+    assert set(answers) == {b"a\n", b"b\n"}, [x for x in answers if x not in (b"a\n", b"b\n")][:3]
+    assert proxy.listener.failures == {}

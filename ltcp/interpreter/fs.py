@@ -4,14 +4,16 @@
 namespace and is dropped).  Each line is ``ip port [weight]``; ``#`` starts a
 comment.  One thread checks every watched file each ``periodSecs`` and
 delivers a name's addresses when they change; a deleted file means the name
-resolves to nothing.
+resolves to nothing (once it has stayed deleted for ``VANISH_SECS``).
 """
 
 import ipaddress
 import logging
 import os
 import queue
+import stat
 import threading
+import time
 
 from ..config import MAX_WEIGHT, Address, parse_port
 
@@ -77,18 +79,39 @@ def name_to_path(root, name):
     return path
 
 
+SETTLE_SECS = 0.1  # a file is read once it has not changed for this long
+VANISH_SECS = 1.0  # a non-empty set becomes "nothing" only if that lasts this long
+
+
+class Unresolvable(Exception):
+    """A name whose file can never give addresses (a directory, a FIFO, a loop, too big)."""
+
+
 class _Watch:
-    __slots__ = ("name", "path", "deliver", "signature", "addresses")
+    """One watched name: what was last delivered, and what the file looked like then."""
+
+    __slots__ = ("name", "path", "deliver", "signature", "addresses", "seen", "problem")
 
     def __init__(self, name, path, deliver):
         self.name = name
         self.path = path
         self.deliver = deliver
-        self.signature = ()  # never matches a real stat: the first check always reads
-        self.addresses = ()
+        self.signature = ()  # the stat signature last applied; () never matches, so the first look reads
+        self.addresses = ()  # what was last delivered; () = nothing yet
+        self.seen = None  # (outcome, monotonic time first seen) of a change not applied yet
+        self.problem = None  # the last problem logged, so each is logged once per change
 
 
 class FsInterpreter:
+    """Follows one file per name from one thread.
+
+    A file is read only once it has settled (unchanged for ``SETTLE_SECS``),
+    so a rewrite in place is never read half-written; and a name that had
+    addresses loses them only when the file has been gone or empty for
+    ``VANISH_SECS``.  Only regular files are opened, without blocking, so a
+    FIFO or device a client names through SNI cannot stall the thread.
+    """
+
     def __init__(self, root_dir, period_secs):
         self.root_dir = root_dir
         self.period = period_secs
@@ -113,6 +136,7 @@ class FsInterpreter:
 
     def unwatch(self, name):
         self._new.put(name)
+        self._wake.set()
 
     def close(self):
         self._closing = True
@@ -128,42 +152,89 @@ class FsInterpreter:
                     self._watches.pop(watch, None)
                 else:
                     self._watches[watch.name] = watch
+            wait = self.period
             for watch in self._watches.values():
-                self._check(watch)
-            self._wake.wait(self.period)
+                try:
+                    wait = min(wait, self._check(watch))
+                except Exception:  # a bug must not end discovery for every name
+                    log.exception("io.l5d.fs: checking %s failed", watch.path)
+            self._wake.wait(wait)
             self._wake.clear()
 
     def _check(self, watch):
+        """Look at one file; the seconds until it wants another look."""
         try:
             st = os.stat(watch.path)
-            signature = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
-            signature = None
-        except OSError as exc:
-            log.warning("io.l5d.fs: cannot stat %s: %s", watch.path, exc.strerror)
-            return
+            return self._settle(watch, None, None)
+        except OSError as exc:  # a symlink loop, a name too long, no permission
+            return self._unresolvable(watch, f"cannot stat {watch.path}: {exc.strerror}")
+        signature = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
         if signature == watch.signature:
-            return
+            return self.period
+        age = time.time() - max(st.st_mtime, st.st_ctime)
+        if age < SETTLE_SECS and not self._seen_for(watch, signature, SETTLE_SECS):
+            return SETTLE_SECS - max(age, 0.0)  # still being written, perhaps
+        try:
+            addresses = self._read(watch.path, signature)
+        except Unresolvable as exc:
+            return self._unresolvable(watch, str(exc))
+        if addresses is None:
+            return SETTLE_SECS  # it changed while we read it
+        return self._settle(watch, signature, addresses)
+
+    def _settle(self, watch, signature, addresses):
+        """Apply what the file says now, unless it takes every address away too soon."""
+        if not addresses and watch.addresses and not self._seen_for(watch, ("nothing", signature), VANISH_SECS):
+            return VANISH_SECS / 4
+        self._apply(watch, signature, addresses or None)
+        return self.period
+
+    def _seen_for(self, watch, outcome, seconds):
+        """Whether ``outcome`` has been seen on every look for at least ``seconds``."""
+        now = time.monotonic()
+        if watch.seen is None or watch.seen[0] != outcome:
+            watch.seen = (outcome, now)
+        return now - watch.seen[1] >= seconds
+
+    def _unresolvable(self, watch, problem):
+        """Warn once per problem; a name never resolved fails fast, a resolved one keeps its set."""
+        if problem != watch.problem:
+            watch.problem = problem
+            kept = "; keeping its last addresses" if watch.addresses else ""
+            log.warning("io.l5d.fs: %s: %s%s", watch.name, problem, kept)
+        if watch.addresses == ():
+            self._apply(watch, watch.signature, None)
+        return self.period
+
+    def _apply(self, watch, signature, addresses):
         watch.signature = signature
-        if signature is None:
-            addresses = None
-        else:
-            addresses = self._read(watch.path)
-            if addresses is None:
-                return
+        watch.seen = None
+        if signature is not None and addresses is not None:
+            watch.problem = None
         if addresses != watch.addresses:
             watch.addresses = addresses
-            watch.deliver(addresses or None)
+            watch.deliver(addresses)
 
-    def _read(self, path):
+    def _read(self, path, signature):
+        """The file's addresses; None if it changed while being read; Unresolvable if it never can."""
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            log.warning("io.l5d.fs: cannot read %s: %s", path, exc.strerror)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
             return None
-        if len(data) > MAX_FILE_BYTES:
-            log.warning("io.l5d.fs: %s is larger than %d bytes; ignored", path, MAX_FILE_BYTES)
+        except OSError as exc:
+            raise Unresolvable(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Unresolvable(f"{path} is not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise Unresolvable(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
+        if (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino) != signature or len(data) != st.st_size:
             return None
         addresses, problems = parse_addresses(data.decode("utf-8", "replace"), path)
         for problem in problems:

@@ -388,6 +388,7 @@ class NamerdInterpreter:
     namespace: str = _spec(text, "default")
     period_secs: float = _spec(seconds(at_least=MIN_PERIOD_SECS), 20)
     watch: bool = _spec(boolean, True)
+    max_answer_bytes: int = _spec(integer(1024, 64 << 20), 4 << 20)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Real-socket helpers for the tests: backends, a proxy runner, waiting on conditions."""
 
 import concurrent.futures
+import functools
 import os
 import re
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -51,6 +53,28 @@ def recv_exactly(sock, n):
         assert chunk, f"closed after {len(data)} of {n} bytes"
         data += chunk
     return data
+
+
+@functools.lru_cache(maxsize=None)
+def _hello_context(alpn):
+    """A client context like a real one, minus the trust store (its hello is the same, 40 ms cheaper)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return context
+
+
+def client_hello(server_name, alpn=None):
+    """The first bytes a real Python TLS client sends."""
+    context = _hello_context(tuple(alpn or ()))
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return outgoing.read()
+    raise AssertionError("a handshake cannot finish without the server")
 
 
 def cpu_seconds(pid):

@@ -7,24 +7,12 @@ import pytest
 from hypothesis import given, settings
 
 from ltcp.tls import HELLO, MALFORMED, NEED_MORE, NOT_TLS, normalize_server_name, parse_client_hello
+from netutil import client_hello
 
 labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 # A name that parses as an IP address is never sent as SNI (RFC 6066), so end on letters.
 hostnames = st.tuples(st.lists(labels, min_size=1, max_size=3), st.from_regex(r"[a-z]{2,6}", fullmatch=True)).map(
     lambda parts: ".".join([*parts[0], parts[1]]))
-
-
-def client_hello(server_name, alpn=None):
-    """The first bytes a real Python TLS client sends."""
-    context = ssl.create_default_context()
-    if alpn:
-        context.set_alpn_protocols(alpn)
-    if server_name is None:
-        context.check_hostname = False
-    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def refragment(hello, sizes):

@@ -12,7 +12,7 @@ from hypothesis import given
 from ltcp.config import Address
 from ltcp.interpreter.namerd import NamerdError, NamerdInterpreter, ObjectStream, parse_answer
 from ltcp.testing.namerd import NamerdServer, bound
-from netutil import named, recv_all, wait_for
+from netutil import client_hello, named, recv_all, wait_for
 
 
 # -- pure parsing ------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_300_names_stay_within_the_thread_bound_and_converge(namerd):
         wait_for(lambda: all(latest[n] == [Address("127.0.0.1", 2000 + i)] for i, n in enumerate(names)),
                  timeout=20, message="all 300 names converged")
         namerd_threads = [t for t in threading.enumerate() if t.name.startswith("ltcp-namerd")]
-        assert len(namerd_threads) <= interpreter.max_streams + 1 == 17
+        assert len(namerd_threads) == interpreter.max_streams + interpreter.poll_workers == 24
         assert sum(namerd.watchers(n) for n in names) == 16
     finally:
         interpreter.close()
@@ -286,3 +286,154 @@ def test_close_stops_every_worker_within_a_second(namerd):
     interpreter.close()
     assert time.monotonic() - start < 1.0
     assert not [t for t in threading.enumerate() if t.name.startswith("ltcp-namerd")]
+
+
+# -- discovery at SNI scale: slots, first answers, slow names, eviction --------------
+
+class Latest:
+    """What an interpreter delivered per name, and when each name first got an answer."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.latest, self.first = {}, {}
+
+    def deliver_for(self, name):
+        def deliver(addresses):
+            with self.lock:
+                self.latest[name] = addresses
+                self.first.setdefault(name, time.monotonic())
+        return deliver
+
+    def has(self, name):
+        with self.lock:
+            return name in self.latest
+
+
+@pytest.fixture
+def interpreters():
+    started = []
+
+    def start(url, period=0.5, watch=True, **options):
+        interpreter = NamerdInterpreter(url, "default", period, watch=watch, **options)
+        interpreter.start()
+        started.append(interpreter)
+        return interpreter
+
+    yield start
+    for interpreter in started:
+        interpreter.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("ltcp-namerd")]
+
+
+def test_unwatching_a_streamed_name_frees_its_slot_and_connection_at_once(namerd, interpreters):
+    for name in ("/svc/a", "/svc/b", "/svc/c"):
+        namerd.set(name, ["127.0.0.1:1"])
+    interpreter = interpreters(namerd.url, period=5, max_streams=2, poll_workers=1)
+    got = Latest()
+    interpreter.watch("/svc/a", got.deliver_for("/svc/a"))
+    interpreter.watch("/svc/b", got.deliver_for("/svc/b"))
+    wait_for(lambda: namerd.watchers("/svc/a") == namerd.watchers("/svc/b") == 1, timeout=5)
+    interpreter.unwatch("/svc/a")
+    wait_for(lambda: namerd.watchers("/svc/a") == 0, timeout=1, message="the evicted watch closed")
+    interpreter.watch("/svc/c", got.deliver_for("/svc/c"))
+    wait_for(lambda: namerd.watchers("/svc/c") == 1, timeout=1, message="the freed slot streams the next name")
+    assert got.has("/svc/c") and namerd.requests("/svc/c") == 1
+
+
+def test_a_name_after_sni_churn_resolves_at_once(proxies, backends, namerd):
+    """1,000 ClientHellos with distinct names once left every streaming slot on an evicted name."""
+    good = backends(named("good"))
+    namerd.set("/svc/good.example", [good.addr])
+    proxy = proxies(namerd_config(namerd.url, period=2, dstName="/svc/{sni}", connectTimeoutMs=3000))
+    proxy.call(lambda: setattr(proxy.app.routers[0].binder, "capacity", 50))  # evict after 50 names
+
+    def hello(name):
+        with proxy.connect() as c:
+            c.sendall(client_hello(name))
+            try:
+                return c.recv(16)
+            except ConnectionResetError:  # refused with the hello unread
+                return b""
+
+    assert hello("good.example").startswith(b"good")
+    for i in range(300):
+        hello(f"churn{i}.example")  # namerd says neg: each fails at once
+    for _ in range(3):
+        started = time.monotonic()
+        assert hello("good.example").startswith(b"good")
+        assert time.monotonic() - started < 0.5
+    interpreter = proxy.app.routers[0].interpreter
+    watched = proxy.call(lambda: interpreter.watched)
+    wait_for(lambda: sum(namerd.watchers(f"/svc/churn{i}.example") for i in range(300))
+             + namerd.watchers("/svc/good.example") <= min(watched, 16), timeout=2,
+             message="no watch left open for an evicted name")
+
+
+def test_a_polled_name_gets_its_first_answer_at_once(namerd, interpreters):
+    names = [f"/svc/n{i}" for i in range(400)]
+    for i, name in enumerate(names):
+        namerd.set(name, [f"127.0.0.1:{1000 + i}"])
+    interpreter = interpreters(namerd.url, period=1, watch=False)
+    got = Latest()
+    for name in names:
+        interpreter.watch(name, got.deliver_for(name))
+    wait_for(lambda: all(got.has(n) for n in names), timeout=10, message="400 names resolved")
+    slowest = 0.0
+    for i in range(20):  # fresh names while the rotation of 400 goes on
+        name = f"/svc/fresh{i}"
+        namerd.set(name, ["127.0.0.1:9"])
+        started = time.monotonic()
+        interpreter.watch(name, got.deliver_for(name))
+        wait_for(lambda: got.has(name), timeout=5)
+        slowest = max(slowest, got.first[name] - started)
+        time.sleep(0.05)  # spread them over the rotation
+    assert slowest < 0.3, f"a fresh name waited {slowest:.3f}s for its first answer"
+
+
+def test_names_namerd_never_answers_delay_only_themselves(namerd, interpreters):
+    for i in range(3):
+        namerd.stall(f"/svc/hang{i}")
+    namerd.set("/svc/good", ["127.0.0.1:1"])
+    interpreter = interpreters(namerd.url, period=1, watch=False)
+    got = Latest()
+    for i in range(3):
+        interpreter.watch(f"/svc/hang{i}", got.deliver_for(f"/svc/hang{i}"))
+    wait_for(lambda: all(namerd.requests(f"/svc/hang{i}") == 1 for i in range(3)), timeout=5)
+    started = time.monotonic()
+    interpreter.watch("/svc/good", got.deliver_for("/svc/good"))
+    wait_for(lambda: got.has("/svc/good"), timeout=5)
+    assert got.first["/svc/good"] - started < 0.5
+    threads = [t for t in threading.enumerate() if t.name.startswith("ltcp-namerd")]
+    assert len(threads) == interpreter.poll_workers  # concurrent, and bounded
+
+
+def test_a_hanging_poll_times_out_and_is_retried(namerd, interpreters, monkeypatch):
+    monkeypatch.setattr("ltcp.interpreter.namerd.POLL_TIMEOUT", 0.3)
+    namerd.stall("/svc/slow")
+    interpreter = interpreters(namerd.url, period=0.2, watch=False, poll_workers=1)
+    got = Latest()
+    interpreter.watch("/svc/slow", got.deliver_for("/svc/slow"))
+    wait_for(lambda: interpreter.stats.snapshot()["requests"].get("unreachable", 0) >= 1, timeout=5)
+    namerd.set("/svc/slow", ["127.0.0.1:7"])  # ends the stall
+    wait_for(lambda: got.has("/svc/slow"), timeout=5)
+    assert got.latest["/svc/slow"] == [Address("127.0.0.1", 7)]
+
+
+def test_unwatched_names_leave_the_rotation_even_with_a_first_answer_pending(namerd, interpreters):
+    namerd.stall("/svc/pending")
+    namerd.set("/svc/rotating", ["127.0.0.1:1"])
+    interpreter = interpreters(namerd.url, period=0.1, watch=False, poll_workers=2)
+    got = Latest()
+    interpreter.watch("/svc/pending", got.deliver_for("/svc/pending"))
+    interpreter.watch("/svc/rotating", got.deliver_for("/svc/rotating"))
+    wait_for(lambda: namerd.requests("/svc/pending") == 1 and namerd.requests("/svc/rotating") >= 3, timeout=5)
+    interpreter.unwatch("/svc/pending")  # its first answer is still on its way
+    interpreter.unwatch("/svc/rotating")
+    namerd.set("/svc/pending", ["127.0.0.1:2"])  # the pending request now answers
+    wait_for(lambda: len(interpreter._schedule) == 0, timeout=2, message="the rotation emptied")
+    rotating = namerd.requests("/svc/rotating")
+    time.sleep(0.5)  # five periods in which no request may be made
+    assert namerd.requests("/svc/rotating") == rotating
+    assert namerd.requests("/svc/pending") == 1
+    assert not got.has("/svc/pending")
+    assert interpreter.watched == 0

@@ -1,6 +1,6 @@
 """Interpreters turn a destination name into a stream of weighted address sets.
 
-Every interpreter offers the same three calls:
+Every interpreter offers the same four calls:
 
 * ``start()`` begins any control-plane work (threads, connections);
 * ``watch(name, deliver)`` follows ``name``: ``deliver(addresses)`` is called
@@ -29,5 +29,6 @@ def build(interpreter_config):
         return FsInterpreter(interpreter_config.root_dir, interpreter_config.period_secs)
     if isinstance(interpreter_config, _config.NamerdInterpreter):
         return NamerdInterpreter(interpreter_config.base_url, interpreter_config.namespace,
-                                 interpreter_config.period_secs, interpreter_config.watch)
+                                 interpreter_config.period_secs, interpreter_config.watch,
+                                 max_answer_bytes=interpreter_config.max_answer_bytes)
     raise ValueError(f"unknown interpreter {interpreter_config.kind}")

@@ -4,19 +4,24 @@
 object; with ``&watch=true`` the answer is a chunked stream of such objects,
 one per state change, each ending in a newline.
 
-Threads are bounded: the first ``MAX_STREAMS`` names each get a streaming
-watcher (one pool thread apiece); every further name is polled by one more
-pool thread, round-robin, every ``periodSecs``.  With ``watch: false`` every
-name is polled that way.  So a router never runs more than
-``MAX_STREAMS + 1`` namerd threads, however many names SNI routing brings.
+Threads are bounded, however many names SNI routing brings:
+
+* up to ``MAX_STREAMS`` names at a time are followed by a streaming watch,
+  one thread each, on a connection of its own; unwatching a name cuts that
+  connection at once, so its thread is free for the next name;
+* every further name (every name, with ``watch: false``) is polled by
+  ``POLL_WORKERS`` threads sharing one schedule: a new name is resolved at
+  once, ahead of the rotation, then polled every ``periodSecs``; each request
+  has its own timeout, so a name namerd never answers delays only itself.
 
 Failures (an HTTP error, a ``failed`` answer, malformed JSON, a dropped
 stream, namerd down) keep the last good address set, are counted, and are
 retried with exponential backoff and jitter capped at ``periodSecs``.
 """
 
-import concurrent.futures
+import heapq
 import ipaddress
+import itertools
 import json
 import logging
 import queue
@@ -37,9 +42,10 @@ __all__ = ["NamerdInterpreter", "NamerdError", "ObjectStream", "parse_answer"]
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 16
-MAX_OBJECT_BYTES = 4 << 20
+POLL_WORKERS = 8
+MAX_OBJECT_BYTES = 4 << 20  # the default of maxAnswerBytes
 CONNECT_TIMEOUT = 5.0
-POLL_READ_TIMEOUT = 10.0
+POLL_TIMEOUT = 5.0  # a whole poll request, connect to last byte
 FIRST_BACKOFF = 0.1
 
 BOUND, NEG, PENDING = "bound", "neg", "pending"
@@ -125,7 +131,7 @@ class ObjectStream:
             if line:
                 objects.append(_decode(line))
         if len(self._partial) > self.limit:
-            raise NamerdError(f"an answer longer than {self.limit} bytes")
+            raise NamerdError(f"an answer longer than {self.limit} bytes (maxAnswerBytes)")
         return objects
 
     def finish(self):
@@ -149,8 +155,6 @@ class Stats:
         self.lock = threading.Lock()
         self.requests = {}  # outcome -> count
         self.latency = Histogram(LATENCY_BUCKETS)
-        self.endpoints = {}  # name -> endpoints in the last good set
-        self.last_update = {}  # name -> wall-clock time of the last good answer
 
     def request(self, outcome):
         with self.lock:
@@ -163,144 +167,210 @@ class Stats:
 
     def snapshot(self):
         with self.lock:
-            return {"requests": dict(self.requests), "latency": self.latency.copy(),
-                    "endpoints": dict(self.endpoints), "last_update": dict(self.last_update)}
-
-    def updated(self, name, addresses):
-        with self.lock:
-            self.endpoints[name] = len(addresses or ())
-            self.last_update[name] = time.time()
+            return {"requests": dict(self.requests), "latency": self.latency.copy()}
 
 
 class _Name:
     """One watched name and what was last delivered for it."""
 
-    __slots__ = ("name", "deliver", "last", "failures", "streamed", "cancelled")
+    __slots__ = ("name", "deliver", "last", "failures", "streamed", "stopped", "sock")
 
-    def __init__(self, name, deliver):
+    def __init__(self, name, deliver, streamed):
         self.name = name
         self.deliver = deliver
         self.last = ()  # nothing delivered yet
         self.failures = 0
-        self.streamed = False
-        self.cancelled = False  # unwatched: workers drop it at their next look
+        self.streamed = streamed
+        self.stopped = threading.Event()  # unwatched or closing: drop it, wake its backoff
+        self.sock = None  # the socket of its streaming watch, while one is open
+
+    def stop(self):
+        """Stop following this name now, cutting its watch connection if one is open."""
+        self.stopped.set()
+        _cut(self.sock)
 
 
-def _pool_manager(sockets, max_streams):
-    """A PoolManager whose connections record their sockets, so close() can cut them."""
+def _cut(sock):
+    """Wake whatever thread is blocked on ``sock`` (its owner closes it).
 
-    def tracked(connection_class):
-        class Tracked(connection_class):
-            def connect(self):
-                super().connect()
-                sockets.add(self.sock)
-        return Tracked
+    The plain socket's shutdown, even under TLS: ``SSLSocket.shutdown`` would
+    tear down the TLS object under the thread reading it.
+    """
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
-    options = urllib3.connection.HTTPConnection.default_socket_options + [
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    if hasattr(socket, "TCP_KEEPIDLE"):  # notice a vanished namerd on a silent watch
-        options += [(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
-                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
-                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)]
-    manager = urllib3.PoolManager(num_pools=4, maxsize=max_streams + 1, retries=False, socket_options=options)
+
+class PollSchedule:
+    """Which polled name is due next, for several poll threads.
+
+    A name's first resolution goes ahead of the rotation (it has clients
+    waiting); the rotation is ordered by due time.  Unwatched names are
+    dropped when they come up.
+    """
+
+    FIRST, ROTATION = 0, 1
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._heap = []  # (rank, due, seq, entry)
+        self._seq = itertools.count()
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def __len__(self):
+        with self._ready:
+            return len(self._heap)
+
+    def add(self, entry, delay=0.0, rank=ROTATION):
+        with self._ready:
+            heapq.heappush(self._heap, (rank, self._clock() + delay, next(self._seq), entry))
+            self._ready.notify()
+
+    def take(self):
+        """The next due name, waiting until one is; None once closed."""
+        with self._ready:
+            while not self._closed:
+                if not self._heap:
+                    self._ready.wait()
+                    continue
+                _, due, _, entry = self._heap[0]
+                wait = due - self._clock()
+                if wait > 0:
+                    self._ready.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                if not entry.stopped.is_set():
+                    return entry
+            return None
+
+    def close(self):
+        with self._ready:
+            self._closed = True
+            self._heap.clear()
+            self._ready.notify_all()
+
+
+def _pool_manager(sockets, size):
+    """A PoolManager for polls whose connections record their sockets, so close() can cut them."""
+
+    class Tracked(urllib3.connection.HTTPConnection):
+        def connect(self):
+            super().connect()
+            sockets.add(self.sock)
+
+    class TrackedTls(urllib3.connection.HTTPSConnection):
+        def connect(self):
+            super().connect()
+            sockets.add(self.sock)
+
+    manager = urllib3.PoolManager(num_pools=4, maxsize=size, retries=False, socket_options=_SOCKET_OPTIONS)
     manager.pool_classes_by_scheme = {
-        "http": type("TrackedPool", (urllib3.HTTPConnectionPool,),
-                     {"ConnectionCls": tracked(urllib3.connection.HTTPConnection)}),
-        "https": type("TrackedTLSPool", (urllib3.HTTPSConnectionPool,),
-                      {"ConnectionCls": tracked(urllib3.connection.HTTPSConnection)}),
+        "http": type("TrackedPool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": Tracked}),
+        "https": type("TrackedTlsPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": TrackedTls}),
     }
     return manager
 
 
-class NamerdInterpreter:
-    """Watches names on namerd from ``max_streams + 1`` pool threads, started up front.
+_SOCKET_OPTIONS = urllib3.connection.HTTPConnection.default_socket_options + [
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+if hasattr(socket, "TCP_KEEPIDLE"):  # notice a vanished namerd on a silent watch
+    _SOCKET_OPTIONS += [(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)]
 
-    ``watch()`` runs on the reactor thread, so it only puts the name on a
-    queue: the first ``max_streams`` names go to the streaming workers, the
-    rest to the poller.
+
+class NamerdInterpreter:
+    """Watches names on namerd from a fixed set of threads, started up front.
+
+    ``watch()`` and ``unwatch()`` run on the reactor thread, so they only hand
+    names over (a queue for the streaming threads, the poll schedule) and cut
+    sockets; they never block or start a thread.
     """
 
-    def __init__(self, base_url, namespace, period_secs, watch=True, max_streams=MAX_STREAMS):
+    def __init__(self, base_url, namespace, period_secs, watch=True, max_streams=MAX_STREAMS,
+                 max_answer_bytes=MAX_OBJECT_BYTES, poll_workers=POLL_WORKERS):
         self.base_url = base_url
         self.namespace = namespace
         self.period = period_secs
         self.max_streams = max_streams if watch else 0
+        self.poll_workers = poll_workers
+        self.max_answer_bytes = max_answer_bytes
         self.stats = Stats()
         self._closing = threading.Event()
         self._to_stream = queue.SimpleQueue()
-        self._to_poll = queue.SimpleQueue()
-        self._assigned = 0  # names given to streaming workers (reactor thread only)
+        self._schedule = PollSchedule()
+        self._streaming = 0  # names holding a streaming slot (reactor thread only)
         self._entries = {}  # name -> _Name (reactor thread only)
-        self._sockets = weakref.WeakSet()
-        self._http = _pool_manager(self._sockets, max(1, self.max_streams))
-        self._executor = None
-        self._running = 0
-        self._finished = threading.Condition()
+        self._sockets = weakref.WeakSet()  # every namerd socket, for close()
+        self._http = _pool_manager(self._sockets, poll_workers)
+        self._threads = []
+        url = urllib3.util.parse_url(base_url)
+        self._host, self._port, self._tls = url.host, url.port, url.scheme == "https"
+        self._prefix = (url.path or "").rstrip("/")
+        self._origin = f"{url.scheme}://{url.netloc}"
 
     def start(self):
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.max_streams + 1, thread_name_prefix="ltcp-namerd")
-        for _ in range(self.max_streams):
-            self._submit(self._streamer)
-        self._submit(self._poller)
-
-    def _submit(self, worker):
-        with self._finished:
-            self._running += 1
-        self._executor.submit(self._run, worker)
+        workers = [self._streamer] * self.max_streams + [self._poller] * self.poll_workers
+        for worker in workers:
+            thread = threading.Thread(target=self._run, args=(worker,), name="ltcp-namerd", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def _run(self, worker):
         try:
             worker()
         except Exception:
             log.exception("namerd worker failed")
-        finally:
-            with self._finished:
-                self._running -= 1
-                self._finished.notify_all()
 
     def watch(self, name, deliver):
-        entry = self._entries[name] = _Name(name, deliver)
-        if self._assigned < self.max_streams:
-            self._assigned += 1
-            entry.streamed = True
+        streamed = self._streaming < self.max_streams
+        entry = self._entries[name] = _Name(name, deliver, streamed)
+        if streamed:
+            self._streaming += 1
             self._to_stream.put(entry)
         else:
-            self._to_poll.put(entry)
+            self._schedule.add(entry, rank=PollSchedule.FIRST)
 
     def unwatch(self, name):
-        """Stop following ``name``; a streaming slot is freed once its worker notices."""
+        """Stop following ``name``; its streaming slot and connection are freed at once."""
         entry = self._entries.pop(name, None)
         if entry is not None:
-            entry.cancelled = True
+            entry.stop()
             if entry.streamed:
-                self._assigned -= 1
+                self._streaming -= 1
+
+    @property
+    def watched(self):
+        """How many names are followed (reactor thread)."""
+        return len(self._entries)
 
     def close(self, timeout=1.0):
         """Stop every worker: cut their connections and wait up to ``timeout``."""
         self._closing.set()
+        for entry in list(self._entries.values()):
+            entry.stopped.set()
         for _ in range(self.max_streams):
             self._to_stream.put(None)
-        self._to_poll.put(None)
+        self._schedule.close()
         for sock in list(self._sockets):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        with self._finished:
-            stopped = self._finished.wait_for(lambda: self._running == 0, timeout)
-        if self._executor is not None:
-            if not stopped:
-                log.warning("namerd: %d workers still stopping", self._running)
-            self._executor.shutdown(wait=stopped)
+            _cut(sock)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = sum(thread.is_alive() for thread in self._threads)
+        if alive:
+            log.warning("namerd: %d workers still stopping", alive)
         self._http.clear()
 
     # -- answers ----------------------------------------------------------------
 
-    def _url(self, name, watch):
+    def _path(self, name, watch):
         query = urllib.parse.urlencode({"path": name, **({"watch": "true"} if watch else {})})
         namespace = urllib.parse.quote(self.namespace, safe="")
-        return f"{self.base_url}/api/1/resolve/{namespace}?{query}"
+        return f"{self._prefix}/api/1/resolve/{namespace}?{query}"
 
     def _apply(self, entry, answer):
         """Deliver a decoded answer if it changes what the balancer has."""
@@ -310,37 +380,38 @@ class NamerdInterpreter:
         if state == PENDING:
             return
         entry.failures = 0
-        self.stats.updated(entry.name, addresses)
         update = addresses or None
-        if update != entry.last:
+        if update != entry.last and not entry.stopped.is_set():
             entry.last = update
             entry.deliver(update)
 
     def _failed(self, entry, outcome, reason):
         """Count a failure; logged at WARNING the first time in a row, then at DEBUG."""
+        if entry.stopped.is_set():
+            return  # unwatched or closing: the cut connection is ours
         self.stats.request(outcome)
         entry.failures += 1
         level = logging.WARNING if entry.failures == 1 else logging.DEBUG
         log.log(level, "namerd: %s: %s; keeping the last answer, retrying with backoff up to %gs (failure %d)",
                 entry.name, reason, self.period, entry.failures)
 
-    def _backoff(self, entry):
-        """Sleep before retrying; False once closing.  Exponential, jittered, capped at periodSecs."""
+    def _backoff_delay(self, entry):
+        """Exponential, jittered, capped at periodSecs."""
         ceiling = min(self.period, FIRST_BACKOFF * 2 ** max(0, entry.failures - 1))
-        return not self._closing.wait(ceiling / 2 + random.random() * ceiling / 2)
+        return ceiling / 2 + random.random() * ceiling / 2
 
     # -- streaming watch ------------------------------------------------------------
 
     def _streamer(self):
         """Follow one name at a time, for as long as it is watched."""
-        while not self._closing.is_set():
+        while True:
             entry = self._to_stream.get()
             if entry is None:
                 return
-            self._follow_until_cancelled(entry)
+            self._follow_until_stopped(entry)
 
-    def _follow_until_cancelled(self, entry):
-        while not self._closing.is_set() and not entry.cancelled:
+    def _follow_until_stopped(self, entry):
+        while not entry.stopped.is_set():
             try:
                 self._follow(entry)
                 outcome, reason = "dropped", "the watch stream ended"
@@ -350,70 +421,77 @@ class NamerdInterpreter:
                 outcome, reason = "dropped", f"the watch stream broke: {exc}"
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 outcome, reason = "unreachable", f"cannot reach namerd: {exc}"
-            if self._closing.is_set() or entry.cancelled:
-                return  # our own close() cut the stream, or nobody wants the name any more
             self._failed(entry, outcome, reason)
-            if not self._backoff(entry):
+            if entry.stopped.wait(self._backoff_delay(entry)):
                 return
 
     def _follow(self, entry):
-        started = time.monotonic()
-        response = self._http.request(
-            "GET", self._url(entry.name, watch=True), preload_content=False,
-            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=None))
+        """One watch request on a connection of its own, which ``entry.stop()`` can cut."""
+        connection_class = urllib3.connection.HTTPSConnection if self._tls else urllib3.connection.HTTPConnection
+        conn = connection_class(self._host, self._port, timeout=CONNECT_TIMEOUT, socket_options=_SOCKET_OPTIONS)
         try:
+            conn.connect()
+            conn.timeout = None  # a watch may stay silent for as long as nothing changes
+            self._sockets.add(conn.sock)
+            entry.sock = conn.sock
+            if entry.stopped.is_set():  # unwatched while connecting: stop() saw no socket to cut
+                return
+            started = time.monotonic()
+            conn.request("GET", self._path(entry.name, watch=True), preload_content=False)
+            response = conn.getresponse()
             self.stats.observe(time.monotonic() - started)
             if response.status != 200:
                 raise NamerdError(f"HTTP {response.status}", f"http_{response.status}")
             self.stats.request("ok")
-            objects = ObjectStream()
+            objects = ObjectStream(self.max_answer_bytes)
             for chunk in response.stream(1 << 16):
-                if self._closing.is_set() or entry.cancelled:
-                    return
                 for answer in objects.feed(chunk):
                     self._apply(entry, answer)
             for answer in objects.finish():
                 self._apply(entry, answer)
         finally:
-            response.release_conn()
+            entry.sock = None
+            conn.close()
 
     # -- polling -------------------------------------------------------------------
 
     def _poller(self):
-        """Poll every name without a stream, one after another, every periodSecs."""
-        polled = []
-        next_round = time.monotonic() + self.period
-        while not self._closing.is_set():
-            try:
-                entry = self._to_poll.get(timeout=max(0.0, next_round - time.monotonic()))
-            except queue.Empty:
-                polled = [entry for entry in polled if not entry.cancelled]
-                for entry in polled:
-                    if self._closing.is_set():
-                        return
-                    self._poll(entry)
-                next_round = time.monotonic() + self.period
-                continue
+        """Take due names off the shared schedule, poll each once, put it back in the rotation."""
+        while True:
+            entry = self._schedule.take()
             if entry is None:
                 return
-            polled.append(entry)
-            self._poll(entry)  # a new name is answered at once, not a period later
+            self._poll(entry)
+            if not entry.stopped.is_set():
+                self._schedule.add(entry, self._backoff_delay(entry) if entry.failures else self.period)
 
     def _poll(self, entry):
         started = time.monotonic()
         try:
             response = self._http.request(
-                "GET", self._url(entry.name, watch=False),
-                timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=POLL_READ_TIMEOUT))
+                "GET", self._origin + self._path(entry.name, watch=False), preload_content=False,
+                timeout=urllib3.Timeout(total=POLL_TIMEOUT))
         except urllib3.exceptions.HTTPError as exc:
             self._failed(entry, "unreachable", f"cannot reach namerd: {exc}")
             return
         self.stats.observe(time.monotonic() - started)
+        complete = False
         try:
             if response.status != 200:
                 raise NamerdError(f"HTTP {response.status}", f"http_{response.status}")
-            self._apply(entry, _decode(response.data))
+            body = response.read(self.max_answer_bytes + 1)
+            if len(body) > self.max_answer_bytes:
+                raise NamerdError(f"an answer longer than {self.max_answer_bytes} bytes (maxAnswerBytes)")
+            complete = True
+            self._apply(entry, _decode(body))
         except NamerdError as exc:
             self._failed(entry, exc.outcome, str(exc))
             return
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            self._failed(entry, "unreachable", f"the answer broke off: {exc}")
+            return
+        finally:
+            if not complete:
+                response.close()  # unread bytes: this connection cannot carry another request
+            response.release_conn()
         self.stats.request("ok")

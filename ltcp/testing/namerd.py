@@ -13,11 +13,15 @@ an object split across chunks.
 import argparse
 import http.server
 import json
+import select
 import socket
+import sys
 import threading
 import urllib.parse
 
 __all__ = ["NamerdServer"]
+
+CLIENT_CHECK = 0.05  # how often a waiting watch looks whether its client has gone
 
 
 def bound(addresses):
@@ -60,7 +64,7 @@ class NamerdServer:
         class Handler(_Handler):
             server_owner = owner
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server = _Server(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -140,6 +144,14 @@ class NamerdServer:
             return self._entry(name, namespace).watchers
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):  # a client that went away is no news
+            super().handle_error(request, client_address)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as separate writes
@@ -210,6 +222,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._chunk(line)
         return True
 
+    def _client_gone(self):
+        """Whether the watching client has closed its end (so ``watchers`` stays true)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def _watch(self, owner, entry, kind, payload, seen):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -222,7 +244,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             while True:
                 with owner._changed:
-                    owner._changed.wait_for(lambda: owner._closing or len(entry.events) > seen)
+                    while not (owner._closing or len(entry.events) > seen):
+                        owner._changed.wait(CLIENT_CHECK)
+                        if self._client_gone():
+                            return
                     if owner._closing:
                         return
                     new, seen = entry.events[seen:], len(entry.events)

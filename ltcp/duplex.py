@@ -21,7 +21,7 @@ import struct
 
 from .loop import READ, WRITE
 
-__all__ = ["Duplex"]
+__all__ = ["Duplex", "Tally"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -29,6 +29,15 @@ PIPE_SIZE = 1 << 18  # bytes one splice may move; the kernel caps it at fs.pipe-
 SPLICE_ROUNDS = 4  # splices per wakeup while the other side keeps up
 # Not an error, just "not now"; the TLS ones also come from SSL sockets mid-record.
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class Tally:
+    """A running count shared by many streams (a listener's bytes in or out), read at scrape time."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0
 
 
 class Leg:
@@ -41,9 +50,9 @@ class Leg:
     """
 
     __slots__ = ("duplex", "sock", "fd", "tls", "notify_due", "peer", "events", "pending", "pipe", "piped",
-                 "eof", "shut", "received")
+                 "eof", "shut", "received", "tally")
 
-    def __init__(self, duplex, sock):
+    def __init__(self, duplex, sock, tally):
         self.duplex = duplex
         self.sock = sock
         self.fd = sock.fileno()
@@ -57,6 +66,7 @@ class Leg:
         self.eof = False  # this socket's peer has finished sending
         self.shut = False  # we have finished sending to this socket
         self.received = 0
+        self.tally = tally  # the owner's running total of bytes read from this side
 
     @property
     def backlogged(self):
@@ -117,6 +127,7 @@ class Leg:
             self.reached_eof()
             return False
         self.received += n
+        self.tally.value += n
         self.duplex.last_active = self.duplex.reactor.now
         return True
 
@@ -299,6 +310,7 @@ class Duplex:
 
     ``owner.stream_closed(duplex)`` is called exactly once when it ends;
     ``reason`` then says why ("done", "error", "idle", "lifetime", "shutdown").
+    The owner's ``received`` and ``sent`` tallies count bytes as they are read.
     """
 
     __slots__ = ("reactor", "client", "upstream", "owner", "endpoint", "buffer", "view", "started",
@@ -317,23 +329,13 @@ class Duplex:
         self.idle_timeout = idle_timeout
         self.idle_timer = reactor.call_later(idle_timeout, self._idle_check) if idle_timeout else None
         self.life_timer = reactor.call_later(lifetime, self.close, "lifetime") if lifetime else None
-        client = self.client = Leg(self, client_sock)
-        upstream = self.upstream = Leg(self, upstream_sock)
+        client = self.client = Leg(self, client_sock, owner.received)
+        upstream = self.upstream = Leg(self, upstream_sock, owner.sent)
         upstream.events = upstream_events  # a connector hands the socket over still registered
         client.peer = upstream
         upstream.peer = client
         client.update()
         upstream.update()
-
-    @property
-    def bytes_in(self):
-        """Bytes received from the client."""
-        return self.client.received
-
-    @property
-    def bytes_out(self):
-        """Bytes received from the upstream (sent towards the client)."""
-        return self.upstream.received
 
     def _idle_check(self):
         idle_for = self.reactor.now - self.last_active

@@ -12,7 +12,7 @@ import socket
 
 from . import tls
 from .balancer import Dial
-from .duplex import Duplex
+from .duplex import Duplex, Tally
 from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from .intake import Intake
 from .loop import READ
@@ -91,8 +91,8 @@ class Listener:
         self.active = 0
         self.accepted = 0
         self.finished = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.received = Tally()  # bytes from clients, counted as they are read
+        self.sent = Tally()  # bytes from upstreams, towards clients
         self.failures = collections.Counter()  # cause -> streams that never reached an endpoint
         self.fallbacks = collections.Counter()  # cause -> streams sent to defaultDstName for want of SNI
         self.endings = collections.Counter()  # reason -> established streams that ended so
@@ -233,8 +233,6 @@ class Listener:
     def stream_closed(self, duplex):
         self.streams.discard(duplex)
         duplex.endpoint.balancer.stream_closed(duplex.endpoint)
-        self.bytes_in += duplex.bytes_in
-        self.bytes_out += duplex.bytes_out
         self.endings[duplex.reason] += 1
         self.stream_duration.observe(self.reactor.now - duplex.started)
         self._stream_ended()

@@ -1,147 +1,174 @@
-"""The admin HTTP server: metrics, live state, shutdown.
+"""The admin server: metrics, live state, shutdown.
 
     GET  /metrics        Prometheus text exposition
     GET  /routers.json   routers, servers, destinations and endpoints, live
     POST /shutdown       graceful drain (answers at once)
     POST /abort          exit 1 immediately
 
-It runs on control-plane threads and reaches data-plane state only through a
-reactor round trip (``metrics.on_reactor``).
+It runs on control-plane threads (``httpd``) and reaches data-plane state only
+through a reactor round trip (``metrics.on_reactor``).  A page is rendered at
+most once per ``CACHE_SECS``, however many clients ask, so scrapes and open
+dashboards cost the data plane a few snapshots a second at most.
+
+Browsers are the threat: any web page can make one send a simple POST to
+127.0.0.1, and a DNS-rebinding page can read answers too.  So every request
+must name this server in ``Host`` (its address, any loopback name, or any IP
+literal when it listens on all addresses), and a POST is refused if it
+comes from another origin (``Origin``, ``Sec-Fetch-Site``).  Tools such as
+curl send neither header and are served.
 """
 
 import concurrent.futures
-import http.server
+import ipaddress
 import json
 import logging
 import os
 import threading
+import time
+import urllib.parse
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
+from .httpd import HttpServer, Response, plain
 from .metrics import LtcpCollector, on_reactor, routers_json, snapshot
 
-__all__ = ["AdminServer"]
+__all__ = ["AdminServer", "exposure_warning", "refusal"]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024
-REQUEST_TIMEOUT = 10  # seconds a client may take to send its request
+CACHE_SECS = 0.5
+
+
+def _host_part(authority):
+    """The host of ``host[:port]`` or ``[v6][:port]``, lowercased; None if it cannot be one."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        host, sep, _ = authority[1:].partition("]")
+        return host if sep else None
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def _names_this_server(host, admin_ip):
+    """Whether a Host header's host can only mean this admin server (no DNS rebinding)."""
+    if host is None:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a DNS name: an attacker's name may point here
+    listening = ipaddress.ip_address(admin_ip)
+    return address.is_loopback or address == listening or listening.is_unspecified
+
+
+def refusal(method, headers, admin_ip):
+    """Why a request must be refused with 403, or None; ``headers`` has a case-insensitive ``get``."""
+    host = headers.get("Host")
+    if host is not None and not _names_this_server(_host_part(host), admin_ip):
+        return f"Host {host!r} is not this admin server"
+    if method != "GET":
+        origin = headers.get("Origin")
+        if origin is not None:
+            parsed = urllib.parse.urlsplit(origin)
+            if origin == "null" or host is None or parsed.netloc.lower() != host.strip().lower():
+                return f"a {method} from another origin ({origin})"
+        site = headers.get("Sec-Fetch-Site")
+        if site is not None and site.lower() not in ("same-origin", "none"):
+            return f"a {method} from a {site} page"
+    return None
+
+
+def exposure_warning(admin_ip):
+    """What an admin address exposes beyond this host, or None for loopback."""
+    if ipaddress.ip_address(admin_ip).is_loopback:
+        return None
+    return ("is reachable from other hosts: anyone who can connect reads every metric and destination "
+            "name and can stop ltcp (POST /shutdown, /abort); keep it on loopback or a management network")
+
+
+class _Cached:
+    """The last rendering of a page, reused for ``CACHE_SECS``; concurrent requests share one rendering."""
+
+    def __init__(self, render):
+        self._render = render
+        self._lock = threading.Lock()
+        self._at = None
+        self._body = None
+
+    def get(self):
+        with self._lock:
+            now = time.monotonic()
+            if self._at is None or now - self._at >= CACHE_SECS:
+                self._body = self._render()
+                self._at = now
+            return self._body
 
 
 class AdminServer:
     def __init__(self, app, config):
         self.app = app
+        self.ip = config.ip
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(LtcpCollector(app))
-        self.registry.register(ProcessCollector(namespace="ltcp", registry=None))
-        owner = self
+        self.registry.register(ProcessCollector(registry=None))  # process_*: what dashboards expect
+        self._metrics = _Cached(lambda: generate_latest(self.registry))
+        self._routers = _Cached(
+            lambda: json.dumps(routers_json(on_reactor(app.reactor, lambda: snapshot(app))), indent=2).encode() + b"\n")
+        self._routes = {"/metrics": ("GET", self._get_metrics), "/routers.json": ("GET", self._get_routers),
+                        "/shutdown": ("POST", self._shutdown), "/abort": ("POST", self._abort)}
+        self._http = HttpServer((config.ip, config.port), self.handle, name="admin")
+        self.address = self._http.address
+        warning = exposure_warning(config.ip)
+        if warning:
+            log.warning("the admin server on %s %s", self.display_address, warning)
 
-        class Handler(_Handler):
-            admin = owner
-
-        try:
-            self._server = http.server.ThreadingHTTPServer((config.ip, config.port), Handler)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {config.ip}:{config.port} for admin: {exc.strerror}") from None
-        self._server.daemon_threads = True
-        self.address = self._server.server_address[:2]
-        self._thread = None
+    @property
+    def display_address(self):
+        ip, port = self.address
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
     def start(self):
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), name="ltcp-admin",
-                                        daemon=True)
-        self._thread.start()
-        log.info("admin server on http://%s:%d/", *self.address)
+        self._http.start()
+        log.info("admin server on http://%s/", self.display_address)
 
     def close(self):
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._http.close()
 
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    admin = None
-    timeout = REQUEST_TIMEOUT
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server_version = "ltcp-admin"
-    routes = {"/metrics": "GET", "/routers.json": "GET", "/shutdown": "POST", "/abort": "POST"}
-
-    def log_message(self, format, *args):
-        log.debug("admin %s %s", self.address_string(), format % args)
-
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def _dispatch(self, method):
-        path = self.path.split("?", 1)[0]
-        allowed = self.routes.get(path)
-        if allowed is None:
-            self._reply(404, b"not found\n")
-            return
-        if method != allowed:
-            self._reply(405, b"method not allowed\n", {"Allow": allowed})
-            return
-        if not self._read_body():
-            return
+    def handle(self, request):
+        """One complete request -> Response (on an httpd handler thread)."""
+        refused = refusal(request.method, request.headers, self.ip)
+        if refused is not None:
+            log.debug("admin: refused %s %s: %s", request.method, request.path, refused)
+            return plain(403, f"refused: {refused}")
+        route = self._routes.get(request.path)
+        if route is None:
+            return plain(404, "not found")
+        method, action = route
+        if request.method != method:
+            return Response(405, b"method not allowed\n", headers=[("Allow", method)])
         try:
-            getattr(self, "_" + path.strip("/").replace(".", "_"))()
+            return action()
         except concurrent.futures.TimeoutError:
-            self._reply(503, b"the data plane did not answer in time\n")
+            return plain(503, "the data plane did not answer in time")
 
-    def _read_body(self):
-        """Read and discard the body, refusing anything large or chunked."""
-        if self.headers.get("Transfer-Encoding"):
-            self._reply(411, b"send a Content-Length\n")
-            return False
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY_BYTES:
-            self.close_connection = True
-            self._reply(413, b"request body too large\n")
-            return False
-        if length:
-            self.rfile.read(length)
-        return True
+    def _get_metrics(self):
+        return Response(200, self._metrics.get(), content_type=CONTENT_TYPE_LATEST)
 
-    def _reply(self, status, body, headers=None, content_type="text/plain; charset=utf-8"):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _metrics(self):
-        self._reply(200, generate_latest(self.admin.registry), content_type=CONTENT_TYPE_LATEST)
-
-    def _routers_json(self):
-        app = self.admin.app
-        data = routers_json(on_reactor(app.reactor, lambda: snapshot(app)))
-        self._reply(200, json.dumps(data, indent=2).encode() + b"\n", content_type="application/json")
+    def _get_routers(self):
+        return Response(200, self._routers.get(), content_type="application/json")
 
     def _shutdown(self):
         log.info("shutdown requested through the admin server")
-        self.admin.app.request_drain()
-        self._reply(200, b"draining\n")
+        self.app.request_drain()
+        return plain(200, "draining")
 
     def _abort(self):
         log.warning("abort requested through the admin server: exiting now")
-        self._reply(200, b"aborting\n")
-        self.wfile.flush()
-        logging.shutdown()
-        os._exit(1)
+        return Response(200, b"aborting\n", after=_exit_now)
+
+
+def _exit_now():
+    logging.shutdown()
+    os._exit(1)

@@ -81,10 +81,10 @@ class App:
         """Stop accepting, let open streams finish for graceSecs, then stop."""
         if self.draining:
             return
-        self.draining = True
-        grace = self.config.admin.grace_secs
         for router in self.routers:
             router.stop_accepting()
+        self.draining = True  # once nothing accepts, for whoever watches from another thread
+        grace = self.config.admin.grace_secs
         log.info("drain started: %d streams open, up to %gs to finish", self.budget.used, grace)
         if not self.budget.used:
             self._drained()

@@ -1,15 +1,19 @@
 """The admin server: metrics that match the traffic, live state, errors, drain."""
 
+import concurrent.futures
 import json
-import re
 import os
+import re
 import signal
 import socket
+import threading
 import time
 
 import pytest
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
+
+from ltcp import metrics as ltcp_metrics
 
 from netutil import LtcpProcess, echo, named, recv_all, recv_exactly, refused_port, wait_for
 
@@ -84,7 +88,9 @@ def test_metrics_match_the_traffic(proxies, backends):
     assert value(samples, "ltcp_route_cache_creations_total", router="web") == 3
     assert value(samples, "ltcp_route_cache_hits_total", router="web") == 21 + 3 + 1 - 3
     assert value(samples, "ltcp_reactor_lag_seconds_count") >= 1
-    assert value(samples, "ltcp_process_resident_memory_bytes") > 0
+    assert value(samples, "process_resident_memory_bytes") > 0  # the names every client library exports
+    assert value(samples, "process_open_fds") > 0
+    assert not [name for name, _ in samples if name.startswith("ltcp_process")]
     assert value(samples, "ltcp_draining") == 0
     live.close()
     holder.close()
@@ -247,3 +253,128 @@ def test_second_sigint_exits_at_once(backends):
     finally:
         held.close()
         ltcp.proc.kill()
+
+
+# -- the admin server against browsers, slow clients and frequent scrapes ----------
+
+def raw_request(address, data, timeout=5):
+    """Send bytes to the admin port; the status code it answers (None if it closes without one)."""
+    with socket.create_connection(address, timeout=timeout) as c:
+        c.sendall(data)
+        answer = recv_all(c)
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
+
+
+def test_cross_site_requests_cannot_stop_ltcp(backends):
+    backend = backends(echo)
+    ltcp = LtcpProcess(drain_config(backend.addr, grace=1))
+    try:
+        address = ("127.0.0.1", int(ltcp.admin.rsplit(":", 1)[1]))
+        host = f"Host: {address[0]}:{address[1]}\r\n".encode()
+        form = b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 3\r\n\r\na=b"
+        text = b"Content-Type: text/plain\r\nContent-Length: 3\r\n\r\nx=y"
+        attacks = [
+            b"POST /shutdown HTTP/1.1\r\n" + host + b"Origin: http://evil.example\r\n" + form,
+            b"POST /abort HTTP/1.1\r\n" + host + b"Origin: http://evil.example\r\n" + text,
+            b"POST /abort HTTP/1.1\r\n" + host + b"Sec-Fetch-Site: cross-site\r\n" + text,
+            b"GET /routers.json HTTP/1.1\r\nHost: rebind.attacker.example\r\n\r\n",
+            b"POST /shutdown HTTP/1.1\r\nHost: rebind.attacker.example:9989\r\n" + form,
+        ]
+        assert [raw_request(address, attack) for attack in attacks] == [403] * len(attacks)
+        with ltcp.connect() as c:  # still serving, not draining
+            c.sendall(b"alive")
+            assert recv_exactly(c, 5) == b"alive"
+        assert ltcp.proc.poll() is None and "drain started" not in ltcp.log
+        same_origin = b"POST /shutdown HTTP/1.1\r\n" + host + f"Origin: {ltcp.admin}\r\n".encode() + form
+        assert raw_request(address, same_origin) == 200  # the admin server's own page may
+        assert ltcp.proc.wait(10) == 0
+    finally:
+        ltcp.proc.kill()
+
+
+def test_a_plain_post_like_curl_still_shuts_down(backends):
+    backend = backends(echo)
+    ltcp = LtcpProcess(drain_config(backend.addr, grace=1))
+    try:
+        assert http.request("POST", ltcp.admin + "/shutdown").status == 200
+        assert ltcp.proc.wait(10) == 0
+    finally:
+        ltcp.proc.kill()
+
+
+def admin_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("ltcp-admin")]
+
+
+def test_slowloris_costs_sockets_not_threads_and_nothing_half_sent_is_run(proxies, backends):
+    backend = backends(echo)
+    proxy = proxies(drain_config(backend.addr, grace=5), admin=True)
+    served = []
+    handle = proxy.admin._http.handle
+    proxy.admin._http.handle = lambda request: served.append(request.path) or handle(request)
+    threads_before = len(admin_threads())
+    drippers = []
+    for i in range(600):  # more than the server keeps: the longest waiting make room
+        c = socket.create_connection(proxy.admin.address, timeout=5)
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: " if i % 2 else
+                  b"POST /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nhalf!")
+        drippers.append(c)
+    started = time.monotonic()
+    scrape(proxy.admin_url)  # a real scrape is served at once, during the attack
+    assert time.monotonic() - started < 1
+    with proxy.connect() as c:  # and the data plane does not notice
+        started = time.monotonic()
+        c.sendall(b"ping")
+        assert recv_exactly(c, 4) == b"ping" and time.monotonic() - started < 0.5
+    assert len(admin_threads()) == threads_before
+    for c in drippers:
+        c.close()
+    assert http.request("GET", proxy.admin_url + "/routers.json").status == 200  # after every close was seen
+    assert served == ["/metrics", "/routers.json"]
+    assert not proxy.app.draining
+
+
+def test_a_request_has_one_deadline_however_slowly_it_drips(proxies, backends, monkeypatch):
+    monkeypatch.setattr("ltcp.httpd.REQUEST_DEADLINE", 0.5)
+    backend = backends(echo)
+    proxy = proxies(drain_config(backend.addr, grace=5), admin=True)
+    c = socket.create_connection(proxy.admin.address, timeout=5)
+    started = time.monotonic()
+    closed = False
+    for byte in b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: yes\r\n\r\n":
+        try:
+            c.send(bytes([byte]))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.05)  # each read arrives well within any per-read timeout
+    if not closed:
+        closed = recv_all(c) == b""
+    c.close()
+    assert closed and time.monotonic() - started < 1.5
+
+
+def test_scrapes_share_snapshots_and_never_walk_the_streams(proxies, backends, monkeypatch):
+    backend = backends(echo)
+    proxy = proxies(drain_config(backend.addr, grace=5), admin=True)
+    held = [proxy.connect() for _ in range(50)]
+    for c in held:
+        c.sendall(b"x")
+        assert c.recv(1) == b"x"
+
+    class Unwalkable(set):
+        def __iter__(self):
+            raise AssertionError("a snapshot walked every live stream")
+
+    proxy.call(lambda: setattr(proxy.listener, "streams", Unwalkable(proxy.listener.streams)))
+    snapshots = []
+    taken = ltcp_metrics.snapshot
+    monkeypatch.setattr(ltcp_metrics, "snapshot", lambda app: snapshots.append(1) or taken(app))
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: scrape(proxy.admin_url), range(20)))
+    assert len(snapshots) <= 2, f"{len(snapshots)} snapshots for 20 concurrent scrapes"
+    web = {"router": "r", "server": proxy.listener.display_address}
+    assert all(value(r, "ltcp_received_bytes_total", **web) == 50 for r in results)
+    proxy.call(lambda: setattr(proxy.listener, "streams", set(proxy.listener.streams)))  # set() does not iterate
+    for c in held:
+        c.close()

@@ -1,0 +1,96 @@
+"""The admin HTTP layer's pure parts: request parsing and the browser protections."""
+
+import email.message
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given
+
+from ltcp.admin import exposure_warning, refusal
+from ltcp.httpd import MAX_BODY_BYTES, HttpError, parse_request
+
+GET = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9989\r\nAccept: */*\r\n\r\n"
+POST = b"POST /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def test_a_complete_request_and_what_it_took():
+    request, used = parse_request(GET + b"GET /next")
+    assert (request.method, request.path, request.version, used) == ("GET", "/metrics", "HTTP/1.1", len(GET))
+    assert request.headers.get("host") == "127.0.0.1:9989" and request.keep_alive
+
+
+@pytest.mark.parametrize("data", [POST, GET])
+def test_no_prefix_is_ever_a_request(data):
+    """A request whose body (or headers) has not all arrived is never acted on."""
+    for end in range(len(data)):
+        assert parse_request(data[:end]) == (None, 0), data[:end]
+    request, used = parse_request(data)
+    assert used == len(data) and request.body == (b"hello" if data is POST else b"")
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /x HTTP/2.0\r\n\r\n", 505),
+    (b"GET http://evil/ HTTP/1.1\r\n\r\n", 400),
+    (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+    (b"POST /x HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1), 413),
+    (b"POST /x HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
+    (b"POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"GET /x HTTP/1.1\r\nX: " + b"a" * 70_000, 431),
+    (b"GET /x HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", 400),
+])
+def test_requests_that_can_never_be_served(data, status):
+    with pytest.raises(HttpError) as info:
+        parse_request(data)
+    assert info.value.status == status
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_give_a_request_nothing_yet_or_an_http_error(data):
+    try:
+        request, used = parse_request(data)
+    except HttpError as exc:
+        assert exc.status in (400, 411, 413, 431, 505)
+        return
+    assert (request is None) == (used == 0) and used <= len(data)
+
+
+def headers(**values):
+    message = email.message.Message()
+    for name, value in values.items():
+        message[name.replace("_", "-")] = value
+    return message
+
+
+@pytest.mark.parametrize("method, given, refused", [
+    ("GET", {"Host": "127.0.0.1:9989"}, False),
+    ("GET", {"Host": "localhost:9989"}, False),
+    ("GET", {"Host": "[::1]:9989"}, False),
+    ("GET", {}, False),  # HTTP/1.0 tools
+    ("GET", {"Host": "rebind.attacker.example"}, True),  # DNS rebinding
+    ("GET", {"Host": "rebind.attacker.example:9989"}, True),
+    ("GET", {"Host": "10.0.0.7:9989"}, True),  # not the address it listens on
+    ("POST", {"Host": "127.0.0.1:9989"}, False),  # curl -X POST
+    ("POST", {"Host": "127.0.0.1:9989", "Origin": "http://127.0.0.1:9989"}, False),  # its own page
+    ("POST", {"Host": "127.0.0.1:9989", "Origin": "http://evil.example"}, True),
+    ("POST", {"Host": "127.0.0.1:9989", "Origin": "null"}, True),
+    ("POST", {"Host": "127.0.0.1:9989", "Origin": "http://localhost:8000"}, True),
+    ("POST", {"Host": "127.0.0.1:9989", "Sec-Fetch-Site": "cross-site"}, True),
+    ("POST", {"Host": "127.0.0.1:9989", "Sec-Fetch-Site": "same-site"}, True),
+    ("POST", {"Host": "127.0.0.1:9989", "Sec-Fetch-Site": "same-origin"}, False),
+    ("POST", {"Host": "127.0.0.1:9989", "Sec-Fetch-Site": "none"}, False),  # typed into the address bar
+])
+def test_browser_protections(method, given, refused):
+    assert (refusal(method, headers(**given), "127.0.0.1") is not None) == refused
+
+
+def test_any_ip_literal_names_a_server_on_all_addresses():
+    assert refusal("GET", headers(Host="10.0.0.7:9989"), "0.0.0.0") is None
+    assert refusal("GET", headers(Host="admin.example:9989"), "0.0.0.0") is not None
+
+
+@pytest.mark.parametrize("ip, warned", [("127.0.0.1", False), ("::1", False), ("0.0.0.0", True),
+                                        ("::", True), ("10.1.2.3", True)])
+def test_a_non_loopback_admin_address_is_warned_about(ip, warned):
+    assert (exposure_warning(ip) is not None) == warned

@@ -1,5 +1,6 @@
 """Running a configuration: routers on one reactor, signals, shutdown."""
 
+import gc
 import logging
 import os
 import resource
@@ -18,8 +19,13 @@ log = logging.getLogger(__name__)
 RESERVED_DESCRIPTORS = 32  # stdio, selector, wakeup pipe, listeners, discovery, admin
 
 
-def stream_capacity(config):
-    """How many streams fit in the descriptor limit (raised to the hard limit first)."""
+def stream_budget(config):
+    """How many streams, and pooled connections, fit in the descriptor limit (raised to the hard limit first).
+
+    When any client keeps pre-established connections, a quarter of the
+    descriptors is set aside for them (every destination's pool together);
+    the rest holds streams, two descriptors each.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -27,11 +33,14 @@ def stream_capacity(config):
             soft = hard
         except (ValueError, OSError):
             pass
-    listeners = sum(len(r.servers) for r in config.routers)
-    pooled = sum(r.client.min_connections for r in config.routers)
-    capacity = max(1, (soft - RESERVED_DESCRIPTORS - listeners - pooled) // 2)
-    log.info("descriptor limit %d: at most %d concurrent streams in all", soft, capacity)
-    return capacity
+    available = soft - RESERVED_DESCRIPTORS - sum(len(r.servers) for r in config.routers)
+    pooling = any(r.client.min_connections or any(c.overrides.get("min_connections") for c in r.client.configs)
+                  for r in config.routers)
+    pool = max(0, available // 4) if pooling else 0
+    streams = max(1, (available - pool) // 2)
+    log.info("descriptor limit %d: at most %d concurrent streams in all%s", soft, streams,
+             f" and {pool} pre-established connections" if pool else "")
+    return StreamBudget(streams, pool)
 
 
 class App:
@@ -49,7 +58,7 @@ class App:
         self.closed = False
         self.draining = False
         self.grace_timer = None
-        self.budget = StreamBudget(stream_capacity(config))
+        self.budget = stream_budget(config)
         self.routers = [Router(self.reactor, router, self.buffer, self.budget) for router in config.routers]
 
     @property
@@ -143,6 +152,18 @@ def _install_signal_handlers(app):
         signal.signal(signum, ignore)
 
 
+# Streams are freed by reference counting and make no cyclic garbage, so young
+# collections can be rare; a burst of allocations (a discovery answer with
+# tens of thousands of endpoints) then causes no full collection at all.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def _tune_garbage_collection():
+    """Rarer young collections, and the startup heap (modules, configuration) never scanned again."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()
+
+
 def serve(config):
     """Serve until drained (SIGTERM, SIGINT, /shutdown); the process exit status."""
     try:
@@ -158,6 +179,7 @@ def serve(config):
         log.error("cannot start: %s", exc.strerror or exc)
         return 2
     _install_signal_handlers(app)
+    _tune_garbage_collection()
     admin.start()
     try:
         app.run()

@@ -15,24 +15,29 @@ import time
 from . import proxyproto
 from .connector import Connect
 from .endpoint import Endpoint, Picker
-from .loop import READ, WRITE
+from .loop import ERRORS, HANGUP, READ, WRITE
 from .tls import client_context
 
 __all__ = ["Balancer", "Dial"]
 
 log = logging.getLogger(__name__)
 
-RETRY_BACKOFF = 0.025  # first pause once every endpoint has failed a dial; doubles to 1 s
+RETRY_BACKOFF = 0.025  # first pause once the quick attempts have failed; doubles up to 1 s
+QUICK_ATTEMPTS = 3  # attempts a stream makes without a pause (each to another endpoint)
+MAX_ATTEMPTS = 10  # attempts a stream makes in all before it gives up (cause "unreachable")
 POOL_RETRY = 1.0  # pause before refilling the pool after a failure
+UPDATE_SLICE = 2000  # addresses merged per reactor turn, so a huge answer never stalls the loop
+LOCAL_CAUSES = ("resources", "bug")  # connect failures that say nothing about the endpoint
 
 
 class Balancer:
     """Endpoints of one destination name and how connections are spread over them."""
 
-    def __init__(self, reactor, name, settings, rng=None):
+    def __init__(self, reactor, name, settings, budget, rng=None):
         self.reactor = reactor
         self.name = name
         self.settings = settings
+        self.budget = budget  # the process's stream budget; pooled connections draw on it too
         self.random = (rng or random.Random()).random
         self.endpoints = {}  # sockaddr -> Endpoint, as discovery last said
         self.retired = {}  # sockaddr -> Endpoint removed by discovery, streams still open
@@ -44,6 +49,7 @@ class Balancer:
         self.pool_connecting = 0
         self.pool_timer = None
         self.closed = False
+        self.merging = None  # an update being merged a slice per turn: (addresses, position, endpoints)
         self.dials = 0  # streams between accept and established that use this balancer
         self.connect_failures = collections.Counter()  # cause -> count
         self.tls = (client_context(settings.tls), settings.tls.dns_name) if settings.tls else None
@@ -52,20 +58,45 @@ class Balancer:
     # -- discovery ------------------------------------------------------------
 
     def update(self, addresses):
-        """Replace the endpoint set; None or empty means the name resolves to nothing."""
+        """Replace the endpoint set; None or empty means the name resolves to nothing.
+
+        A large set is merged ``UPDATE_SLICE`` addresses per reactor turn and
+        takes effect at once when complete; a newer update replaces one still
+        being merged.
+        """
         if self.closed:
             return
-        current, fresh = self.endpoints, {}
-        for address in addresses or ():
+        self.merging = (addresses or (), 0, {})
+        self._merge()
+
+    def _merge(self):
+        if self.merging is None or self.closed:
+            return
+        addresses, position, fresh = self.merging
+        current, retired = self.endpoints, self.retired
+        end = min(position + UPDATE_SLICE, len(addresses))
+        for address in addresses[position:end]:
             key = (address.ip, address.port)
-            endpoint = current.get(key) or self.retired.pop(key, None) or Endpoint(address.ip, address.port, balancer=self)
+            endpoint = current.get(key) or retired.get(key) or Endpoint(address.ip, address.port, balancer=self)
             endpoint.weight = address.weight
-            endpoint.retired = False
             fresh[key] = endpoint
+        if end < len(addresses):
+            self.merging = (addresses, end, fresh)
+            self.reactor.call_soon(self._merge)
+            return
+        self.merging = None
+        self._replace(fresh)
+
+    def _replace(self, fresh):
+        current = self.endpoints
+        for key, endpoint in fresh.items():
+            if endpoint.retired:
+                self.retired.pop(key, None)
+                endpoint.retired = False
         removed = [e for key, e in current.items() if key not in fresh]
         for endpoint in removed:
             self._retire(endpoint)
-        added = sum(1 for key in fresh if key not in current)
+        added = len(fresh) - (len(current) - len(removed))
         self.endpoints = fresh
         self.resolved = True
         self.last_update = time.time()
@@ -116,7 +147,7 @@ class Balancer:
 
     def connect_failed(self, endpoint, cause):
         self.connect_failures[cause] += 1
-        if cause == "resources":  # our shortage, not the endpoint's fault
+        if cause in LOCAL_CAUSES:  # our shortage or our bug, not the endpoint's fault
             self.drop_if_unused(endpoint)
             return
         endpoint.connect_failures += 1
@@ -161,10 +192,14 @@ class Balancer:
     # -- pre-established connections (minConnections) ---------------------------
 
     def take_pooled(self):
-        """A pooled (endpoint, socket, registered events) ready for a stream, or None."""
+        """A pooled (endpoint, socket, registered events) ready for a stream, or None.
+
+        The stream's own budget covers the socket from now on.
+        """
         if not self.pool:
             return None
         pooled = self.pool.popleft()
+        self.budget.pooled -= 1
         self.reactor.call_soon(self._fill_pool)
         return pooled.endpoint, pooled.sock, READ if pooled.watched else 0
 
@@ -172,11 +207,12 @@ class Balancer:
         # A PROXY header names the client, so a connection made before it arrives cannot carry one.
         if self.closed or self.pool_timer is not None or self.proxy_header is not None:
             return
-        settings = self.settings
+        settings, budget = self.settings, self.budget
         for _ in range(settings.min_connections - len(self.pool) - self.pool_connecting):
             endpoint = self.pick()
-            if endpoint is None:
+            if endpoint is None or budget.pooled >= budget.pool_capacity:
                 return
+            budget.pooled += 1
             endpoint.pending += 1
             self.pool_connecting += 1
             Connect(self.reactor, endpoint.family, endpoint.sockaddr, settings.connect_timeout_ms / 1000,
@@ -186,11 +222,13 @@ class Balancer:
         endpoint.pending -= 1
         self.pool_connecting -= 1
         if sock is None:
+            self.budget.pooled -= 1
             self.connect_failed(endpoint, cause)
             self._refill_later()
             return
         self.connect_succeeded(endpoint)
         if self.closed or endpoint.retired:
+            self.budget.pooled -= 1
             sock.close()
             return
         self.pool.append(PooledConnection(self, endpoint, sock))  # takes over the WRITE registration
@@ -209,6 +247,7 @@ class Balancer:
             if condition(pooled):
                 pooled.unwatch()
                 pooled.sock.close()
+                self.budget.pooled -= 1
             else:
                 keep.append(pooled)
         self.pool = keep
@@ -221,6 +260,7 @@ class Balancer:
     def close(self):
         """Stop for good: fail waiters, close pooled connections."""
         self.closed = True
+        self.merging = None
         for dial in list(self.waiters):
             dial.fail("no_endpoints")
         self.waiters.clear()
@@ -267,19 +307,26 @@ class PooledConnection:
             self.balancer.reactor.unregister(self.sock)
             self.watched = False
 
+    def crashed(self, exc):
+        self.balancer.pooled_closed(self)
+
 
 class Dial:
     """The connect phase of one accepted stream.
 
     Picks an endpoint, connects within the client's per-attempt timeout, and on
-    failure tries another while the server's connect deadline allows: each
-    endpoint once straight away, then with a doubling pause so a destination
-    whose endpoints all refuse cannot spin the loop.  Ends in exactly one of
-    ``owner.established(dial, endpoint, sock)`` or ``owner.dial_failed(dial, cause)``.
+    failure tries another while the server's connect deadline allows: up to
+    ``QUICK_ATTEMPTS`` straight away, then with a doubling pause, and at most
+    ``MAX_ATTEMPTS`` in all, so a destination whose endpoints all refuse can
+    never spin the loop.  Meanwhile the client is watched: one that resets
+    ends the dial at once.  Ends in
+    exactly one of ``owner.established(dial, endpoint, sock, events)`` or
+    ``owner.dial_failed(dial, cause)``; ``client_events`` says how the client
+    socket is registered when it is handed over.
     """
 
     __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt",
-                 "deadline_timer", "retry_timer", "tries")
+                 "deadline_timer", "retry_timer", "tries", "client_events")
 
     def __init__(self, balancer, client, envelope, owner):
         self.balancer = balancer
@@ -291,11 +338,40 @@ class Dial:
         self.retry_timer = None
         self.tries = 0
         self.deadline_timer = None
+        self.client_events = 0
 
     def start(self):
         self.balancer.dials += 1
-        self.deadline_timer = self.balancer.reactor.call_at(self.envelope.connect_deadline, self._expired)
+        reactor = self.balancer.reactor
+        self.deadline_timer = reactor.call_at(self.envelope.connect_deadline, self._expired)
+        reactor.register(self.client, HANGUP, self._client_hung_up)
+        self.client_events = HANGUP
         self.balancer.dial(self)
+
+    def _client_hung_up(self, mask):
+        """The client reset, or shut down its side; after a reset nobody is left to serve.
+
+        A shutdown alone may be a half-close by a client that has said all it
+        will and waits for the answer, so the dial goes on, watching only for
+        a reset from then on.
+        """
+        if mask & HANGUP:
+            try:
+                socket.socket.recv(self.client, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.fail("closed")
+                return
+            self.balancer.reactor.modify(self.client, ERRORS, self._client_hung_up)
+            self.client_events = ERRORS
+            return
+        self.fail("closed")  # a reset, or a full hang-up, after a half-close
+
+    def _unwatch_client(self):
+        if self.client_events:
+            self.balancer.reactor.unregister(self.client)
+            self.client_events = 0
 
     def next_attempt(self):
         self.retry_timer = None
@@ -333,14 +409,15 @@ class Dial:
             self._finish(endpoint, sock, WRITE)
             return
         balancer.connect_failed(endpoint, cause)
-        if cause == "resources":
+        if cause in LOCAL_CAUSES:
             self.fail(cause)
-            return
-        extra = self.tries - len(balancer.endpoints)
-        if extra < 0:
+        elif self.tries >= MAX_ATTEMPTS:
+            self.fail("unreachable")
+        elif self.tries < min(QUICK_ATTEMPTS, len(balancer.endpoints)):
             self.next_attempt()
         else:
-            self.retry_timer = balancer.reactor.call_later(min(1.0, RETRY_BACKOFF * 2 ** extra), self.next_attempt)
+            pause = min(1.0, RETRY_BACKOFF * 2 ** (self.tries - QUICK_ATTEMPTS))
+            self.retry_timer = balancer.reactor.call_later(pause, self.next_attempt)
 
     def _finish(self, endpoint, sock, events):
         """Hand the connected socket (registered for ``events``, or not at all) to the owner."""
@@ -363,9 +440,15 @@ class Dial:
         self._stop()
         self.owner.dial_failed(self, cause)
 
+    def crashed(self, exc):
+        """A bug in one of our callbacks: end the stream if it is still ours."""
+        if self.deadline_timer is not None:
+            self.fail("bug")
+
     def _stop(self):
         self.balancer.dials -= 1
         self.balancer.forget(self)
+        self._unwatch_client()
         if self.attempt is not None:
             self.attempt.cancel()
             self.attempt = None

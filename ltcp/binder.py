@@ -19,10 +19,11 @@ MAX_DESTINATIONS = 1000
 
 
 class Binder:
-    def __init__(self, reactor, interpreter, client_config, capacity=MAX_DESTINATIONS):
+    def __init__(self, reactor, interpreter, client_config, budget, capacity=MAX_DESTINATIONS):
         self.reactor = reactor
         self.interpreter = interpreter
         self.client_config = client_config
+        self.budget = budget
         self.capacity = capacity
         self.balancers = {}
         self.hits = 0
@@ -38,7 +39,8 @@ class Binder:
         if len(self.balancers) >= self.capacity and not self._evict():
             return None
         self.creations += 1
-        balancer = self.balancers[name] = Balancer(self.reactor, name, self.client_config.settings_for(name))
+        balancer = self.balancers[name] = Balancer(self.reactor, name, self.client_config.settings_for(name),
+                                                   self.budget)
         self.interpreter.watch(name, functools.partial(self.reactor.call_soon_threadsafe, balancer.update))
         return balancer
 

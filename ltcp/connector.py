@@ -137,6 +137,16 @@ class Connect:
             self.timer = None
         return sock
 
+    def crashed(self, exc):
+        """A bug in our callbacks, or in ``done``: release the socket and make sure the owner hears of it."""
+        if self.sock is not None:  # done was not called yet
+            self._release().close()
+            self.done(None, "bug")
+            return
+        owner_crashed = getattr(getattr(self.done, "__self__", None), "crashed", None)
+        if owner_crashed is not None:  # the owner raised inside done
+            owner_crashed(exc)
+
     def cancel(self):
         """Abandon the attempt; ``done`` is never called."""
         if self.sock is not None:

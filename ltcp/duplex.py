@@ -121,6 +121,9 @@ class Leg:
         if self.events & READ:
             self.pump()
 
+    def crashed(self, exc):
+        self.duplex.crashed(exc)
+
     def arrived(self, n):
         """Account for a read of ``n`` bytes; at EOF, pass the end on and answer False."""
         if n == 0:
@@ -317,7 +320,7 @@ class Duplex:
                  "last_active", "idle_timeout", "idle_timer", "life_timer", "closed", "reason")
 
     def __init__(self, reactor, client_sock, upstream_sock, owner, endpoint, buffer,
-                 idle_timeout=None, lifetime=None, upstream_events=0):
+                 idle_timeout=None, lifetime=None, client_events=0, upstream_events=0):
         self.reactor = reactor
         self.owner = owner
         self.endpoint = endpoint
@@ -331,7 +334,8 @@ class Duplex:
         self.life_timer = reactor.call_later(lifetime, self.close, "lifetime") if lifetime else None
         client = self.client = Leg(self, client_sock, owner.received)
         upstream = self.upstream = Leg(self, upstream_sock, owner.sent)
-        upstream.events = upstream_events  # a connector hands the socket over still registered
+        client.events = client_events  # sockets may be handed over still registered
+        upstream.events = upstream_events
         client.peer = upstream
         upstream.peer = client
         client.update()
@@ -349,6 +353,10 @@ class Duplex:
     def abort(self):
         """An error on either socket: reset both so neither end mistakes it for a clean end."""
         self.close("error", reset=True)
+
+    def crashed(self, exc):
+        """A bug in one of our callbacks: end the stream (cause ``bug``), releasing both sockets."""
+        self.close("bug", reset=True)
 
     def close(self, reason, reset=False):
         if self.closed:

@@ -12,15 +12,16 @@ In order, each only if configured:
 Bytes are only peeked until a header or hello is complete, so nothing is lost
 for the backend.  While a peeked prefix is incomplete the socket stays
 readable, so instead of waiting on readiness (which would spin) the intake
-looks again after a short, growing pause.  The whole intake runs inside the
-server's connect deadline.
+looks again after a short, growing pause, watching only for the client
+hanging up meanwhile: a prefix the client will never finish ends the stream
+at once.  The whole intake runs inside the server's connect deadline.
 """
 
 import socket
 import ssl
 
 from . import proxyproto, tls
-from .loop import READ, WRITE
+from .loop import HANGUP, READ, WRITE
 
 __all__ = ["Intake"]
 
@@ -30,7 +31,7 @@ LAST_RETRY = 0.1
 
 class Intake:
     __slots__ = ("listener", "client", "envelope", "step", "events", "timer", "retry_timer", "hello_timer",
-                 "delay")
+                 "delay", "hung_up")
 
     def __init__(self, listener, client, envelope):
         self.listener = listener
@@ -39,6 +40,7 @@ class Intake:
         self.events = 0
         self.timer = self.retry_timer = self.hello_timer = None
         self.delay = FIRST_RETRY
+        self.hung_up = False  # the client has shut down its side: what it sent is all there will be
         self.step = self._read_proxy_header if listener.config.proxy_protocol else self._after_proxy_header
 
     def start(self):
@@ -62,17 +64,30 @@ class Intake:
             self.events = 0
 
     def _ready(self, mask):
+        if mask & HANGUP:
+            self.hung_up = True
+            if self.retry_timer is not None:
+                self.retry_timer.cancel()
+                self.retry_timer = None
         self.step()
 
-    def _look_again_later(self):
-        """An incomplete prefix: the socket stays readable, so poll on a timer instead."""
-        self._unwatch()
+    def _incomplete(self, cause):
+        """An incomplete prefix: look again after a pause, unless the client can send no more."""
+        if self.hung_up:
+            self.fail(cause)
+            return
+        self._wait(HANGUP)  # the socket stays readable: only a hang-up may wake us before the timer
         self.retry_timer = self.listener.reactor.call_later(self.delay, self._retry)
         self.delay = min(self.delay * 2, LAST_RETRY)
 
     def _retry(self):
         self.retry_timer = None
         self.step()
+
+    def crashed(self, exc):
+        """A bug in one of our callbacks: end this stream, releasing what it holds."""
+        if self.step is not None:
+            self.fail("bug")
 
     def _peek(self, size):
         """Bytes waiting on the socket, left in place; None if none yet, b"" at EOF."""
@@ -92,7 +107,7 @@ class Intake:
             return
         header = proxyproto.parse_header(data)
         if header.status == proxyproto.NEED_MORE and data:
-            self._look_again_later()
+            self._incomplete("proxy_protocol")
             return
         if header.status != proxyproto.PARSED:
             self.fail("proxy_protocol" if data else "closed")
@@ -115,6 +130,9 @@ class Intake:
             self.client = self.listener.tls.default.wrap_socket(
                 self.client, server_side=True, do_handshake_on_connect=False)
             self.step = self._handshake
+        elif "{sni}" not in self.listener.config.dst_name:
+            self._route(None)  # nothing to peek for: a server-speaks-first client would wait in vain
+            return
         else:
             # A client that has not finished its hello in half the connect
             # timeout (or speaks only after the server) goes to the fallback.
@@ -138,26 +156,27 @@ class Intake:
             self._wait(WRITE)
             return
         except (ssl.SSLError, OSError):
-            self.listener.tls.forget(self.client)
             self.fail("tls")
             return
-        self._route(self.listener.tls.take_name(self.client))
+        self._route(*tls.routing_name(self.listener.tls.server_name(self.client)))
 
     def _peek_hello(self):
         data = self._peek(tls.MAX_HELLO_BYTES + 5 * 4)
         if data is None:
             return
-        hello = tls.parse_client_hello(data)
-        if hello.status == tls.NEED_MORE and data:
-            self._look_again_later()
+        if not data:
+            self.fail("closed")
             return
-        if hello.status == tls.HELLO:
-            self._route(tls.normalize_server_name(hello.server_name))
+        hello = tls.parse_client_hello(data)
+        if hello.status == tls.NEED_MORE:
+            self._incomplete("closed")
+        elif hello.status == tls.HELLO:
+            self._route(*tls.routing_name(hello.server_name))
         else:
-            self._route(None, hello.status if data else "closed")
+            self._route(None, hello.status)
 
     def _route(self, server_name, cause="no_sni"):
-        """Fill in the destination and start dialing; without a name, fall back or fail."""
+        """Fill in the destination and start dialing; without a usable name, fall back or fail."""
         listener = self.listener
         template = listener.config.dst_name
         if server_name is not None:

@@ -19,12 +19,14 @@ import time
 
 from .wheel import NS_PER_SEC, TimerWheel
 
-__all__ = ["Reactor", "READ", "WRITE"]
+__all__ = ["Reactor", "READ", "WRITE", "HANGUP", "ERRORS"]
 
 log = logging.getLogger(__name__)
 
 READ = select.EPOLLIN
 WRITE = select.EPOLLOUT
+HANGUP = select.EPOLLRDHUP  # the peer shut down its side (or reset): asked alone, data does not wake it
+ERRORS = select.EPOLLHUP  # interest in nothing but a reset or full hang-up (reported whatever is asked)
 _TROUBLE = select.EPOLLERR | select.EPOLLHUP  # reported whatever was asked: wake every interest
 MAX_EVENTS = 1024
 
@@ -40,13 +42,20 @@ class Reactor:
     the callback receives the ready mask (``READ``, ``WRITE`` or both, never
     more than it asked for).  Interest changes go through ``modify`` (one
     ``epoll_ctl``), never unregister/register churn.
+
+    A callback that raises is a bug, and must not take the process or its
+    other streams with it, nor fire again on every turn: the reactor logs it
+    once, then, if the callback is a method of an object with a
+    ``crashed(exc)`` method (every per-stream object has one), calls that so
+    the object releases what it holds; and an I/O callback still registered
+    afterwards is unregistered.
     """
 
     def __init__(self, poller=None, clock=time.monotonic_ns, tick=0.01, slots=4096):
         self._poller = poller if poller is not None else select.epoll()
         self._handlers = {}  # fd -> (callback, events)
         self._clock = clock
-        self.wheel = TimerWheel(clock, tick, slots, on_error=self._timer_failed)
+        self.wheel = TimerWheel(clock, tick, slots, on_error=lambda timer, exc: self.callback_failed(timer.fn, exc))
         self.now = self.time()  # refreshed once per loop turn; cheap stamps for the hot path
         self._ready = collections.deque()
         self._running = False
@@ -136,8 +145,14 @@ class Reactor:
                 callback, wanted = handler
                 try:
                     callback(wanted if happened & _TROUBLE else happened & wanted)
-                except Exception:
-                    log.exception("I/O callback %r failed", callback)
+                except Exception as exc:
+                    self.callback_failed(callback, exc)
+                    if handlers.get(fd, (None,))[0] is callback:  # never again, whatever its state
+                        del handlers[fd]
+                        try:
+                            self._poller.unregister(fd)
+                        except (OSError, ValueError):
+                            pass
             wheel.advance()
             # Only what is queued now: callbacks that queue more wait a turn,
             # so a self-requeueing callback cannot starve I/O.
@@ -145,8 +160,8 @@ class Reactor:
                 fn, args = ready.popleft()
                 try:
                     fn(*args)
-                except Exception:
-                    log.exception("callback %r failed", fn)
+                except Exception as exc:
+                    self.callback_failed(fn, exc)
 
     def stop(self):
         """End ``run()`` after the current iteration (reactor thread, or via call_soon_threadsafe)."""
@@ -158,5 +173,13 @@ class Reactor:
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
 
-    def _timer_failed(self, timer, exc):
-        log.error("timer callback %r failed", timer.fn, exc_info=exc)
+    def callback_failed(self, fn, exc):
+        """``fn`` raised: log it once, and let its object release what it holds."""
+        owner = getattr(fn, "__self__", None)
+        crashed = getattr(owner, "crashed", None)
+        log.error("callback %r failed%s", fn, "; closing what it belongs to" if crashed else "", exc_info=exc)
+        if crashed is not None:
+            try:
+                crashed(exc)
+            except Exception:
+                log.exception("closing %r after a failed callback failed too", owner)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 BACKLOG = 1024
 ACCEPT_BATCH = 64  # accepts per readiness event, so one busy listener cannot starve the rest
 FD_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE
+BUG_PAUSE = 1.0  # seconds to stop accepting after a bug in the accept path
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -52,11 +53,15 @@ class StreamBudget:
     Sized from the descriptor limit so that a stream, once accepted, can
     always open its upstream socket: accepting every client first and then
     finding no descriptor left for any upstream would stall them all.
+    Pre-established connections (``minConnections``) have a share of their
+    own, so that SNI names multiplying pools cannot eat the streams' share.
     """
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, pool_capacity=0):
         self.capacity = capacity
         self.used = 0
+        self.pool_capacity = pool_capacity  # idle pre-established connections, every balancer together
+        self.pooled = 0  # pooled connections open or connecting
         self.waiting = set()  # listeners paused until a stream ends
         self.on_empty = None  # called when the last stream ends (graceful drain)
 
@@ -87,7 +92,7 @@ class Listener:
         self.address = None  # (ip, port) actually bound
         self.listening = False
         self.closed = False
-        self.fd_pause_timer = None
+        self.pause_timer = None
         self.active = 0
         self.accepted = 0
         self.finished = 0
@@ -142,7 +147,7 @@ class Listener:
 
     def resume(self):
         """Listen again unless a limit or a descriptor pause still holds."""
-        if self.fd_pause_timer is None and self.active < self.config.max_concurrency:
+        if self.pause_timer is None and self.active < self.config.max_concurrency:
             if self.budget.has_room():
                 self._listen()
             else:
@@ -173,14 +178,20 @@ class Listener:
     def _out_of_descriptors(self, reason):
         """Stop accepting for a moment: logged once per burst, never a busy loop."""
         self.failures["out_of_descriptors"] += 1
-        if self.fd_pause_timer is None:
+        if self.pause_timer is None:
             log.warning("router %s on %s is out of descriptors (%s); pausing accepts for %gs",
                         self.label, self.display_address, reason, FD_PAUSE)
             self._pause()
-            self.fd_pause_timer = self.reactor.call_later(FD_PAUSE, self._fd_pause_over)
+            self.pause_timer = self.reactor.call_later(FD_PAUSE, self._pause_over)
 
-    def _fd_pause_over(self):
-        self.fd_pause_timer = None
+    def crashed(self, exc):
+        """A bug while accepting: stop for a moment instead of failing again on every wakeup."""
+        self._pause()
+        if self.pause_timer is None:
+            self.pause_timer = self.reactor.call_later(BUG_PAUSE, self._pause_over)
+
+    def _pause_over(self):
+        self.pause_timer = None
         self.resume()
 
     def _accepted(self, client, source):
@@ -194,9 +205,16 @@ class Listener:
         if self._intake:
             intake = Intake(self, client, envelope)
             self.dials.add(intake)
-            intake.start()
+            self._start(intake)
         else:
             self.dial(None, client, envelope)
+
+    def _start(self, stream):
+        """Run a stream's first step here, where a bug in it ends that stream and not our caller."""
+        try:
+            stream.start()
+        except Exception as exc:
+            self.reactor.callback_failed(stream.start, exc)
 
     def dial(self, intake, client, envelope):
         """Start connecting the stream to its destination (after its intake, if any)."""
@@ -209,7 +227,7 @@ class Listener:
             return
         dial = Dial(balancer, client, envelope, self)
         self.dials.add(dial)
-        dial.start()
+        self._start(dial)
 
     def established(self, dial, endpoint, upstream, upstream_events):
         self.dials.discard(dial)
@@ -217,7 +235,7 @@ class Listener:
         envelope = dial.envelope
         self.connect_latency.observe(self.reactor.now - envelope.accepted_at)
         duplex = Duplex(self.reactor, dial.client, upstream, self, endpoint, self.buffer,
-                        envelope.idle_timeout, envelope.lifetime, upstream_events)
+                        envelope.idle_timeout, envelope.lifetime, dial.client_events, upstream_events)
         self.streams.add(duplex)
 
     def dial_failed(self, dial, cause):
@@ -248,9 +266,9 @@ class Listener:
         """Stop accepting; streams already open carry on."""
         self.closed = True
         self._pause()
-        if self.fd_pause_timer is not None:
-            self.fd_pause_timer.cancel()
-            self.fd_pause_timer = None
+        if self.pause_timer is not None:
+            self.pause_timer.cancel()
+            self.pause_timer = None
         if self.sock is not None:
             self.sock.close()
 

@@ -11,13 +11,15 @@ across TCP segments), stops at ``MAX_HELLO_BYTES``, and reports one of:
 """
 
 import base64
+import ipaddress
 import os
 import re
 import ssl
 import tempfile
+import weakref
 from typing import NamedTuple, Optional
 
-__all__ = ["ClientHello", "parse_client_hello", "normalize_server_name", "server_context",
+__all__ = ["ClientHello", "parse_client_hello", "normalize_server_name", "routing_name", "server_context",
            "client_context", "material_problems", "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED",
            "HELLO"]
 
@@ -131,6 +133,24 @@ def _server_name(extension):
             except UnicodeDecodeError:
                 raise ValueError("server name is not ASCII") from None
     return None
+
+
+def routing_name(server_name):
+    """``(name, None)`` for a server name usable in a destination, else ``(None, cause)``.
+
+    An IP literal is no name at all (RFC 6066 forbids it, yet some clients
+    send one): ``no_sni``, like a hello without one.  Anything else that is
+    not a valid DNS name is ``malformed``.
+    """
+    if not server_name:
+        return None, "no_sni"
+    try:
+        ipaddress.ip_address(server_name.strip("[]"))
+        return None, "no_sni"
+    except ValueError:
+        pass
+    name = normalize_server_name(server_name)
+    return (name, None) if name is not None else (None, "malformed")
 
 
 def normalize_server_name(name):
@@ -247,7 +267,8 @@ class ServerContexts:
     """The context a terminating server starts with, switching identity by SNI.
 
     The server name the client asked for is remembered per connection in
-    ``names`` (keyed by the SSL object) until ``take_name`` collects it.
+    ``names``, keyed weakly by its socket, so a handshake that never finishes
+    leaves nothing behind.
     """
 
     def __init__(self, tls):
@@ -258,7 +279,7 @@ class ServerContexts:
         else:
             self.default = next(iter(self.by_name.values()))
         self.require_match = tls.default_identity is None
-        self.names = {}
+        self.names = weakref.WeakKeyDictionary()
         self.default.sni_callback = self._choose
         for context in self.by_name.values():
             context.sni_callback = self._choose
@@ -269,21 +290,19 @@ class ServerContexts:
             context = self.by_name.get("*." + name.split(".", 1)[1])
         return context
 
-    def _choose(self, ssl_object, server_name, initial_context):
-        name = normalize_server_name(server_name)
-        self.names[ssl_object] = name
+    def _choose(self, ssl_socket, server_name, initial_context):
+        self.names[ssl_socket] = server_name
+        name, _ = routing_name(server_name)
         context = self._lookup(name) if name else None
         if context is not None:
-            ssl_object.context = context
+            ssl_socket.context = context
         elif self.require_match:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         return None
 
-    def take_name(self, ssl_object):
-        return self.names.pop(ssl_object, None)
-
-    def forget(self, ssl_object):
-        self.names.pop(ssl_object, None)
+    def server_name(self, ssl_socket):
+        """The server name the client sent in its hello, or None."""
+        return self.names.pop(ssl_socket, None)
 
 
 def server_context(tls):

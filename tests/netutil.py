@@ -272,7 +272,8 @@ class LtcpProcess:
             line = self.proc.stderr.readline()
             assert line, "".join(self.lines)
             self.lines.append(line)
-        self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log).group(1))
+        self.ports = [int(port) for port in re.findall(r"listening on 127\.0\.0\.1:(\d+)", self.log)]
+        self.port = self.ports[0]
         self.admin = re.search(r"admin server on (http://[\d.:]+)/", self.log).group(1)
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
@@ -281,8 +282,8 @@ class LtcpProcess:
     def log(self):
         return "".join(self.lines)
 
-    def connect(self):
-        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+    def connect(self, index=0):
+        return socket.create_connection(("127.0.0.1", self.ports[index]), timeout=10)
 
     def cpu_over(self, seconds):
         """CPU seconds the process used during a window of ``seconds``."""

@@ -2,7 +2,8 @@
 
 import collections
 
-from netutil import named, recv_all, refused_port, static_config, wait_for
+from ltcp.balancer import MAX_ATTEMPTS
+from netutil import client_hello, named, recv_all, refused_port, static_config, wait_for
 
 
 def landing(proxy, count, hold):
@@ -154,3 +155,45 @@ def test_min_connections_are_pre_established_and_replaced(proxies, backends):
     wait_for(lambda: proxy.call(lambda: len(balancer.pool)) == 3, message="pool refilled")
     wait_for(lambda: backend.accepted == accepted + 1, message="one replacement")
     assert proxy.call(lambda: balancer.pool_connecting) == 0
+
+
+def test_attempts_per_stream_are_bounded_when_every_endpoint_refuses(proxies):
+    """One client once made 55,481 attempts in 8 s against 60,000 refusing endpoints."""
+    holders = [refused_port() for _ in range(200)]
+    names = {"/svc/a": [f"127.0.0.1:{port}" for _, port in holders]}
+    proxy = proxies(static_config(names, connectTimeoutMs=8000,
+                                  client={"failFast": {"maxConsecutiveFailures": 1000}}))
+    with proxy.connect() as c:
+        c.settimeout(10)
+        assert recv_all(c) == b""
+    balancer = proxy.balancer("/svc/a")
+    assert proxy.call(lambda: balancer.connect_failures["refused"]) == MAX_ATTEMPTS
+    assert proxy.listener.failures["unreachable"] == 1
+    for sock, _ in holders:
+        sock.close()
+
+
+def test_pooled_connections_stay_within_their_share_as_sni_multiplies_pools(proxies, backends, tmp_path):
+    """minConnections: 10 with 1,000 SNI names once opened 10,000 idle connections."""
+    backend = backends(named("pooled"))
+    for i in range(60):
+        (tmp_path / f"n{i}.example").write_text(f"127.0.0.1 {backend.port}\n")
+    proxy = proxies({"routers": [{
+        "label": "sni", "interpreter": {"kind": "io.l5d.fs", "rootDir": str(tmp_path)},
+        "servers": [{"port": 0, "dstName": "/svc/{sni}"}],
+        "client": {"minConnections": 10}}]})
+    budget = proxy.app.budget
+    binder = proxy.app.routers[0].binder
+    proxy.call(lambda: (setattr(budget, "pool_capacity", 40), setattr(binder, "capacity", 20)))
+    for i in range(60):
+        with proxy.connect() as c:
+            c.sendall(client_hello(f"n{i}.example"))
+            assert c.recv(7) == b"pooled\n"
+        assert proxy.call(lambda: budget.pooled) <= 40
+    wait_for(lambda: backend.open <= 40, message="idle pooled connections within their share")
+
+    def pools():
+        return budget.pooled, sum(len(b.pool) + b.pool_connecting for b in binder.balancers.values())
+
+    counted, held = proxy.call(pools)
+    assert counted == held <= 40  # evicted balancers' pools were closed and returned their share

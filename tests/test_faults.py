@@ -11,7 +11,11 @@ import time
 
 import pytest
 
-from netutil import LtcpProcess, SelectEcho, blackhole, named, open_fds, recv_all, recv_exactly, static_config, wait_for
+from ltcp.connector import Connect
+from ltcp.duplex import Leg
+from ltcp.intake import Intake
+from netutil import (LtcpProcess, SelectEcho, blackhole, echo, named, open_fds, recv_all, recv_exactly, static_config,
+                     wait_for)
 
 
 @pytest.fixture
@@ -222,3 +226,60 @@ def test_sigterm_under_load_cuts_no_stream_that_finishes_in_grace(backends):
         stop.set()
         ltcp.proc.kill()
         backend.close()
+
+
+def ltcp_errors(caplog):
+    return [r for r in caplog.records if r.name.startswith("ltcp") and r.levelno >= logging.ERROR]
+
+
+def inject(monkeypatch, cls, name, when):
+    """Make ``cls.name`` raise whenever ``when(self, *args)`` holds."""
+    original = getattr(cls, name)
+
+    def broken(self, *args):
+        if when(self, *args):
+            raise RuntimeError("an injected bug")
+        return original(self, *args)
+
+    monkeypatch.setattr(cls, name, broken)
+
+
+def closed_or_reset(c):
+    c.settimeout(5)
+    try:
+        return recv_all(c) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.allow_errors
+@pytest.mark.parametrize("phase", ["duplex", "intake", "connect"])
+def test_a_bug_in_a_stream_callback_ends_that_stream_once_and_releases_it(proxies, backends, caplog, monkeypatch,
+                                                                          phase):
+    backend = backends(echo)
+    proxy = proxies(static_config({"/svc/a": [backend.addr]}, proxyProtocol="accept"))
+    header = b"PROXY TCP4 203.0.113.7 198.51.100.1 40000 7474\r\n"
+    other = proxy.connect()
+    other.sendall(header + b"fine")
+    assert recv_exactly(other, 4) == b"fine"
+    fds = open_fds()
+    if phase == "duplex":
+        inject(monkeypatch, Leg, "arrived", lambda leg, n: n == 4 and leg.duplex.buffer[:4] == b"BOOM")
+    elif phase == "intake":
+        inject(monkeypatch, Intake, "_read_proxy_header", lambda intake: True)
+    else:
+        inject(monkeypatch, Connect, "_connected", lambda connect, mask: True)
+    victim = proxy.connect()
+    victim.sendall(header + b"BOOM")
+    assert closed_or_reset(victim)
+    victim.close()
+    monkeypatch.undo()
+    wait_for(lambda: proxy.call(lambda: proxy.listener.active) == 1, message="the broken stream released")
+    counts = proxy.call(lambda: {**proxy.listener.failures, **proxy.listener.endings})
+    assert counts.get("bug") == 1, counts
+    other.sendall(b"still fine")  # a turn of the loop later: the failed callback has not fired again
+    assert recv_exactly(other, 10) == b"still fine"
+    assert len(ltcp_errors(caplog)) == 1, [r.getMessage() for r in ltcp_errors(caplog)]
+    assert open_fds() <= fds
+    assert proxy.call(lambda: proxy.app.budget.used) == 1
+    other.close()

@@ -148,3 +148,49 @@ def test_readiness_dispatch_and_modify(reactor):
     finally:
         a.close()
         b.close()
+
+
+class Broken:
+    """An object whose callbacks raise, recording what the reactor tells it."""
+
+    def __init__(self):
+        self.calls = 0
+        self.crashes = []
+
+    def on_event(self, mask):
+        self.calls += 1
+        raise RuntimeError("bug")
+
+    def later(self):
+        self.calls += 1
+        raise RuntimeError("bug in a timer")
+
+    def crashed(self, exc):
+        self.crashes.append(str(exc))
+
+
+@pytest.mark.allow_errors
+def test_a_failing_io_callback_is_told_and_never_fires_again(reactor, caplog):
+    a, b = socket.socketpair()
+    broken = Broken()
+    reactor.register(a, READ, broken.on_event)
+    b.send(b"x")  # stays unread: level-triggered readiness would fire on every turn
+    turns = []
+    for i in range(5):
+        reactor.call_later(0.01 * (i + 1), turns.append, i)
+    reactor.call_later(0.06, reactor.stop)
+    reactor.run()
+    assert broken.calls == 1 and broken.crashes == ["bug"] and turns == [0, 1, 2, 3, 4]
+    assert [r.levelno for r in caplog.records if r.name == "ltcp.loop"] == [logging.ERROR]
+    a.close()
+    b.close()
+
+
+@pytest.mark.allow_errors
+def test_failing_timers_and_soon_calls_are_reported_to_their_object(reactor):
+    broken = Broken()
+    reactor.call_later(0.01, broken.later)
+    reactor.call_soon(broken.later)
+    reactor.call_later(0.03, reactor.stop)
+    reactor.run()
+    assert broken.crashes == ["bug in a timer", "bug in a timer"]

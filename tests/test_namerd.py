@@ -12,7 +12,7 @@ from hypothesis import given
 from ltcp.config import Address
 from ltcp.interpreter.namerd import NamerdError, NamerdInterpreter, ObjectStream, parse_answer
 from ltcp.testing.namerd import NamerdServer, bound
-from netutil import client_hello, named, recv_all, wait_for
+from netutil import LtcpProcess, client_hello, echo, named, recv_all, recv_exactly, refused_port, wait_for
 
 
 # -- pure parsing ------------------------------------------------------------------
@@ -437,3 +437,42 @@ def test_unwatched_names_leave_the_rotation_even_with_a_first_answer_pending(nam
     assert namerd.requests("/svc/pending") == 1
     assert not got.has("/svc/pending")
     assert interpreter.watched == 0
+
+
+def test_a_60000_endpoint_answer_does_not_stall_other_routers(backends, namerd):
+    """Such an answer once stalled an unrelated router's streams for 325 ms."""
+    holder, refused = refused_port()
+    huge = [("127.0.0.1", port) for port in range(1024, 61_024)]  # never connected to
+    namerd.set("/svc/web", [("127.0.0.1", refused)])
+    document = namerd_config(namerd.url)
+    document["admin"] = {"port": 0}
+    document["routers"].append({"label": "other", "interpreter": {
+        "kind": "io.l5d.static", "names": {"/svc/echo": [backends(echo).addr]}},
+        "servers": [{"port": 0, "dstName": "/svc/echo"}]})
+    ltcp = LtcpProcess(document)
+    try:
+        with ltcp.connect(0) as c:  # makes the balancer for /svc/web; its one endpoint refuses
+            c.settimeout(5)
+            assert recv_all(c) == b""
+        probe = ltcp.connect(1)
+        round_trips = []
+
+        def ping():
+            started = time.monotonic()
+            probe.sendall(b"ping")
+            assert recv_exactly(probe, 4) == b"ping"
+            round_trips.append(time.monotonic() - started)
+
+        for _ in range(50):
+            ping()
+        namerd.set("/svc/web", huge)
+        while "/svc/web: 60000 endpoints" not in ltcp.log:
+            ping()
+        worst = max(round_trips[50:])
+        print(f"worst round trip on another router while a 60,000-endpoint answer landed: {worst * 1000:.0f} ms "
+              f"(before it: {max(round_trips[:50]) * 1000:.1f} ms)")
+        assert worst < 0.15, f"a round trip took {worst:.3f}s"
+        probe.close()
+    finally:
+        assert ltcp.stop() == 0
+        holder.close()

@@ -162,3 +162,36 @@ def test_bad_or_missing_headers_close_the_stream(proxies, backends, data):
             pass
     wait_for(lambda: proxy.listener.failures["proxy_protocol"] == 1)
     assert backend.accepted == 0
+
+
+def test_server_speaks_first_behind_a_proxy_header_without_waiting(proxies, backends):
+    """A MariaDB-style greeting once waited half the connect timeout for a ClientHello peek."""
+    backend = backends(lambda conn: (conn.sendall(b"greeting\n"), conn.recv(1)))
+    server = {"port": 0, "dstName": "/svc/a", "proxyProtocol": "accept", "connectTimeoutMs": 10000}
+    proxy = proxies({"routers": [{"label": "pp", "interpreter": {"kind": "io.l5d.static",
+                                                                 "names": {"/svc/a": [backend.addr]}},
+                                  "servers": [server]}]})
+    with proxy.connect() as c:
+        started = time.monotonic()
+        c.sendall(build_v2(("203.0.113.7", 40000), ("198.51.100.1", 3306)))
+        assert recv_exactly(c, 9) == b"greeting\n"
+        assert time.monotonic() - started < 0.5
+
+
+@pytest.mark.parametrize("header", [b"PROXY TCP4 203.0.113.7 198.51.10", SIG + b"\x21\x11\x00\x0c\x01"])
+def test_a_truncated_header_then_fin_is_released_at_once(proxies, backends, header):
+    backend = backends(lambda conn: conn.recv(1))
+    proxy = proxies(config(backend.addr))  # connectTimeoutMs 2000
+    with proxy.connect() as c:
+        started = time.monotonic()
+        c.sendall(header)
+        time.sleep(0.05)  # the header is looked at, found incomplete, and left to wait
+        c.shutdown(socket.SHUT_WR)
+        c.settimeout(5)
+        try:
+            assert recv_all(c) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 0.5
+    wait_for(lambda: proxy.listener.failures["proxy_protocol"] == 1)
+    assert proxy.call(lambda: proxy.listener.active) == 0 and backend.accepted == 0

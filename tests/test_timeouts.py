@@ -1,10 +1,12 @@
 """Connect deadline, per-attempt timeout, idle and lifetime limits, maxConcurrency."""
 
 import socket
+import struct
 import time
 
 import pytest
 
+from ltcp.config import Address
 from netutil import blackhole, echo, named, recv_all, static_config, wait_for
 
 
@@ -142,3 +144,38 @@ def test_max_concurrency_holds_and_accepting_resumes(proxies, backends):
     assert proxy.listener.accepted == 6
     for c in held + [extra]:
         c.close()
+
+
+def reset(c):
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+
+
+@pytest.mark.parametrize("waiting_for", ["connect", "discovery"])
+def test_clients_that_reset_while_waiting_are_released_at_once(proxies, hole, waiting_for):
+    """200 resets during a backend connect once held their descriptors until the deadline."""
+    proxy = proxies(static_config({"/svc/a": [f"127.0.0.1:{hole}"]}, connectTimeoutMs=4000,
+                                  client={"connectTimeoutMs": 4000}))
+    if waiting_for == "discovery":
+        proxy.call(setattr, proxy.app.routers[0].binder, "interpreter", SilentDiscovery())
+    clients = [proxy.connect() for _ in range(200)]
+    wait_for(lambda: proxy.call(lambda: len(proxy.listener.dials)) == 200, message="200 streams waiting")
+    started = time.monotonic()
+    for c in clients:
+        reset(c)
+    wait_for(lambda: proxy.call(lambda: proxy.listener.active) == 0, timeout=2, message="every stream released")
+    assert time.monotonic() - started < 1
+    assert proxy.listener.failures["closed"] == 200
+
+
+def test_a_client_that_half_closes_while_waiting_still_gets_its_answer(proxies, backends):
+    slow = backends(lambda conn: (time.sleep(0.3), conn.sendall(b"late answer"), conn.recv(1)))
+    proxy = proxies(static_config({"/svc/a": [slow.addr]}, connectTimeoutMs=3000))
+    proxy.call(setattr, proxy.app.routers[0].binder, "interpreter", SilentDiscovery())
+    with proxy.connect() as c:
+        c.shutdown(socket.SHUT_WR)  # nothing to say, and waits for the server's greeting
+        wait_for(lambda: proxy.call(lambda: len(proxy.listener.dials)) == 1)
+        time.sleep(0.1)  # the half-close has been seen while the stream waited for discovery
+        balancer = proxy.balancer("/svc/a")
+        proxy.call(balancer.update, [Address("127.0.0.1", slow.port)])
+        assert recv_all(c) == b"late answer"

@@ -1,5 +1,6 @@
 """TLS termination and origination, SNI routing (terminated and passthrough)."""
 
+import gc
 import os
 import socket
 import ssl
@@ -8,7 +9,8 @@ import threading
 import pytest
 import trustme
 
-from netutil import echo, named, recv_all, recv_exactly, wait_for
+from ltcp.tls import routing_name
+from netutil import client_hello, echo, named, recv_all, recv_exactly, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +236,46 @@ def test_passthrough_hello_split_across_segments(proxies, backends, pki, first_p
                 break
             except ssl.SSLWantReadError:
                 incoming.write(sock.recv(65536))
+
+
+def test_stalled_handshakes_leave_nothing_behind(proxies, pki):
+    """Each round of half-finished handshakes once left its SNI record behind."""
+    proxy = proxies(sni_config({}, tls=server_tls(pki), connectTimeoutMs=300))
+    clients = []
+    for i in range(200):  # a hello, then silence: the server's answer is never read
+        c = socket.create_connection(("127.0.0.1", proxy.port()), timeout=10)
+        c.sendall(client_hello(f"n{i}.example.com"))
+        clients.append(c)
+    wait_for(lambda: proxy.listener.failures["timeout"] == 200, timeout=10, message="every handshake timed out")
+    gc.collect()  # only to make the count below exact; nothing here needs the collector
+    assert proxy.call(lambda: len(proxy.listener.tls.names)) == 0
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.parametrize("sent, cause", [
+    (b"127.0.0.1", "no_sni"),  # an IP literal is not a name (RFC 6066); wrk sends one
+    (b"bad name!", "malformed"),  # not a DNS name
+])
+def test_passthrough_server_names_that_are_no_destination(proxies, pki, sent, cause):
+    proxy = proxies(sni_config({"/svc/127.0.0.1": ["127.0.0.1:9"]}))
+    hello = client_hello("a.example").replace(b"a.example", sent)  # same length, so still well formed
+    with socket.create_connection(("127.0.0.1", proxy.port()), timeout=10) as c:
+        c.sendall(hello)
+        assert closed_without_data(c)
+    wait_for(lambda: proxy.listener.failures[cause] == 1)
+    assert proxy.call(lambda: list(proxy.app.routers[0].binder.balancers)) == []
+
+
+@pytest.mark.parametrize("server_name, expected", [
+    (None, (None, "no_sni")),
+    ("", (None, "no_sni")),
+    ("127.0.0.1", (None, "no_sni")),
+    ("::1", (None, "no_sni")),
+    ("[::1]", (None, "no_sni")),
+    ("bad name!", (None, "malformed")),
+    ("a..b", (None, "malformed")),
+    ("API.Example.com.", ("api.example.com", None)),
+])
+def test_routing_name(server_name, expected):
+    assert routing_name(server_name) == expected

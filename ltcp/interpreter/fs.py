@@ -7,7 +7,6 @@ delivers a name's addresses when they change; a deleted file means the name
 resolves to nothing (once it has stayed deleted for ``VANISH_SECS``).
 """
 
-import ipaddress
 import logging
 import os
 import queue
@@ -15,7 +14,7 @@ import stat
 import threading
 import time
 
-from ..config import MAX_WEIGHT, Address, parse_port
+from ..config import MAX_WEIGHT, Address, canonical_ip, parse_port
 
 __all__ = ["FsInterpreter", "parse_addresses", "name_to_path"]
 
@@ -37,9 +36,9 @@ def parse_addresses(text, source="<fs>"):
             problems.append(f"{where}: expected 'ip port [weight]', got {line!r}")
             continue
         try:
-            ip = str(ipaddress.ip_address(fields[0]))
-        except ValueError:
-            problems.append(f"{where}: {fields[0]!r} is not an IP address literal")
+            ip = canonical_ip(fields[0])
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
             continue
         port = parse_port(fields[1])
         if port is None:

@@ -20,7 +20,6 @@ retried with exponential backoff and jitter capped at ``periodSecs``.
 """
 
 import heapq
-import ipaddress
 import itertools
 import json
 import logging
@@ -34,7 +33,7 @@ import weakref
 
 import urllib3
 
-from ..config import MAX_WEIGHT, Address
+from ..config import MAX_WEIGHT, Address, canonical_ip
 from ..histogram import LATENCY_BUCKETS, Histogram
 
 __all__ = ["NamerdInterpreter", "NamerdError", "ObjectStream", "parse_answer"]
@@ -97,11 +96,11 @@ def parse_answer(answer):
 def _address(entry):
     if not isinstance(entry, dict):
         raise NamerdError("not an object")
-    ip, port = entry.get("ip"), entry.get("port")
     try:
-        ip = str(ipaddress.ip_address(ip))
-    except ValueError:
-        raise NamerdError(f"{ip!r} is not an IP address literal") from None
+        ip = canonical_ip(entry.get("ip"))
+    except ValueError as exc:
+        raise NamerdError(str(exc)) from None
+    port = entry.get("port")
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= 65535:
         raise NamerdError(f"port must be an integer 1..65535, not {port!r}")
     meta = entry.get("meta") or {}
@@ -117,17 +116,24 @@ class ObjectStream:
     def __init__(self, limit=MAX_OBJECT_BYTES):
         self.limit = limit
         self._partial = bytearray()
+        self._scanned = 0  # bytes of _partial known to hold no newline
 
     def feed(self, chunk):
-        """Every complete object the chunk finishes, decoded; NamerdError on garbage."""
+        """Every complete object the chunk finishes, decoded; NamerdError on garbage.
+
+        Only new bytes are searched for the newline, so a large answer
+        arriving in many chunks costs linear time, not quadratic.
+        """
         self._partial += chunk
         objects = []
         while True:
-            end = self._partial.find(b"\n")
+            end = self._partial.find(b"\n", self._scanned)
             if end < 0:
+                self._scanned = len(self._partial)
                 break
             line = bytes(self._partial[:end]).strip()
             del self._partial[:end + 1]
+            self._scanned = 0
             if line:
                 objects.append(_decode(line))
         if len(self._partial) > self.limit:
@@ -138,6 +144,7 @@ class ObjectStream:
         """The last object, if the stream ended without its newline."""
         line = bytes(self._partial).strip()
         self._partial.clear()
+        self._scanned = 0
         return [_decode(line)] if line else []
 
 

@@ -28,16 +28,15 @@ import time
 import urllib.parse
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.process_collector import ProcessCollector
 
 from .httpd import HttpServer, Response, plain
-from .metrics import LtcpCollector, on_reactor, routers_json, snapshot
+from .metrics import LtcpCollector, ProcessCollector, on_reactor, routers_json, snapshot
 
 __all__ = ["AdminServer", "exposure_warning", "refusal"]
 
 log = logging.getLogger(__name__)
 
-CACHE_SECS = 0.5
+CACHE_SECS = 1.0
 
 
 def _host_part(authority):
@@ -112,7 +111,7 @@ class AdminServer:
         self.ip = config.ip
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(LtcpCollector(app))
-        self.registry.register(ProcessCollector(registry=None))  # process_*: what dashboards expect
+        self.registry.register(ProcessCollector())  # process_*: the names dashboards expect
         self._metrics = _Cached(lambda: generate_latest(self.registry))
         self._routers = _Cached(
             lambda: json.dumps(routers_json(on_reactor(app.reactor, lambda: snapshot(app))), indent=2).encode() + b"\n")

@@ -20,6 +20,8 @@ Workloads:
   idle-rss   4,000 idle proxied connections: proxy RSS (MB) and KB per connection
   idle-cpu   CPU of the proxy over 5 s with those 4,000 connections idle and
              idle timeouts armed; percent of one core
+  scrapes    ltcp only: latency p99 with 2,000 streams open, without and with
+             /metrics scraped 20 times a second (target: within 1.2x)
 
 Each figure is the median of --repeat runs (3, or 1 with --quick).  Ratios are
 to HAProxy (and to direct for throughput).  Install the peers with
@@ -41,7 +43,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 
 import yaml
 
@@ -206,8 +210,9 @@ class Ltcp(Row):
 
     def __init__(self, backends, workdir):
         self.ports = {role: free_port() for role in backends.ports}
+        self.admin_port = free_port()
         config = {
-            "admin": {"port": 0},
+            "admin": {"port": self.admin_port},
             "routers": [{
                 "label": "bench",
                 "interpreter": {"kind": "io.l5d.static", "names": {
@@ -412,31 +417,67 @@ def _cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _open_idle(row, count):
+    """``count`` proxied connections to the echo backend, each known to be through the proxy."""
+    socks = []
+    try:
+        for i in range(count):
+            s = socket.create_connection(("127.0.0.1", row.ports["echo"]))
+            socks.append(s)
+            if i % 500 == 499 or i == count - 1:  # make sure they are proxied, not just queued
+                s.sendall(b"x")
+                s.recv(1)
+    except BaseException:
+        _close_all(socks)
+        raise
+    return socks
+
+
+def _close_all(socks):
+    for s in socks:
+        s.close()
+
+
 def idle(row, backends, duration):
     """(RSS MB, KB per connection, % CPU) with IDLE_CONNECTIONS idle proxied connections."""
     pid = row.pid()
     if pid is None:
         return None
     before = _rss_kb(pid)
-    socks = []
+    socks = _open_idle(row, IDLE_CONNECTIONS)
     try:
-        for i in range(IDLE_CONNECTIONS):
-            s = socket.create_connection(("127.0.0.1", row.ports["echo"]))
-            socks.append(s)
-            if i % 500 == 499:  # make sure they are proxied, not just queued
-                s.sendall(b"x")
-                s.recv(1)
-        socks[-1].sendall(b"x")
-        socks[-1].recv(1)
         time.sleep(1.0)  # let the proxy settle before measuring
         after = _rss_kb(pid)
         cpu_before = _cpu_seconds(pid)
         time.sleep(duration)
         cpu = (_cpu_seconds(pid) - cpu_before) / duration * 100
     finally:
-        for s in socks:
-            s.close()
+        _close_all(socks)
     return after / 1024, (after - before) / IDLE_CONNECTIONS, cpu
+
+
+def scrapes(row, backends, duration, per_second=20, streams=2000):
+    """(latency p99 µs, p99 µs while /metrics is scraped ``per_second``), with ``streams`` open."""
+    socks = _open_idle(row, streams)
+    stop = threading.Event()
+
+    def scrape():
+        url = f"http://127.0.0.1:{row.admin_port}/metrics"
+        while not stop.wait(1 / per_second):
+            urllib.request.urlopen(url, timeout=10).read()
+
+    try:
+        quiet = latency(row, backends, duration)[1]
+        scraper = threading.Thread(target=scrape)
+        scraper.start()
+        try:
+            scraped = latency(row, backends, duration)[1]
+        finally:
+            stop.set()
+            scraper.join()
+    finally:
+        _close_all(socks)
+    return quiet, scraped
 
 
 # -- running and reporting -------------------------------------------------------------
@@ -458,6 +499,9 @@ def measure(row, backends, args):
         results["idle RSS MB"] = rss
         results["idle KB/conn"] = per_conn
         results["idle CPU %"] = cpu
+    if hasattr(row, "admin_port"):
+        runs = [scrapes(row, backends, duration) for _ in range(args.repeat)]
+        results["p99 us, 20 scrapes/s"] = tuple(statistics.median(r[i] for r in runs) for i in range(2))
     return results
 
 
@@ -517,6 +561,10 @@ def print_table(results):
         print(f"{metric:<20}" + "".join(cells))
     if base:
         print(f"ratios in brackets are to {reference} (latency: p99)")
+    scraped = results.get("ltcp", {}).get("p99 us, 20 scrapes/s")
+    if scraped:
+        print(f"scrape cost: ltcp p99 {scraped[0]:,.0f} us without, {scraped[1]:,.0f} us with 20 scrapes/s "
+              f"and 2,000 streams open ({scraped[1] / scraped[0]:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 import collections
 
-from ltcp.balancer import MAX_ATTEMPTS
+from ltcp.balancer import MAX_ATTEMPTS, UPDATE_SLICE, Balancer
+from ltcp.config import Address, ClientSettings
+from ltcp.server import StreamBudget
 from netutil import client_hello, named, recv_all, refused_port, static_config, wait_for
 
 
@@ -197,3 +199,30 @@ def test_pooled_connections_stay_within_their_share_as_sni_multiplies_pools(prox
 
     counted, held = proxy.call(pools)
     assert counted == held <= 40  # evicted balancers' pools were closed and returned their share
+
+
+def test_a_huge_update_is_merged_a_slice_per_turn_and_a_newer_one_wins(reactor):
+    balancer = Balancer(reactor, "/svc/big", ClientSettings(), StreamBudget(10))
+    huge = [Address("127.0.0.1", port) for port in range(1024, 1024 + 5 * UPDATE_SLICE)]
+    balancer.update(huge)
+    assert balancer.endpoints == {} and not balancer.resolved  # one slice merged, none applied yet
+    turns = 0
+    while reactor._ready and turns < 3:
+        fn, args = reactor._ready.popleft()
+        fn(*args)
+        turns += 1
+    newer = [Address("127.0.0.1", 1), Address("127.0.0.1", 2)]
+    balancer.update(newer)  # replaces the merge in progress, and is small enough to apply at once
+    assert sorted(balancer.endpoints) == [("127.0.0.1", 1), ("127.0.0.1", 2)] and balancer.resolved
+    while reactor._ready:
+        fn, args = reactor._ready.popleft()
+        fn(*args)
+    assert sorted(balancer.endpoints) == [("127.0.0.1", 1), ("127.0.0.1", 2)]
+    balancer.update(huge)
+    steps = 1
+    while reactor._ready:
+        fn, args = reactor._ready.popleft()
+        fn(*args)
+        steps += 1
+    assert steps == 5 and len(balancer.endpoints) == len(huge) and len(balancer.picker.candidates) == len(huge)
+    assert not balancer.retired  # the two endpoints of the newer set had no streams: simply gone

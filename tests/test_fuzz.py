@@ -13,7 +13,7 @@ RUNS = {"config": 3000}  # YAML parsing is slow; the rest get 20,000 inputs
 
 
 def test_there_are_targets():
-    assert set(TARGETS) == {"client_hello", "config", "fs_file", "namerd_answer", "proxy_header"}
+    assert set(TARGETS) == {"admin_request", "client_hello", "config", "fs_file", "namerd_answer", "proxy_header"}
 
 
 @pytest.mark.parametrize("target", TARGETS)

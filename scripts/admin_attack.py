@@ -23,6 +23,8 @@ import urllib.request
 
 import yaml
 
+from bench import _cpu_seconds as cpu_seconds  # scripts/ is on the path when run as a script
+
 
 def echo_server():
     server = socket.create_server(("127.0.0.1", 0))
@@ -65,11 +67,6 @@ def start_ltcp(echo_port, ltcp_path):
 def threads(pid):
     with open(f"/proc/{pid}/status") as f:
         return int(re.search(r"Threads:\s+(\d+)", f.read()).group(1))
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scrape_seconds(admin):

@@ -46,6 +46,15 @@ def recv_all(sock, limit=1 << 30):
     return b"".join(chunks)
 
 
+def closed_without_data(sock, timeout=10):
+    """Whether the peer closed ``sock`` (EOF or reset) without sending anything more."""
+    sock.settimeout(timeout)
+    try:
+        return recv_all(sock) == b""
+    except ConnectionResetError:
+        return True
+
+
 def recv_exactly(sock, n):
     data = b""
     while len(data) < n:

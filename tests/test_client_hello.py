@@ -1,6 +1,5 @@
 """The ClientHello reader: real hellos, re-fragmented records, prefixes, names, garbage."""
 
-import ssl
 
 import hypothesis.strategies as st
 import pytest

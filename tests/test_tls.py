@@ -10,7 +10,7 @@ import pytest
 import trustme
 
 from ltcp.tls import routing_name
-from netutil import client_hello, echo, named, recv_all, recv_exactly, wait_for
+from netutil import client_hello, closed_without_data, echo, named, recv_exactly, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -185,15 +185,6 @@ def test_client_tls_verifies_the_backend(proxies, backends, pki):
     balancer = wrong.balancer("/svc/a")
     assert wrong.call(lambda: balancer.connect_failures["tls"]) >= 1
     assert wrong.listener.failures["timeout"] == 1
-
-
-def closed_without_data(sock):
-    """The proxy closed ``sock`` (EOF or reset) without sending anything."""
-    sock.settimeout(10)
-    try:
-        return recv_all(sock) == b""
-    except ConnectionResetError:
-        return True
 
 
 

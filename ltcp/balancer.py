@@ -319,8 +319,8 @@ class Dial:
     ``QUICK_ATTEMPTS`` straight away, then with a doubling pause, and at most
     ``MAX_ATTEMPTS`` in all, so a destination whose endpoints all refuse can
     never spin the loop.  Meanwhile the client is watched: one that resets
-    ends the dial at once.  Ends in
-    exactly one of ``owner.established(dial, endpoint, sock, events)`` or
+    ends the dial at once.  Ends in exactly one of
+    ``owner.established(dial, endpoint, sock, events)`` or
     ``owner.dial_failed(dial, cause)``; ``client_events`` says how the client
     socket is registered when it is handed over.
     """
@@ -416,7 +416,7 @@ class Dial:
         elif self.tries < min(QUICK_ATTEMPTS, len(balancer.endpoints)):
             self.next_attempt()
         else:
-            pause = min(1.0, RETRY_BACKOFF * 2 ** (self.tries - QUICK_ATTEMPTS))
+            pause = min(1.0, RETRY_BACKOFF * 2 ** max(0, self.tries - QUICK_ATTEMPTS))
             self.retry_timer = balancer.reactor.call_later(pause, self.next_attempt)
 
     def _finish(self, endpoint, sock, events):

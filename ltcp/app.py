@@ -6,7 +6,10 @@ import os
 import resource
 import signal
 
+from . import httpd
 from .admin import AdminServer
+from .config import NamerdInterpreter as NamerdInterpreterConfig
+from .interpreter.namerd import MAX_STREAMS, POLL_WORKERS
 from .loop import Reactor
 from .router import Router
 from .server import StreamBudget
@@ -16,7 +19,17 @@ __all__ = ["App", "serve"]
 
 log = logging.getLogger(__name__)
 
-RESERVED_DESCRIPTORS = 32  # stdio, selector, wakeup pipe, listeners, discovery, admin
+RESERVED_DESCRIPTORS = 32  # stdio, epoll, wakeup pipe, logs, a margin
+ADMIN_DESCRIPTORS = httpd.MAX_CONNECTIONS + httpd.MAX_QUEUED + httpd.HANDLER_THREADS
+NAMERD_THREADS = MAX_STREAMS + POLL_WORKERS  # a connection each at most
+
+
+def reserved_descriptors(config):
+    """Descriptors left to everything but streams: listeners, the admin server's clients, discovery's requests."""
+    discovery = sum(NAMERD_THREADS if isinstance(r.interpreter, NamerdInterpreterConfig) else 1
+                    for r in config.routers)
+    listeners = sum(len(r.servers) for r in config.routers)
+    return RESERVED_DESCRIPTORS + ADMIN_DESCRIPTORS + discovery + listeners
 
 
 def stream_budget(config):
@@ -33,7 +46,7 @@ def stream_budget(config):
             soft = hard
         except (ValueError, OSError):
             pass
-    available = soft - RESERVED_DESCRIPTORS - sum(len(r.servers) for r in config.routers)
+    available = soft - reserved_descriptors(config)
     pooling = any(r.client.min_connections or any(c.overrides.get("min_connections") for c in r.client.configs)
                   for r in config.routers)
     pool = max(0, available // 4) if pooling else 0

@@ -50,6 +50,7 @@ class Balancer:
         self.pool_timer = None
         self.closed = False
         self.merging = None  # an update being merged a slice per turn: (addresses, position, endpoints)
+        self.queued = None  # the newest update that arrived during a merge
         self.dials = 0  # streams between accept and established that use this balancer
         self.connect_failures = collections.Counter()  # cause -> count
         self.tls = (client_context(settings.tls), settings.tls.dns_name) if settings.tls else None
@@ -61,10 +62,14 @@ class Balancer:
         """Replace the endpoint set; None or empty means the name resolves to nothing.
 
         A large set is merged ``UPDATE_SLICE`` addresses per reactor turn and
-        takes effect at once when complete; a newer update replaces one still
-        being merged.
+        takes effect at once when complete; updates arriving meanwhile wait,
+        and only the newest of them is merged next, so a stream of updates
+        still takes effect one complete set after another.
         """
         if self.closed:
+            return
+        if self.merging is not None:  # the newest update waits for the merge under way, then goes next
+            self.queued = addresses or ()
             return
         self.merging = (addresses or (), 0, {})
         self._merge()
@@ -86,6 +91,9 @@ class Balancer:
             return
         self.merging = None
         self._replace(fresh)
+        if self.queued is not None:
+            queued, self.queued = self.queued, None
+            self.update(queued)
 
     def _replace(self, fresh):
         current = self.endpoints
@@ -192,16 +200,17 @@ class Balancer:
     # -- pre-established connections (minConnections) ---------------------------
 
     def take_pooled(self):
-        """A pooled (endpoint, socket, registered events) ready for a stream, or None.
+        """A pooled (endpoint, socket, registered events: none) ready for a stream, or None.
 
         The stream's own budget covers the socket from now on.
         """
         if not self.pool:
             return None
         pooled = self.pool.popleft()
+        pooled.unwatch()  # its callback must not outlive it: the stream registers its own
         self.budget.pooled -= 1
         self.reactor.call_soon(self._fill_pool)
-        return pooled.endpoint, pooled.sock, READ if pooled.watched else 0
+        return pooled.endpoint, pooled.sock, 0
 
     def _fill_pool(self):
         # A PROXY header names the client, so a connection made before it arrives cannot carry one.
@@ -260,7 +269,7 @@ class Balancer:
     def close(self):
         """Stop for good: fail waiters, close pooled connections."""
         self.closed = True
-        self.merging = None
+        self.merging = self.queued = None
         for dial in list(self.waiters):
             dial.fail("no_endpoints")
         self.waiters.clear()
@@ -420,11 +429,25 @@ class Dial:
             self.retry_timer = balancer.reactor.call_later(pause, self.next_attempt)
 
     def _finish(self, endpoint, sock, events):
-        """Hand the connected socket (registered for ``events``, or not at all) to the owner."""
+        """Hand the connected socket (registered for ``events``, or not at all) to the owner.
+
+        A bug in the owner while it takes the stream over ends the stream here,
+        since no callback of ours is left to be told.
+        """
         self.deadline_timer.cancel()
         self.deadline_timer = None
         self.balancer.dials -= 1
-        self.owner.established(self, endpoint, sock, events)
+        try:
+            self.owner.established(self, endpoint, sock, events)
+        except Exception:
+            log.exception("handing over the stream from %s to %s failed", self.envelope.source, endpoint.address)
+            reactor = self.balancer.reactor
+            reactor.discard(sock)
+            sock.close()
+            reactor.discard(self.client)  # whoever had registered it last
+            self.client_events = 0
+            self.balancer.dials += 1  # undone once more by _stop
+            self.fail("bug")
 
     def _expired(self):
         self.deadline_timer = None

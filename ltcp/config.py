@@ -40,6 +40,7 @@ MAX_CONFIG_BYTES = 4 << 20
 MAX_DEPTH = 64  # nesting of mappings and lists
 MAX_NODES = 1_000_000  # values after expanding YAML aliases
 MAX_NUMBER_CHARS = 100
+MAX_ERRORS = 100  # errors reported from one file
 
 # Ranges shared by many keys; every number in a configuration is finite and bounded.
 DAY_SECS = 86_400
@@ -77,10 +78,15 @@ class _Context:
 
     def __init__(self, base_dir):
         self.base_dir = base_dir
-        self.errors = []
+        self.errors = []  # what is reported: the first MAX_ERRORS
+        self.count = 0  # every problem found, reported or not
 
     def error(self, path, message):
-        self.errors.append(f"{path}: {message}" if path else message)
+        self.count += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(f"{path}: {message}" if path else message)
+        elif len(self.errors) == MAX_ERRORS:
+            self.errors.append(f"... more errors; showing the first {MAX_ERRORS}")
         return INVALID
 
 
@@ -244,7 +250,7 @@ def _build(cls, node, path, ctx, skip=()):
         return ctx.error(path, f"must be a mapping, not {type(node).__name__}")
     fields = {_camel(f.name): f for f in dataclasses.fields(cls) if "parse" in f.metadata}
     known = [*fields, *skip]
-    before = len(ctx.errors)
+    before = ctx.count
     for key in node:
         if key not in known:
             ctx.error(_join(path, _shorten(str(key))), "unknown key" + _suggest(str(key), known))
@@ -258,7 +264,7 @@ def _build(cls, node, path, ctx, skip=()):
         parsed = f.metadata["parse"](value, _join(path, key), ctx)
         if parsed is not INVALID:
             values[f.name] = parsed
-    if len(ctx.errors) > before:
+    if ctx.count > before:
         return INVALID
     return cls(**values)
 
@@ -588,6 +594,10 @@ class _LimitedLoader(yaml.SafeLoader):
         self._sizes = {}  # id(node) -> expanded size; nodes stay alive until loading ends
 
     def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            target = self.anchors.get(self.peek_event().anchor)
+            if target is not None and id(target) not in self._sizes:  # an alias inside its own anchor
+                self._refuse("an alias refers to a value that contains it")
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
@@ -611,7 +621,11 @@ class _LimitedLoader(yaml.SafeLoader):
         return 1 + sum(self._sizes[id(key)] + self._sizes[id(value)] for key, value in node.value)
 
     def _refuse(self, problem, mark=None):
-        raise yaml.composer.ComposerError(None, None, problem, mark or self.peek_event().start_mark)
+        raise _Refused(None, None, problem, mark or self.peek_event().start_mark)
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Well-formed YAML that ltcp will not load (too deep, too big): not a syntax error."""
 
 
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
@@ -688,4 +702,5 @@ def _yaml_message(source, exc):
     mark = getattr(exc, "problem_mark", None)
     where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
     problem = getattr(exc, "problem", None) or str(exc)
-    return f"{where}: YAML syntax error: {problem}"
+    kind = "refused" if isinstance(exc, _Refused) else "YAML syntax error"
+    return f"{where}: {kind}: {problem}"

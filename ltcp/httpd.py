@@ -1,19 +1,23 @@
 """A small HTTP/1.1 server for the admin port that slow or hostile clients cannot exhaust.
 
-One thread reads every connection with a selector, so a client dripping bytes
-costs a socket, never a thread.  A request must arrive whole, headers and
-body, within ``REQUEST_DEADLINE`` of its first byte (or of the previous
-response on a kept-alive connection), however it is split into reads; when
-``MAX_CONNECTIONS`` are open, the one that has been waiting longest is closed
-to make room.  Only complete requests reach the handler, on one of a fixed
-number of threads; while they are all busy and ``MAX_QUEUED`` requests wait,
-further requests are answered 503 at once.  A connection that closes before
-its request is complete is never acted on.
+One thread does all the socket work with a selector: it accepts, reads
+requests, and writes responses, never blocking on a client.  So a client that
+drips bytes, or never reads its answer, costs a socket, never a thread.  A
+request must arrive whole, headers and body, within ``DEADLINE`` of the
+connection opening (or of the previous response being written), and a
+response must be taken within ``DEADLINE`` too; when ``MAX_CONNECTIONS`` are
+open, the one that has waited longest is closed to make room.  Only complete
+requests reach ``handle``, on one of a few handler threads that only compute
+responses; while they are all busy and ``MAX_QUEUED`` requests wait, further
+ones are answered 503 at once.  A connection that closes before its request
+is complete is never acted on.
 
-``parse_request`` is a pure function over the bytes received so far.
+``parse_request`` (and ``parse_head``) are pure functions over the bytes
+received so far.
 """
 
 import collections
+import errno
 import http.client
 import io
 import logging
@@ -23,19 +27,20 @@ import socket
 import threading
 import time
 
-__all__ = ["HttpError", "HttpServer", "Request", "Response", "parse_request"]
+__all__ = ["HttpError", "HttpServer", "Request", "Response", "parse_head", "parse_request", "plain"]
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024
-REQUEST_DEADLINE = 10.0  # seconds for a whole request to arrive
-WRITE_TIMEOUT = 10.0  # seconds for a response to be taken
-MAX_CONNECTIONS = 512
+MAX_STRAY_LINE_ENDS = 8  # empty lines tolerated before a request line (RFC 9112 allows some)
+DEADLINE = 10.0  # seconds for a whole request to arrive, and for a response to be taken
+MAX_CONNECTIONS = 128
 HANDLER_THREADS = 4
-MAX_QUEUED = 64
+MAX_QUEUED = 32
 BACKLOG = 128
 ACCEPT_BATCH = 64
+ACCEPT_PAUSE = 0.1  # seconds without accepting after running out of descriptors
 
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large",
@@ -53,7 +58,7 @@ class HttpError(Exception):
 class Request:
     __slots__ = ("method", "target", "version", "headers", "body")
 
-    def __init__(self, method, target, version, headers, body):
+    def __init__(self, method, target, version, headers, body=b""):
         self.method = method
         self.target = target
         self.version = version
@@ -81,7 +86,7 @@ class Response:
         self.body = body
         self.content_type = content_type
         self.headers = tuple(headers)
-        self.after = after  # called once the response has been sent (or could not be)
+        self.after = after  # called once the response has been written (or could not be)
 
     def encode(self, keep_alive):
         lines = [f"HTTP/1.1 {self.status} {REASONS.get(self.status, 'Unknown')}",
@@ -95,21 +100,23 @@ def plain(status, text):
     return Response(status, (text + "\n").encode())
 
 
-def parse_request(data):
-    """The first request in ``data``: ``(request, bytes it took)``, or ``(None, 0)`` while incomplete.
+def parse_head(data):
+    """The first request's head in ``data``: ``(request without body, body offset, body length)``.
 
-    Raises HttpError for anything that can never become a request we serve:
-    a malformed request line or header, a chunked body, a body or header
-    block over its limit.
+    None while the head is incomplete; HttpError for anything that can never
+    become a request we serve: a malformed request line or header, a chunked
+    body, a body or header block over its limit, a flood of empty lines.
     """
     start = 0
-    while data.startswith(b"\r\n", start):  # stray line ends between kept-alive requests
+    while data.startswith(b"\r\n", start):
         start += 2
+        if start > 2 * MAX_STRAY_LINE_ENDS:
+            raise HttpError(400, "empty lines instead of a request")
     end = data.find(b"\r\n\r\n", start)
     if end < 0:
         if len(data) - start > MAX_HEADER_BYTES:
             raise HttpError(431, "request headers too large")
-        return None, 0
+        return None
     if end - start > MAX_HEADER_BYTES:
         raise HttpError(431, "request headers too large")
     line, _, header_block = bytes(data[start:end + 4]).partition(b"\r\n")
@@ -128,11 +135,19 @@ def parse_request(data):
         raise HttpError(400, "malformed request headers")
     if headers.get("Transfer-Encoding") is not None:
         raise HttpError(411, "send a Content-Length")
-    length = _content_length(headers)
-    body_start = end + 4
+    return Request(method, target, version, headers), end + 4, _content_length(headers)
+
+
+def parse_request(data):
+    """The first complete request in ``data`` and the bytes it took, or ``(None, 0)`` while incomplete."""
+    head = parse_head(data)
+    if head is None:
+        return None, 0
+    request, body_start, length = head
     if len(data) < body_start + length:
         return None, 0
-    return Request(method, target, version, headers, bytes(data[body_start:body_start + length])), body_start + length
+    request.body = bytes(data[body_start:body_start + length])
+    return request, body_start + length
 
 
 def _content_length(headers):
@@ -148,12 +163,19 @@ def _content_length(headers):
 
 
 class _Connection:
-    __slots__ = ("sock", "buffer", "deadline")
+    """One client connection, as the selector thread sees it."""
+
+    __slots__ = ("sock", "buffer", "head", "deadline", "out", "keep_alive", "after", "closed")
 
     def __init__(self, sock):
         self.sock = sock
         self.buffer = bytearray()
-        self.deadline = time.monotonic() + REQUEST_DEADLINE
+        self.head = None  # (request, body offset, body length) once the head has arrived
+        self.deadline = 0.0
+        self.out = None  # memoryview of response bytes still to write
+        self.keep_alive = False
+        self.after = None
+        self.closed = False
 
 
 class HttpServer:
@@ -163,20 +185,23 @@ class HttpServer:
         self.handle = handle
         self.name = name
         ip, port = address
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         try:
-            self.sock = socket.create_server((ip, port), family=socket.AF_INET6 if ":" in ip else socket.AF_INET,
-                                             backlog=BACKLOG)
+            # On "::" it takes IPv4 too, as ltcp's own listeners do (and as the configuration check assumes).
+            self.sock = socket.create_server((ip, port), family=family, backlog=BACKLOG,
+                                             dualstack_ipv6=family == socket.AF_INET6 and ip == "::")
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {ip}:{port} for {name}: {exc.strerror}") from None
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]
         self._selector = selectors.DefaultSelector()
-        self._waiting = collections.OrderedDict()  # _Connection -> None, by deadline (all equal spans)
-        self._requests = queue.Queue(MAX_QUEUED)
-        self._returned = queue.SimpleQueue()  # kept-alive connections back from handler threads
+        self._timed = collections.OrderedDict()  # _Connection -> None, reading or writing, by deadline
+        self._requests = queue.Queue(MAX_QUEUED)  # complete requests for the handler threads
+        self._answers = queue.SimpleQueue()  # (connection, response) back from the handler threads
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._accepting_again = None  # monotonic time to resume accepting after EMFILE
         self._closing = False
         self._threads = [threading.Thread(target=self._serve, name=f"ltcp-{name}", daemon=True)]
         self._threads += [threading.Thread(target=self._work, name=f"ltcp-{name}-handler", daemon=True)
@@ -184,7 +209,7 @@ class HttpServer:
 
     def start(self):
         self._selector.register(self.sock, selectors.EVENT_READ, self._accept)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._take_back)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._take_answers)
         for thread in self._threads:
             thread.start()
 
@@ -195,14 +220,20 @@ class HttpServer:
             try:
                 self._requests.put_nowait(None)
             except queue.Full:
-                break  # handlers find the closing flag after their current request
+                break  # handlers see the closing flag after their current request
         for thread in self._threads:
-            if thread.is_alive():
-                thread.join(5)
-        for connection in list(self._waiting):
-            connection.sock.close()
-        self._waiting.clear()
+            thread.join(2)
         self._selector.close()
+        leftovers = list(self._timed)
+        while not self._answers.empty():
+            leftovers.append(self._answers.get()[0])
+        while not self._requests.empty():
+            item = self._requests.get()
+            if item is not None:
+                leftovers.append(item[0])
+        for connection in leftovers:
+            connection.sock.close()
+        self._timed.clear()
         for sock in (self.sock, self._wake_r, self._wake_w):
             sock.close()
 
@@ -212,19 +243,29 @@ class HttpServer:
         except OSError:
             pass  # full: the loop is awake anyway
 
-    # -- the reading thread ---------------------------------------------------------
+    # -- the socket thread -------------------------------------------------------------
 
     def _serve(self):
         while not self._closing:
-            timeout = None
-            if self._waiting:
-                timeout = max(0.0, next(iter(self._waiting)).deadline - time.monotonic())
-            for key, _ in self._selector.select(timeout):
-                if isinstance(key.data, _Connection):
-                    self._readable(key.data)
-                else:
-                    key.data()
+            for key, mask in self._selector.select(self._timeout()):
+                connection = key.data
+                if not isinstance(connection, _Connection):
+                    connection()  # accept, or answers to write
+                elif not connection.closed:  # it may have been dropped earlier in this batch
+                    try:
+                        self._writable(connection) if mask & selectors.EVENT_WRITE else self._readable(connection)
+                    except Exception:
+                        log.exception("%s: serving a connection failed; closing it", self.name)
+                        self._drop(connection)
             self._expire()
+
+    def _timeout(self):
+        times = []
+        if self._timed:
+            times.append(next(iter(self._timed)).deadline)
+        if self._accepting_again is not None:
+            times.append(self._accepting_again)
+        return max(0.0, min(times) - time.monotonic()) if times else None
 
     def _accept(self):
         for _ in range(ACCEPT_BATCH):
@@ -232,23 +273,35 @@ class HttpServer:
                 client, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # out of descriptors, or a client gone already
-                log.debug("%s: accept failed: %s", self.name, exc)
-                return
-            if len(self._waiting) >= MAX_CONNECTIONS:
-                oldest = next(iter(self._waiting))
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("%s: out of descriptors; not accepting for %gs", self.name, ACCEPT_PAUSE)
+                    self._selector.unregister(self.sock)
+                    self._accepting_again = time.monotonic() + ACCEPT_PAUSE
+                return  # anything else: that client is gone already
+            if len(self._timed) >= MAX_CONNECTIONS:
                 log.debug("%s: %d connections open; closing the longest waiting", self.name, MAX_CONNECTIONS)
-                self._drop(oldest)
+                self._drop(next(iter(self._timed)))
             client.setblocking(False)
-            self._watch(_Connection(client))
+            connection = _Connection(client)
+            self._selector.register(client, selectors.EVENT_READ, connection)
+            self._time(connection)
 
-    def _watch(self, connection):
-        self._waiting[connection] = None
-        self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+    def _time(self, connection):
+        """(Re)start the connection's deadline; every deadline is DEADLINE long, so the dict stays in order."""
+        self._timed.pop(connection, None)
+        connection.deadline = time.monotonic() + DEADLINE
+        self._timed[connection] = None
 
     def _drop(self, connection):
-        self._waiting.pop(connection, None)
-        self._selector.unregister(connection.sock)
+        if connection.closed:
+            return
+        connection.closed = True
+        self._timed.pop(connection, None)
+        try:
+            self._selector.unregister(connection.sock)
+        except (KeyError, ValueError):
+            pass  # not registered: it was being handled
         connection.sock.close()
 
     def _readable(self, connection):
@@ -261,36 +314,75 @@ class HttpServer:
         if not data:
             self._drop(connection)  # whatever it sent is never acted on
             return
-        connection.buffer += data
+        buffer = connection.buffer
+        searched = max(0, len(buffer) - 3)
+        buffer += data
+        if connection.head is None and buffer.find(b"\r\n\r\n", searched) < 0:
+            if len(buffer) > MAX_HEADER_BYTES + 2 * MAX_STRAY_LINE_ENDS:
+                self._refuse(connection, plain(431, "request headers too large"))
+            return  # only a new blank line can complete the head: no need to parse again
         self._parse(connection)
 
     def _parse(self, connection):
+        """Hand a complete request to the handlers, or refuse one that can never be served."""
         try:
-            request, used = parse_request(connection.buffer)
+            if connection.head is None:
+                connection.head = parse_head(connection.buffer)
         except HttpError as exc:
-            self._waiting.pop(connection, None)
-            self._selector.unregister(connection.sock)
             self._refuse(connection, plain(exc.status, str(exc)))
             return
-        if request is None:
+        if connection.head is None:
             return
-        del connection.buffer[:used]
-        self._waiting.pop(connection, None)
+        request, body_start, length = connection.head
+        end = body_start + length
+        if len(connection.buffer) < end:
+            return
+        request.body = bytes(connection.buffer[body_start:end])
+        del connection.buffer[:end]
+        connection.head = None
+        self._timed.pop(connection, None)
         self._selector.unregister(connection.sock)
         try:
             self._requests.put_nowait((connection, request))
         except queue.Full:
-            self._refuse(connection, plain(503, "the admin server is busy; try again"))
+            self._respond(connection, plain(503, "the admin server is busy; try again"), keep_alive=False)
 
     def _refuse(self, connection, response):
-        """Answer without a handler thread (best effort: one nonblocking send), then close."""
-        try:
-            connection.sock.send(response.encode(keep_alive=False))
-        except OSError:
-            pass
-        connection.sock.close()
+        self._timed.pop(connection, None)
+        self._selector.unregister(connection.sock)
+        self._respond(connection, response, keep_alive=False)
 
-    def _take_back(self):
+    def _respond(self, connection, response, keep_alive):
+        """Start writing a response (the connection is not registered at this point)."""
+        connection.out = memoryview(response.encode(keep_alive))
+        connection.keep_alive = keep_alive
+        connection.after = response.after
+        self._selector.register(connection.sock, selectors.EVENT_WRITE, connection)
+        self._time(connection)
+        self._writable(connection)
+
+    def _writable(self, connection):
+        try:
+            sent = connection.sock.send(connection.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            sent = -1
+        if 0 <= sent < len(connection.out):
+            connection.out = connection.out[sent:]
+            return
+        after, connection.after, connection.out = connection.after, None, None
+        if sent >= 0 and connection.keep_alive and not self._closing:
+            self._selector.modify(connection.sock, selectors.EVENT_READ, connection)
+            self._time(connection)
+            if connection.buffer:  # a pipelined request may be complete already
+                self._parse(connection)
+        else:
+            self._drop(connection)
+        if after is not None:
+            after()
+
+    def _take_answers(self):
         try:
             while self._wake_r.recv(4096):
                 pass
@@ -298,55 +390,41 @@ class HttpServer:
             pass
         while True:
             try:
-                connection = self._returned.get_nowait()
+                connection, response, keep_alive = self._answers.get_nowait()
             except queue.Empty:
                 return
-            if self._closing:
-                connection.sock.close()
-                continue
-            connection.deadline = time.monotonic() + REQUEST_DEADLINE
-            self._watch(connection)
-            if connection.buffer:  # a pipelined request may already be complete
-                self._parse(connection)
+            self._respond(connection, response, keep_alive)
+
+    def _resume_accepting(self):
+        self._accepting_again = None
+        self._selector.register(self.sock, selectors.EVENT_READ, self._accept)
 
     def _expire(self):
         now = time.monotonic()
-        while self._waiting:
-            connection = next(iter(self._waiting))
+        if self._accepting_again is not None and now >= self._accepting_again:
+            self._resume_accepting()
+        while self._timed:
+            connection = next(iter(self._timed))
             if connection.deadline > now:
                 return
-            log.debug("%s: a request took longer than %gs to arrive; closed", self.name, REQUEST_DEADLINE)
+            log.debug("%s: a client took longer than %gs to send a request or take a response; closed",
+                      self.name, DEADLINE)
             self._drop(connection)
 
-    # -- handler threads --------------------------------------------------------------
+    # -- handler threads: compute responses, never touch sockets ---------------------------
 
     def _work(self):
         while True:
             item = self._requests.get()
             if item is None or self._closing:
                 if item is not None:
-                    item[0].sock.close()
+                    self._answers.put((item[0], plain(503, "shutting down"), False))
                 return
             connection, request = item
-            self._respond(connection, request)
-
-    def _respond(self, connection, request):
-        try:
-            response = self.handle(request)
-        except Exception:
-            log.exception("%s: handling %r failed", self.name, request)
-            response = plain(500, "internal error")
-        keep_alive = request.keep_alive and response.status < 400
-        try:
-            connection.sock.settimeout(WRITE_TIMEOUT)
-            connection.sock.sendall(response.encode(keep_alive))
-            connection.sock.setblocking(False)
-        except OSError:
-            keep_alive = False
-        if keep_alive and not self._closing:
-            self._returned.put(connection)
+            try:
+                response = self.handle(request)
+            except Exception:
+                log.exception("%s: handling %r failed", self.name, request)
+                response = plain(500, "internal error")
+            self._answers.put((connection, response, request.keep_alive and response.status < 400))
             self._wake()
-        else:
-            connection.sock.close()
-        if response.after is not None:
-            response.after()

@@ -39,8 +39,9 @@ class Reactor:
     """Readiness dispatch, deferred calls and timers on one thread.
 
     A file is registered once with ``register(fileobj, events, callback)``;
-    the callback receives the ready mask (``READ``, ``WRITE`` or both, never
-    more than it asked for).  Interest changes go through ``modify`` (one
+    the callback receives the ready mask: the events it asked for that
+    happened (``READ``, ``WRITE``, ``HANGUP``), or all it asked for when the
+    socket is in error or hung up.  Interest changes go through ``modify`` (one
     ``epoll_ctl``), never unregister/register churn.
 
     A callback that raises is a bug, and must not take the process or its
@@ -121,6 +122,15 @@ class Reactor:
         del self._handlers[fd]
         self._poller.unregister(fd)
 
+    def discard(self, fileobj):
+        """Unregister ``fileobj`` if it is registered (cleaning up after a bug, when nobody knows)."""
+        fd = _fd(fileobj)
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._poller.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
     # -- running ----------------------------------------------------------
 
     def run(self):
@@ -148,11 +158,7 @@ class Reactor:
                 except Exception as exc:
                     self.callback_failed(callback, exc)
                     if handlers.get(fd, (None,))[0] is callback:  # never again, whatever its state
-                        del handlers[fd]
-                        try:
-                            self._poller.unregister(fd)
-                        except (OSError, ValueError):
-                            pass
+                        self.discard(fd)
             wheel.advance()
             # Only what is queued now: callbacks that queue more wait a turn,
             # so a self-requeueing callback cannot starve I/O.
@@ -170,7 +176,12 @@ class Reactor:
     def close(self):
         self._poller.close()
         self._handlers.clear()
-        for fd in (self._wake_r, self._wake_w):
+        # A control-plane thread may still call call_soon_threadsafe: make its
+        # write fail (EBADF) rather than land in whatever reuses the number.
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1
+        self._wakeup_sent = True
+        for fd in (wake_r, wake_w):
             os.close(fd)
 
     def callback_failed(self, fn, exc):

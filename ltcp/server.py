@@ -230,12 +230,12 @@ class Listener:
         self._start(dial)
 
     def established(self, dial, endpoint, upstream, upstream_events):
-        self.dials.discard(dial)
-        endpoint.active += 1
         envelope = dial.envelope
-        self.connect_latency.observe(self.reactor.now - envelope.accepted_at)
         duplex = Duplex(self.reactor, dial.client, upstream, self, endpoint, self.buffer,
                         envelope.idle_timeout, envelope.lifetime, dial.client_events, upstream_events)
+        self.dials.discard(dial)
+        endpoint.active += 1
+        self.connect_latency.observe(self.reactor.now - envelope.accepted_at)
         self.streams.add(duplex)
 
     def dial_failed(self, dial, cause):

@@ -174,11 +174,10 @@ class TlsMaterialError(ValueError):
 
 
 MAX_PEM_BYTES = 1 << 20
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
 
 
 def _pem_blocks(path):
-    """[(label, body)] of the PEM blocks in a file."""
+    """[(label, body lines)] of the PEM blocks in a file, read line by line (linear in any input)."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_PEM_BYTES + 1)
@@ -186,7 +185,18 @@ def _pem_blocks(path):
         raise TlsMaterialError(f"{path}: cannot read: {exc.strerror}") from None
     if len(data) > MAX_PEM_BYTES:
         raise TlsMaterialError(f"{path}: larger than {MAX_PEM_BYTES >> 20} MiB; not a PEM file")
-    return [(label.decode(), body) for label, body in _PEM_BLOCK.findall(data)]
+    blocks, label, body = [], None, []
+    for line in data.splitlines():
+        line = line.strip()
+        if label is None:
+            if line.startswith(b"-----BEGIN ") and line.endswith(b"-----"):
+                label, body = line[11:-5], []
+        elif line == b"-----END " + label + b"-----":
+            blocks.append((label.decode("ascii", "replace"), body))
+            label = None
+        else:
+            body.append(line)
+    return blocks
 
 
 def check_certificates(path):
@@ -196,7 +206,7 @@ def check_certificates(path):
         raise TlsMaterialError(f"{path}: holds no PEM certificate")
     for index, body in enumerate(certificates):
         try:
-            der = base64.b64decode(body, validate=False)
+            der = base64.b64decode(b"".join(body), validate=False)
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)
         except (ValueError, ssl.SSLError):
             raise TlsMaterialError(f"{path}: certificate {index + 1} is not a valid X.509 certificate") from None
@@ -206,8 +216,9 @@ def check_private_key(path):
     """Refuse a file without a usable private key, saying what it holds instead."""
     blocks = _pem_blocks(path)
     labels = {label for label, _ in blocks}
-    if "ENCRYPTED PRIVATE KEY" in labels or any(b"ENCRYPTED" in body.split(b"\n\n")[0]
-                                                for label, body in blocks if label.endswith("PRIVATE KEY")):
+    if "ENCRYPTED PRIVATE KEY" in labels or any(line.startswith(b"Proc-Type:") and b"ENCRYPTED" in line
+                                                for label, body in blocks if label.endswith("PRIVATE KEY")
+                                                for line in body):
         raise TlsMaterialError(f"{path}: the private key is encrypted; ltcp needs it unencrypted "
                                "(protect the file with permissions instead)")
     if not any(label.endswith("PRIVATE KEY") for label in labels):

@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import os
 import re
+import select
 import signal
 import socket
 import threading
@@ -335,7 +336,7 @@ def test_slowloris_costs_sockets_not_threads_and_nothing_half_sent_is_run(proxie
 
 
 def test_a_request_has_one_deadline_however_slowly_it_drips(proxies, backends, monkeypatch):
-    monkeypatch.setattr("ltcp.httpd.REQUEST_DEADLINE", 0.5)
+    monkeypatch.setattr("ltcp.httpd.DEADLINE", 0.5)
     backend = backends(echo)
     proxy = proxies(drain_config(backend.addr, grace=5), admin=True)
     c = socket.create_connection(proxy.admin.address, timeout=5)
@@ -378,3 +379,69 @@ def test_scrapes_share_snapshots_and_never_walk_the_streams(proxies, backends, m
     proxy.call(lambda: setattr(proxy.listener, "streams", set(proxy.listener.streams)))  # set() does not iterate
     for c in held:
         c.close()
+
+
+def test_dropping_the_longest_waiting_never_kills_the_server(proxies, backends, monkeypatch):
+    """Closing the oldest connection while it had an event in the same batch once ended the reading thread."""
+    monkeypatch.setattr("ltcp.httpd.MAX_CONNECTIONS", 2)
+    proxy = proxies(drain_config(backends(echo).addr, grace=5), admin=True)
+    held = []
+    for _ in range(50):
+        oldest = socket.create_connection(proxy.admin.address, timeout=5)
+        held.append(oldest)
+        held.append(socket.create_connection(proxy.admin.address, timeout=5))
+        oldest.send(b"G")  # an event for the connection the next accept drops
+        held.append(socket.create_connection(proxy.admin.address, timeout=5))
+    for c in held:
+        c.close()
+    assert http.request("GET", proxy.admin_url + "/routers.json").status == 200
+
+
+def test_clients_that_never_read_their_answers_hold_no_handler(proxies, backends):
+    proxy = proxies(drain_config(backends(echo).addr, grace=5), admin=True)
+    greedy = []
+    for _ in range(8):
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(proxy.admin.address)
+        c.setblocking(False)
+        try:
+            for _ in range(400):  # pipelined scrapes whose answers are never read
+                c.send(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        except BlockingIOError:
+            pass
+        greedy.append(c)
+    wait_for(lambda: all(select.select([c], [], [], 0)[0] for c in greedy), message="answers on their way")
+    for _ in range(5):  # while the greedy clients' buffers are full
+        started = time.monotonic()
+        scrape(proxy.admin_url)
+        assert time.monotonic() - started < 1
+    for c in greedy:
+        c.close()
+
+
+def test_a_flood_of_empty_lines_is_refused_at_once(proxies, backends):
+    proxy = proxies(drain_config(backends(echo).addr, grace=5), admin=True)
+    with socket.create_connection(proxy.admin.address, timeout=5) as c:
+        try:
+            c.sendall(b"\r\n" * 100_000)
+            answer = recv_all(c)
+        except (ConnectionResetError, BrokenPipeError):  # refused while still sending
+            answer = None
+    assert answer is None or answer.startswith(b"HTTP/1.1 400 ")
+    assert http.request("GET", proxy.admin_url + "/routers.json").status == 200
+
+
+def test_running_out_of_descriptors_does_not_spin_the_admin_server(backends):
+    ltcp = LtcpProcess(drain_config(backends(echo).addr, grace=1), nofile=96)
+    address = ("127.0.0.1", int(ltcp.admin.rsplit(":", 1)[1]))
+    clients = []
+    try:
+        for _ in range(150):  # more than ltcp has descriptors for
+            clients.append(socket.create_connection(address, timeout=5))
+        assert ltcp.cpu_over(1.0) < 0.3
+        assert "out of descriptors" in ltcp.log
+    finally:
+        for c in clients:
+            c.close()
+        ltcp.stop()

@@ -5,7 +5,7 @@ import collections
 from ltcp.balancer import MAX_ATTEMPTS, UPDATE_SLICE, Balancer
 from ltcp.config import Address, ClientSettings
 from ltcp.server import StreamBudget
-from netutil import client_hello, named, recv_all, refused_port, static_config, wait_for
+from netutil import client_hello, echo, named, recv_all, recv_exactly, refused_port, static_config, wait_for
 
 
 def landing(proxy, count, hold):
@@ -201,28 +201,48 @@ def test_pooled_connections_stay_within_their_share_as_sni_multiplies_pools(prox
     assert counted == held <= 40  # evicted balancers' pools were closed and returned their share
 
 
-def test_a_huge_update_is_merged_a_slice_per_turn_and_a_newer_one_wins(reactor):
+def test_a_huge_update_is_merged_a_slice_per_turn(reactor):
     balancer = Balancer(reactor, "/svc/big", ClientSettings(), StreamBudget(10))
     huge = [Address("127.0.0.1", port) for port in range(1024, 1024 + 5 * UPDATE_SLICE)]
     balancer.update(huge)
     assert balancer.endpoints == {} and not balancer.resolved  # one slice merged, none applied yet
-    turns = 0
-    while reactor._ready and turns < 3:
-        fn, args = reactor._ready.popleft()
-        fn(*args)
-        turns += 1
-    newer = [Address("127.0.0.1", 1), Address("127.0.0.1", 2)]
-    balancer.update(newer)  # replaces the merge in progress, and is small enough to apply at once
-    assert sorted(balancer.endpoints) == [("127.0.0.1", 1), ("127.0.0.1", 2)] and balancer.resolved
-    while reactor._ready:
-        fn, args = reactor._ready.popleft()
-        fn(*args)
-    assert sorted(balancer.endpoints) == [("127.0.0.1", 1), ("127.0.0.1", 2)]
-    balancer.update(huge)
     steps = 1
     while reactor._ready:
         fn, args = reactor._ready.popleft()
         fn(*args)
         steps += 1
     assert steps == 5 and len(balancer.endpoints) == len(huge) and len(balancer.picker.candidates) == len(huge)
-    assert not balancer.retired  # the two endpoints of the newer set had no streams: simply gone
+
+
+def test_a_pooled_connection_serves_a_client_that_speaks_first(proxies, backends):
+    """A pooled connection handed to a stream once kept the pool's callback: the answer never came."""
+    backend = backends(echo)
+    proxy = proxies(static_config({"/svc/a": [backend.addr]}, client={"minConnections": 2}))
+    balancer = proxy.call(proxy.app.routers[0].binder.bind, "/svc/a")
+    wait_for(lambda: proxy.call(lambda: len(balancer.pool)) == 2, message="the pool filled")
+    for _ in range(3):
+        with proxy.connect() as c:
+            c.sendall(b"hello")
+            assert recv_exactly(c, 5) == b"hello"
+    assert backend.accepted <= 5  # the streams were served from the pool, which was refilled
+
+
+def test_updates_during_a_merge_wait_their_turn_and_the_newest_wins(reactor):
+    balancer = Balancer(reactor, "/svc/big", ClientSettings(), StreamBudget(10))
+    sets = [[Address("127.0.0.1", port) for port in range(base, base + 3 * UPDATE_SLICE)]
+            for base in (1024, 20_000, 40_000)]
+    merged_per_turn = []
+    balancer.update(sets[0])
+    for later in sets[1:]:  # big updates arriving while one is being merged
+        fn, args = reactor._ready.popleft()
+        fn(*args)
+        balancer.update(later)
+    while reactor._ready:  # one reactor turn: what was ready when it began
+        before = len(balancer.merging[2]) if balancer.merging else 0
+        for _ in range(len(reactor._ready)):
+            fn, args = reactor._ready.popleft()
+            fn(*args)
+        if balancer.merging:
+            merged_per_turn.append(len(balancer.merging[2]) - before)
+    assert max(merged_per_turn) <= UPDATE_SLICE
+    assert sorted(balancer.endpoints) == [(a.ip, a.port) for a in sets[2]]  # the first set, then the newest

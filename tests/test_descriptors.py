@@ -37,20 +37,21 @@ def running(backends):
 
 
 def test_streams_stop_at_the_descriptor_budget_and_resume(running):
-    ltcp = running(nofile=64)  # (64 - 32 reserved - 1 listener) // 2 = 15 streams
-    assert "at most 15 concurrent streams" in ltcp.log
-    clients = [ltcp.connect() for _ in range(30)]
+    # (262 - 32 reserved - 164 for admin clients - 1 for discovery - 1 listener) // 2 = 32 streams
+    ltcp = running(nofile=262)
+    assert "at most 32 concurrent streams" in ltcp.log
+    clients = [ltcp.connect() for _ in range(50)]
     try:
-        assert all(served(c) for c in clients[:15])
-        clients[15].settimeout(0.3)
+        assert all(served(c) for c in clients[:32])
+        clients[32].settimeout(0.3)
         with pytest.raises(socket.timeout):
-            served(clients[15])
+            served(clients[32])
         assert ltcp.cpu_over(1.0) < 0.2
         for c in clients[:10]:
             c.close()
-        clients[15].settimeout(10)
-        assert clients[15].recv(4) == b"ping"
-        assert all(served(c) for c in clients[16:25])
+        clients[32].settimeout(10)
+        assert clients[32].recv(4) == b"ping"
+        assert all(served(c) for c in clients[33:42])
         assert "out of descriptors" not in ltcp.log
     finally:
         for c in clients:

@@ -203,3 +203,31 @@ def test_rewrites_in_place_never_fail_a_client(proxies, backends, tmp_path):
     assert answers.count(b"a\n") > 10 and answers.count(b"b\n") > 10  # every change was followed
     assert set(answers) == {b"a\n", b"b\n"}, [x for x in answers if x not in (b"a\n", b"b\n")][:3]
     assert proxy.listener.failures == {}
+
+
+def test_a_file_swapped_for_a_link_outside_the_root_is_not_read(fs, tmp_path, caplog):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_text("127.0.0.1 81\nthe secret line\n")
+    (root / "dir").mkdir()
+    (root / "dir" / "web").write_text("127.0.0.1 80\n")
+    interpreter = FsInterpreter(str(root), 0.05)
+    interpreter.start()
+    try:
+        web, probe = Deliveries(), Deliveries()
+        with caplog.at_level(logging.WARNING, logger="ltcp"):
+            interpreter.watch("/svc/dir/web", web)
+            assert web.wait() == [Address("127.0.0.1", 80, 1.0)]
+            (root / "dir" / "web").unlink()
+            (root / "dir").rmdir()
+            os.symlink(outside, root / "dir")  # the watched path now leads out of the root
+            os.rename(outside / "secret", outside / "web")
+            for i in range(3):  # three rounds of looks at every file
+                (root / f"p{i}").write_text("127.0.0.1 82\n")
+                interpreter.watch(f"/svc/p{i}", probe)
+                probe.wait(i + 1)
+        assert all(update != [Address("127.0.0.1", 81, 1.0)] for update in web.updates)
+        assert not any("secret" in r.getMessage() for r in caplog.records)
+    finally:
+        interpreter.close()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 
 from ltcp.config import Address
-from ltcp.interpreter.namerd import NamerdError, NamerdInterpreter, ObjectStream, parse_answer
+from ltcp.interpreter.namerd import NamerdError, NamerdInterpreter, ObjectStream, PollSchedule, _Name, parse_answer
 from ltcp.testing.namerd import NamerdServer, bound
 from netutil import LtcpProcess, client_hello, echo, named, recv_all, recv_exactly, refused_port, wait_for
 
@@ -413,7 +413,7 @@ def test_a_hanging_poll_times_out_and_is_retried(namerd, interpreters, monkeypat
     interpreter = interpreters(namerd.url, period=0.2, watch=False, poll_workers=1)
     got = Latest()
     interpreter.watch("/svc/slow", got.deliver_for("/svc/slow"))
-    wait_for(lambda: interpreter.stats.snapshot()["requests"].get("unreachable", 0) >= 1, timeout=5)
+    wait_for(lambda: interpreter.stats.snapshot()["requests"].get("timeout", 0) >= 1, timeout=5)
     namerd.set("/svc/slow", ["127.0.0.1:7"])  # ends the stall
     wait_for(lambda: got.has("/svc/slow"), timeout=5)
     assert got.latest["/svc/slow"] == [Address("127.0.0.1", 7)]
@@ -476,3 +476,88 @@ def test_a_60000_endpoint_answer_does_not_stall_other_routers(backends, namerd):
     finally:
         assert ltcp.stop() == 0
         holder.close()
+
+
+def test_a_server_that_does_not_speak_http_costs_no_thread(interpreters):
+    """A non-HTTP answer (baseUrl aimed at the wrong port) once killed each streaming thread for good."""
+    garbage = socket.create_server(("127.0.0.1", 0))
+
+    def answer_garbage():
+        while True:
+            try:
+                conn, _ = garbage.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n" + b"x" * 100 + b"\r\n\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    interpreter = interpreters(f"http://127.0.0.1:{garbage.getsockname()[1]}", period=0.2,
+                               max_streams=1, poll_workers=1)
+    interpreter.watch("/svc/streamed", lambda addresses: None)
+    interpreter.watch("/svc/polled", lambda addresses: None)
+    wait_for(lambda: interpreter.stats.snapshot()["requests"].get("malformed", 0) >= 6, timeout=5,
+             message="repeated, counted failures from both kinds of worker")
+    assert sum(t.is_alive() for t in interpreter._threads) == 2
+    garbage.close()
+
+
+def test_a_trickled_poll_answer_is_cut_at_its_deadline(interpreters, monkeypatch):
+    monkeypatch.setattr("ltcp.interpreter.namerd.POLL_TIMEOUT", 0.5)
+    trickler = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = trickler.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            while not stop.wait(0.1):  # a byte well within any per-read timeout
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    threading.Thread(target=trickle, daemon=True).start()
+    interpreter = interpreters(f"http://127.0.0.1:{trickler.getsockname()[1]}", period=5, watch=False,
+                               poll_workers=1)
+    started = time.monotonic()
+    interpreter.watch("/svc/slow", lambda addresses: None)
+    wait_for(lambda: interpreter.stats.snapshot()["requests"].get("timeout", 0) == 1, timeout=5)
+    assert time.monotonic() - started < 1.0
+    stop.set()
+    trickler.close()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def entry(name):
+    return _Name(name, lambda addresses: None, streamed=False)
+
+
+def test_first_answers_go_ahead_of_the_rotation_without_starving_it():
+    clock = FakeClock()
+    schedule = PollSchedule(clock)
+    due_soon, overdue = entry("/svc/soon"), entry("/svc/overdue")
+    schedule.add(due_soon, 0.0)
+    schedule.add(overdue, -5.0)  # waited far longer than a first answer's head start
+    schedule.add_first(entry("/svc/new"))
+    assert [schedule.take().name for _ in range(3)] == ["/svc/overdue", "/svc/new", "/svc/soon"]
+
+
+def test_forgotten_names_are_dropped_and_compacted_away():
+    schedule = PollSchedule(FakeClock())
+    entries = [entry(f"/svc/{i}") for i in range(10)]
+    for e in entries:
+        schedule.add(e, 1.0)
+    for e in entries[:6]:
+        e.stop()
+        schedule.forget(e)
+    assert len(schedule) == 4 and len(schedule._heap) <= 5  # compacted once stale entries were half
+    assert entries[0].deliver is not entries[9].deliver  # a stopped name holds no balancer any more

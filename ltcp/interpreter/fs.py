@@ -113,6 +113,7 @@ class FsInterpreter:
 
     def __init__(self, root_dir, period_secs):
         self.root_dir = root_dir
+        self._real_root = os.path.realpath(root_dir)
         self.period = period_secs
         self._watches = {}  # name -> _Watch, owned by the polling thread
         self._new = queue.SimpleQueue()  # watches handed over without a lock
@@ -224,6 +225,9 @@ class FsInterpreter:
         except OSError as exc:
             raise Unresolvable(f"cannot open {path}: {exc.strerror}") from None
         try:
+            # The path was checked when the name was watched; what it leads to now must still be ours.
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith(self._real_root + os.sep):
+                raise Unresolvable(f"{path} now leads outside {self.root_dir}")
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise Unresolvable(f"{path} is not a regular file")

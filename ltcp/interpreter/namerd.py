@@ -12,7 +12,10 @@ Threads are bounded, however many names SNI routing brings:
 * every further name (every name, with ``watch: false``) is polled by
   ``POLL_WORKERS`` threads sharing one schedule: a new name is resolved at
   once, ahead of the rotation, then polled every ``periodSecs``; each request
-  has its own timeout, so a name namerd never answers delays only itself.
+  has its own deadline, so a name namerd never answers delays only itself.
+
+Every request has a connection of its own, so unwatching a name (or closing)
+cuts its request at once, whatever it is waiting for.
 
 Failures (an HTTP error, a ``failed`` answer, malformed JSON, a dropped
 stream, namerd down) keep the last good address set, are counted, and are
@@ -20,6 +23,7 @@ retried with exponential backoff and jitter capped at ``periodSecs``.
 """
 
 import heapq
+import http.client
 import itertools
 import json
 import logging
@@ -46,6 +50,7 @@ MAX_OBJECT_BYTES = 4 << 20  # the default of maxAnswerBytes
 CONNECT_TIMEOUT = 5.0
 POLL_TIMEOUT = 5.0  # a whole poll request, connect to last byte
 FIRST_BACKOFF = 0.1
+FIRST_HEAD_START = 1.0  # seconds a first resolution goes ahead of overdue polls
 
 BOUND, NEG, PENDING = "bound", "neg", "pending"
 
@@ -189,12 +194,17 @@ class _Name:
         self.failures = 0
         self.streamed = streamed
         self.stopped = threading.Event()  # unwatched or closing: drop it, wake its backoff
-        self.sock = None  # the socket of its streaming watch, while one is open
+        self.sock = None  # the socket of its request in flight, if any
 
     def stop(self):
-        """Stop following this name now, cutting its watch connection if one is open."""
+        """Stop following this name now, cutting its request in flight; forget whom to tell."""
         self.stopped.set()
+        self.deliver = _nobody
         _cut(self.sock)
+
+
+def _nobody(addresses):
+    pass
 
 
 def _cut(sock):
@@ -213,28 +223,41 @@ def _cut(sock):
 class PollSchedule:
     """Which polled name is due next, for several poll threads.
 
-    A name's first resolution goes ahead of the rotation (it has clients
-    waiting); the rotation is ordered by due time.  Unwatched names are
-    dropped when they come up.
+    Ordered by due time.  A name's first resolution (clients are waiting for
+    it) is due ``FIRST_HEAD_START`` seconds in the past, so it goes ahead of
+    the rotation without starving it: a poll overdue by more than that still
+    comes first.  Unwatched names are forgotten: dropped when they come up,
+    and all at once when they are half the schedule.
     """
-
-    FIRST, ROTATION = 0, 1
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
-        self._heap = []  # (rank, due, seq, entry)
+        self._heap = []  # (due, seq, entry)
         self._seq = itertools.count()
+        self._stale = 0  # stopped entries still in the heap
         self._ready = threading.Condition()
         self._closed = False
 
     def __len__(self):
         with self._ready:
-            return len(self._heap)
+            return len(self._heap) - self._stale
 
-    def add(self, entry, delay=0.0, rank=ROTATION):
+    def add(self, entry, delay=0.0):
         with self._ready:
-            heapq.heappush(self._heap, (rank, self._clock() + delay, next(self._seq), entry))
+            heapq.heappush(self._heap, (self._clock() + delay, next(self._seq), entry))
             self._ready.notify()
+
+    def add_first(self, entry):
+        self.add(entry, -FIRST_HEAD_START)
+
+    def forget(self, entry):
+        """``entry`` was stopped; compact the heap once stopped entries are half of it."""
+        with self._ready:
+            self._stale += 1
+            if self._stale * 2 > len(self._heap):
+                self._heap = [item for item in self._heap if not item[2].stopped.is_set()]
+                heapq.heapify(self._heap)
+                self._stale = 0
 
     def take(self):
         """The next due name, waiting until one is; None once closed."""
@@ -243,14 +266,17 @@ class PollSchedule:
                 if not self._heap:
                     self._ready.wait()
                     continue
-                _, due, _, entry = self._heap[0]
+                due, _, entry = self._heap[0]
+                if entry.stopped.is_set():
+                    heapq.heappop(self._heap)
+                    self._stale = max(0, self._stale - 1)
+                    continue
                 wait = due - self._clock()
                 if wait > 0:
                     self._ready.wait(wait)
                     continue
                 heapq.heappop(self._heap)
-                if not entry.stopped.is_set():
-                    return entry
+                return entry
             return None
 
     def close(self):
@@ -260,33 +286,39 @@ class PollSchedule:
             self._ready.notify_all()
 
 
-def _pool_manager(sockets, size):
-    """A PoolManager for polls whose connections record their sockets, so close() can cut them."""
-
-    class Tracked(urllib3.connection.HTTPConnection):
-        def connect(self):
-            super().connect()
-            sockets.add(self.sock)
-
-    class TrackedTls(urllib3.connection.HTTPSConnection):
-        def connect(self):
-            super().connect()
-            sockets.add(self.sock)
-
-    manager = urllib3.PoolManager(num_pools=4, maxsize=size, retries=False, socket_options=_SOCKET_OPTIONS)
-    manager.pool_classes_by_scheme = {
-        "http": type("TrackedPool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": Tracked}),
-        "https": type("TrackedTlsPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": TrackedTls}),
-    }
-    return manager
-
-
 _SOCKET_OPTIONS = urllib3.connection.HTTPConnection.default_socket_options + [
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
 if hasattr(socket, "TCP_KEEPIDLE"):  # notice a vanished namerd on a silent watch
     _SOCKET_OPTIONS += [(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
                         (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
                         (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)]
+
+# What a request to namerd can fail with, and the outcome it is counted as.
+_FAILURES = (
+    (NamerdError, None),  # carries its own outcome
+    (urllib3.exceptions.NewConnectionError, "unreachable"),  # (urllib3 makes it a kind of timeout)
+    (urllib3.exceptions.TimeoutError, "timeout"),
+    (TimeoutError, "timeout"),
+    (urllib3.exceptions.ProtocolError, "dropped"),  # the connection broke mid-answer
+    (http.client.HTTPException, "malformed"),  # not HTTP at all (a TLS port, an SSH port...)
+    (urllib3.exceptions.HTTPError, "unreachable"),
+    (OSError, "unreachable"),
+)
+
+
+def _outcome(exc):
+    for kind, outcome in _FAILURES:
+        if isinstance(exc, kind):
+            return outcome or exc.outcome
+    return None
+
+
+def _left(deadline):
+    """Seconds until ``deadline``, as a socket timeout; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("namerd did not answer in time")
+    return left
 
 
 class NamerdInterpreter:
@@ -306,18 +338,17 @@ class NamerdInterpreter:
         self.poll_workers = poll_workers
         self.max_answer_bytes = max_answer_bytes
         self.stats = Stats()
-        self._closing = threading.Event()
         self._to_stream = queue.SimpleQueue()
         self._schedule = PollSchedule()
         self._streaming = 0  # names holding a streaming slot (reactor thread only)
         self._entries = {}  # name -> _Name (reactor thread only)
         self._sockets = weakref.WeakSet()  # every namerd socket, for close()
-        self._http = _pool_manager(self._sockets, poll_workers)
         self._threads = []
         url = urllib3.util.parse_url(base_url)
-        self._host, self._port, self._tls = url.host, url.port, url.scheme == "https"
+        self._connection_class = (urllib3.connection.HTTPSConnection if url.scheme == "https"
+                                  else urllib3.connection.HTTPConnection)
+        self._host, self._port = url.host, url.port
         self._prefix = (url.path or "").rstrip("/")
-        self._origin = f"{url.scheme}://{url.netloc}"
 
     def start(self):
         workers = [self._streamer] * self.max_streams + [self._poller] * self.poll_workers
@@ -327,10 +358,13 @@ class NamerdInterpreter:
             self._threads.append(thread)
 
     def _run(self, worker):
-        try:
-            worker()
-        except Exception:
-            log.exception("namerd worker failed")
+        """Run a worker loop for good: a bug in it is logged, and the loop starts again."""
+        while True:
+            try:
+                worker()
+                return
+            except Exception:
+                log.exception("namerd worker failed; restarting it")
 
     def watch(self, name, deliver):
         streamed = self._streaming < self.max_streams
@@ -339,7 +373,7 @@ class NamerdInterpreter:
             self._streaming += 1
             self._to_stream.put(entry)
         else:
-            self._schedule.add(entry, rank=PollSchedule.FIRST)
+            self._schedule.add_first(entry)
 
     def unwatch(self, name):
         """Stop following ``name``; its streaming slot and connection are freed at once."""
@@ -348,6 +382,8 @@ class NamerdInterpreter:
             entry.stop()
             if entry.streamed:
                 self._streaming -= 1
+            else:
+                self._schedule.forget(entry)
 
     @property
     def watched(self):
@@ -356,9 +392,8 @@ class NamerdInterpreter:
 
     def close(self, timeout=1.0):
         """Stop every worker: cut their connections and wait up to ``timeout``."""
-        self._closing.set()
         for entry in list(self._entries.values()):
-            entry.stopped.set()
+            entry.stop()
         for _ in range(self.max_streams):
             self._to_stream.put(None)
         self._schedule.close()
@@ -370,7 +405,6 @@ class NamerdInterpreter:
         alive = sum(thread.is_alive() for thread in self._threads)
         if alive:
             log.warning("namerd: %d workers still stopping", alive)
-        self._http.clear()
 
     # -- answers ----------------------------------------------------------------
 
@@ -392,20 +426,53 @@ class NamerdInterpreter:
             entry.last = update
             entry.deliver(update)
 
-    def _failed(self, entry, outcome, reason):
-        """Count a failure; logged at WARNING the first time in a row, then at DEBUG."""
+    def _failed(self, entry, exc):
+        """Count a failed request; logged at WARNING the first time in a row, then at DEBUG."""
         if entry.stopped.is_set():
             return  # unwatched or closing: the cut connection is ours
+        outcome = _outcome(exc)
+        if outcome is None:  # not a failure we know: a bug, which the worker's restart logs
+            raise exc
         self.stats.request(outcome)
         entry.failures += 1
         level = logging.WARNING if entry.failures == 1 else logging.DEBUG
-        log.log(level, "namerd: %s: %s; keeping the last answer, retrying with backoff up to %gs (failure %d)",
-                entry.name, reason, self.period, entry.failures)
+        log.log(level, "namerd: %s: %s (%s); keeping the last answer, retrying with backoff up to %gs "
+                "(failure %d)", entry.name, exc, outcome, self.period, entry.failures)
 
     def _backoff_delay(self, entry):
         """Exponential, jittered, capped at periodSecs."""
         ceiling = min(self.period, FIRST_BACKOFF * 2 ** max(0, entry.failures - 1))
         return ceiling / 2 + random.random() * ceiling / 2
+
+    def _request(self, entry, watch, deadline):
+        """Send one request on a connection of its own, which ``entry.stop()`` can cut.
+
+        Connecting and waiting for the response's headers end by ``deadline``.
+        Returns ``(connection, response)``, or ``(None, None)`` if the name
+        was unwatched meanwhile.  The caller closes the connection.
+        """
+        conn = self._connection_class(self._host, self._port, timeout=_left(deadline),
+                                      socket_options=_SOCKET_OPTIONS)
+        try:
+            conn.connect()
+            self._sockets.add(conn.sock)
+            entry.sock = conn.sock
+            if entry.stopped.is_set():  # unwatched while connecting: stop() saw no socket to cut
+                conn.close()
+                return None, None
+            started = time.monotonic()
+            conn.timeout = _left(deadline)  # request() and getresponse() apply it to the socket
+            conn.request("GET", self._path(entry.name, watch), preload_content=False)
+            response = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        self.stats.observe(time.monotonic() - started)
+        if response.status != 200:
+            conn.close()
+            raise NamerdError(f"HTTP {response.status}", f"http_{response.status}")
+        self.stats.request("ok")
+        return conn, response
 
     # -- streaming watch ------------------------------------------------------------
 
@@ -415,41 +482,22 @@ class NamerdInterpreter:
             entry = self._to_stream.get()
             if entry is None:
                 return
-            self._follow_until_stopped(entry)
-
-    def _follow_until_stopped(self, entry):
-        while not entry.stopped.is_set():
-            try:
-                self._follow(entry)
-                outcome, reason = "dropped", "the watch stream ended"
-            except NamerdError as exc:
-                outcome, reason = exc.outcome, str(exc)
-            except urllib3.exceptions.ProtocolError as exc:
-                outcome, reason = "dropped", f"the watch stream broke: {exc}"
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                outcome, reason = "unreachable", f"cannot reach namerd: {exc}"
-            self._failed(entry, outcome, reason)
-            if entry.stopped.wait(self._backoff_delay(entry)):
-                return
+            while not entry.stopped.is_set():
+                try:
+                    self._follow(entry)
+                    self._failed(entry, NamerdError("the watch stream ended", "dropped"))
+                except Exception as exc:
+                    self._failed(entry, exc)
+                if entry.stopped.wait(self._backoff_delay(entry)):
+                    break
 
     def _follow(self, entry):
-        """One watch request on a connection of its own, which ``entry.stop()`` can cut."""
-        connection_class = urllib3.connection.HTTPSConnection if self._tls else urllib3.connection.HTTPConnection
-        conn = connection_class(self._host, self._port, timeout=CONNECT_TIMEOUT, socket_options=_SOCKET_OPTIONS)
+        conn, response = self._request(entry, watch=True, deadline=time.monotonic() + CONNECT_TIMEOUT)
+        if conn is None:
+            return
         try:
-            conn.connect()
             conn.timeout = None  # a watch may stay silent for as long as nothing changes
-            self._sockets.add(conn.sock)
-            entry.sock = conn.sock
-            if entry.stopped.is_set():  # unwatched while connecting: stop() saw no socket to cut
-                return
-            started = time.monotonic()
-            conn.request("GET", self._path(entry.name, watch=True), preload_content=False)
-            response = conn.getresponse()
-            self.stats.observe(time.monotonic() - started)
-            if response.status != 200:
-                raise NamerdError(f"HTTP {response.status}", f"http_{response.status}")
-            self.stats.request("ok")
+            conn.sock.settimeout(None)
             objects = ObjectStream(self.max_answer_bytes)
             for chunk in response.stream(1 << 16):
                 for answer in objects.feed(chunk):
@@ -468,37 +516,30 @@ class NamerdInterpreter:
             entry = self._schedule.take()
             if entry is None:
                 return
-            self._poll(entry)
+            try:
+                self._poll(entry)
+            except Exception as exc:
+                self._failed(entry, exc)
             if not entry.stopped.is_set():
                 self._schedule.add(entry, self._backoff_delay(entry) if entry.failures else self.period)
 
     def _poll(self, entry):
-        started = time.monotonic()
-        try:
-            response = self._http.request(
-                "GET", self._origin + self._path(entry.name, watch=False), preload_content=False,
-                timeout=urllib3.Timeout(total=POLL_TIMEOUT))
-        except urllib3.exceptions.HTTPError as exc:
-            self._failed(entry, "unreachable", f"cannot reach namerd: {exc}")
+        """One request with a deadline for the whole of it, however namerd trickles its answer."""
+        deadline = time.monotonic() + POLL_TIMEOUT
+        conn, response = self._request(entry, watch=False, deadline=deadline)
+        if conn is None:
             return
-        self.stats.observe(time.monotonic() - started)
-        complete = False
         try:
-            if response.status != 200:
-                raise NamerdError(f"HTTP {response.status}", f"http_{response.status}")
-            body = response.read(self.max_answer_bytes + 1)
+            body = bytearray()
+            while len(body) <= self.max_answer_bytes:
+                conn.sock.settimeout(_left(deadline))
+                chunk = response.read1(1 << 16)  # what has arrived: the deadline is checked between reads
+                if not chunk:
+                    break
+                body += chunk
             if len(body) > self.max_answer_bytes:
                 raise NamerdError(f"an answer longer than {self.max_answer_bytes} bytes (maxAnswerBytes)")
-            complete = True
-            self._apply(entry, _decode(body))
-        except NamerdError as exc:
-            self._failed(entry, exc.outcome, str(exc))
-            return
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            self._failed(entry, "unreachable", f"the answer broke off: {exc}")
-            return
+            self._apply(entry, _decode(bytes(body)))
         finally:
-            if not complete:
-                response.close()  # unread bytes: this connection cannot carry another request
-            response.release_conn()
-        self.stats.request("ok")
+            entry.sock = None
+            conn.close()

@@ -31,7 +31,7 @@ LAST_RETRY = 0.1
 
 class Intake:
     __slots__ = ("listener", "client", "envelope", "step", "events", "timer", "retry_timer", "hello_timer",
-                 "delay", "hung_up")
+                 "delay", "hung_up", "peeked")
 
     def __init__(self, listener, client, envelope):
         self.listener = listener
@@ -41,6 +41,7 @@ class Intake:
         self.timer = self.retry_timer = self.hello_timer = None
         self.delay = FIRST_RETRY
         self.hung_up = False  # the client has shut down its side: what it sent is all there will be
+        self.peeked = 0  # bytes seen at the last look
         self.step = self._read_proxy_header if listener.config.proxy_protocol else self._after_proxy_header
 
     def start(self):
@@ -84,6 +85,14 @@ class Intake:
         self.retry_timer = None
         self.step()
 
+    def _grew(self, data):
+        """Whether ``data`` holds more than the last look saw; if not, wait again without parsing."""
+        if len(data) == self.peeked and not self.hung_up:
+            self._incomplete(None)
+            return False
+        self.peeked = len(data)
+        return True
+
     def crashed(self, exc):
         """A bug in one of our callbacks: end this stream, releasing what it holds."""
         if self.step is not None:
@@ -105,6 +114,8 @@ class Intake:
         data = self._peek(proxyproto.PEEK_BYTES)
         if data is None:
             return
+        if data and not self._grew(data):
+            return
         header = proxyproto.parse_header(data)
         if header.status == proxyproto.NEED_MORE and data:
             self._incomplete("proxy_protocol")
@@ -121,6 +132,7 @@ class Intake:
             self.envelope.source = header.source
             self.envelope.destination = header.destination
         self.delay = FIRST_RETRY
+        self.peeked = 0
         self.step = self._after_proxy_header
         self.step()
 
@@ -161,11 +173,13 @@ class Intake:
         self._route(*tls.routing_name(self.listener.tls.server_name(self.client)))
 
     def _peek_hello(self):
-        data = self._peek(tls.MAX_HELLO_BYTES + 5 * 4)
+        data = self._peek(tls.HELLO_WINDOW)
         if data is None:
             return
         if not data:
             self.fail("closed")
+            return
+        if not self._grew(data):
             return
         hello = tls.parse_client_hello(data)
         if hello.status == tls.NEED_MORE:

@@ -6,7 +6,8 @@ across TCP segments), stops at ``MAX_HELLO_BYTES``, and reports one of:
 
 * ``NEED_MORE``  — a valid prefix; wait for more bytes
 * ``NOT_TLS``    — the first byte is not a TLS handshake record
-* ``MALFORMED``  — looks like TLS but breaks the format (or is too large)
+* ``MALFORMED``  — looks like TLS but breaks the format (or is too large, or
+  split into more than ``MAX_HELLO_RECORDS`` records)
 * ``HELLO``      — a complete ClientHello; ``server_name`` is its SNI or None
 """
 
@@ -25,7 +26,9 @@ __all__ = ["ClientHello", "parse_client_hello", "normalize_server_name", "routin
 
 NEED_MORE, NOT_TLS, MALFORMED, HELLO = "need_more", "not_tls", "malformed", "hello"
 MAX_HELLO_BYTES = 16 * 1024  # the whole ClientHello handshake message, across records
+MAX_HELLO_RECORDS = 16  # real hellos take one; many tiny records only cost the parser
 MAX_RECORD = 16 * 1024
+HELLO_WINDOW = MAX_HELLO_BYTES + 4 + 5 * MAX_HELLO_RECORDS  # the most bytes a hello can take on the wire
 _HANDSHAKE, _CLIENT_HELLO, _SERVER_NAME, _HOST_NAME = 0x16, 0x01, 0x0000, 0x00
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
@@ -44,7 +47,7 @@ def parse_client_hello(data, limit=MAX_HELLO_BYTES):
         return ClientHello(NOT_TLS, reason="not a TLS handshake record")
     message = bytearray()
     offset = 0
-    while True:
+    for _ in range(MAX_HELLO_RECORDS):
         if len(data) - offset < 5:
             return ClientHello(NEED_MORE)
         kind, major, length = data[offset], data[offset + 1], int.from_bytes(data[offset + 3:offset + 5], "big")
@@ -64,6 +67,7 @@ def parse_client_hello(data, limit=MAX_HELLO_BYTES):
                 return ClientHello(MALFORMED, reason=f"ClientHello of {size} bytes is too large")
             if len(message) >= 4 + size:
                 return _read_hello(memoryview(message)[4:4 + size])
+    return ClientHello(MALFORMED, reason=f"ClientHello split into more than {MAX_HELLO_RECORDS} records")
 
 
 class _Reader:

@@ -80,3 +80,12 @@ def test_garbage_never_raises(data):
 ])
 def test_server_names_are_normalized_or_refused(name, expected):
     assert normalize_server_name(name) == expected
+
+
+def test_a_hello_in_too_many_records_is_malformed_at_once():
+    """A hello cut into 1-byte records once cost 5 ms to parse, again at every look."""
+    hello = client_hello("a.example")
+    assert parse_client_hello(refragment(hello, [1] * 16)).status == MALFORMED
+    assert parse_client_hello(refragment(hello, [1] * 14)).status == HELLO  # 15 records still parse
+    header = b"\x16\x03\x01\x00\x01\x01"  # records of one byte each, never finishing
+    assert parse_client_hello(header * 3000).status == MALFORMED

@@ -10,7 +10,7 @@ import pytest
 import trustme
 
 from ltcp.tls import routing_name
-from netutil import client_hello, closed_without_data, echo, named, recv_exactly, wait_for
+from netutil import LtcpProcess, client_hello, closed_without_data, echo, named, recv_exactly, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +270,23 @@ def test_passthrough_server_names_that_are_no_destination(proxies, pki, sent, ca
 ])
 def test_routing_name(server_name, expected):
     assert routing_name(server_name) == expected
+
+
+def test_hellos_in_tiny_records_cost_no_cpu(backends):
+    """200 connections sending hellos cut into 1-byte records once held the reactor at 100% CPU."""
+    ltcp = LtcpProcess({"admin": {"port": 0}, "routers": [{
+        "label": "sni", "interpreter": {"kind": "io.l5d.static", "names": {}},
+        "servers": [{"port": 0, "dstName": "/svc/{sni}", "connectTimeoutMs": 10000}]}]})
+    slow = b"\x16\x03\x01\x00\x04\x01\x00\x3e\x80" + b"\x16\x03\x01\x00\x01\x00" * 2700  # claims 16,000 bytes
+    clients = []
+    try:
+        for _ in range(100):
+            c = ltcp.connect()
+            c.sendall(slow)
+            clients.append(c)
+        assert ltcp.cpu_over(1.0) < 0.3
+        wait_for(lambda: all(closed_without_data(c, 5) for c in clients), timeout=10, message="all refused")
+    finally:
+        for c in clients:
+            c.close()
+        assert ltcp.stop() == 0

@@ -14,11 +14,12 @@ across TCP segments), stops at ``MAX_HELLO_BYTES``, and reports one of:
 import base64
 import ipaddress
 import os
-import re
 import ssl
 import tempfile
 import weakref
 from typing import NamedTuple, Optional
+
+from .names import is_dns_name
 
 __all__ = ["ClientHello", "parse_client_hello", "normalize_server_name", "routing_name", "server_context",
            "client_context", "material_problems", "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED",
@@ -30,7 +31,6 @@ MAX_HELLO_RECORDS = 16  # real hellos take one; many tiny records only cost the 
 MAX_RECORD = 16 * 1024
 HELLO_WINDOW = MAX_HELLO_BYTES + 4 + 5 * MAX_HELLO_RECORDS  # the most bytes a hello can take on the wire
 _HANDSHAKE, _CLIENT_HELLO, _SERVER_NAME, _HOST_NAME = 0x16, 0x01, 0x0000, 0x00
-_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 class ClientHello(NamedTuple):
@@ -164,11 +164,7 @@ def normalize_server_name(name):
     name = name.lower()
     if name.endswith("."):
         name = name[:-1]
-    if not 0 < len(name) <= 253:
-        return None
-    if all(_LABEL.fullmatch(label) for label in name.split(".")):
-        return name
-    return None
+    return name if is_dns_name(name) else None
 
 
 # -- contexts ------------------------------------------------------------------------
@@ -375,6 +371,6 @@ def _problem(where, build, *args):
         build(*args)
     except TlsMaterialError as exc:
         return [f"{where}: {exc}"]
-    except ssl.SSLError as exc:  # what the checks above did not foresee, still one line
-        return [f"{where}: {exc.reason or exc}"]
+    except (ssl.SSLError, ValueError) as exc:  # what the checks above did not foresee, still one line
+        return [f"{where}: {getattr(exc, 'reason', None) or exc}"]
     return []

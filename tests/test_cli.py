@@ -122,3 +122,13 @@ def test_bad_tls_material_is_one_line_naming_the_file(material, files, expected,
 def test_good_tls_material_passes_check(material):
     result = ltcp("--check", "-", stdin=tls_document(material, certs=("cert.pem", "ca.pem"), trust="ca.pem"))
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", [["--check"], []])
+def test_a_namerd_url_serve_cannot_use_fails_check_too(command):
+    document = yaml.safe_dump({"routers": [{"label": "r", "interpreter": {
+        "kind": "io.l5d.namerd.http", "baseUrl": "http://127.0.0.1:99999"},
+        "servers": [{"port": 0, "dstName": "/svc/a"}]}]})
+    result = ltcp(*command, "-", stdin=document)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "routers[0].interpreter.baseUrl: is not a usable URL" in result.stderr

@@ -148,6 +148,27 @@ def test_every_number_has_a_finite_range(edit, expected):
     assert any(expected in e for e in errors), errors
 
 
+@pytest.mark.parametrize("edit, expected", [
+    # Each of these passed --check and then failed in serve: a traceback, or every stream a bug.
+    ((["routers", 0, "interpreter"], {"kind": "io.l5d.namerd.http", "baseUrl": "http://127.0.0.1:99999"}),
+     "baseUrl: is not a usable URL (Port out of range 0-65535)"),
+    ((["routers", 0, "interpreter"], {"kind": "io.l5d.namerd.http", "baseUrl": "http://[::1"}), "baseUrl: is not a usable URL"),
+    ((["routers", 0, "interpreter"], {"kind": "io.l5d.namerd.http", "baseUrl": "http://x y"}), "baseUrl: must be an http"),
+    ((["routers", 0, "interpreter"], {"kind": "io.l5d.namerd.http", "baseUrl": "http://127.0.0.1:abc"}), "baseUrl: is not a usable URL"),
+    ((["routers", 0, "interpreter"], {"kind": "io.l5d.namerd.http", "baseUrl": "http://u:p@h/"}), "baseUrl: must be an http"),
+    ((["routers", 0, "client", "tls"], {"dnsName": "a..b"}), "client.tls.dnsName: must be a DNS name"),
+    ((["routers", 0, "client", "tls"], {"dnsName": "x" * 64 + ".example"}), "client.tls.dnsName: must be a DNS name"),
+    ((["routers", 0, "client", "tls"], {"dnsName": "*.example.com"}), "client.tls.dnsName: must be a DNS name"),
+    ((["routers", 0, "servers", 0, "tls"], {"identities": {"a..b": {"privateKey": "k", "certs": ["c"]}}}),
+     "tls.identities[a..b]: must be a DNS name"),
+    ((["routers", 0, "servers", 0, "tls"], {"alpnProtocols": ["h\u00e9"]}), "alpnProtocols[0]: must be an ALPN protocol name"),
+    ((["routers", 0, "servers", 0, "tls"], {"alpnProtocols": ["h" * 300]}), "alpnProtocols[0]: must be an ALPN protocol name"),
+])
+def test_values_that_serve_would_refuse_are_refused_by_check(edit, expected):
+    errors = errors_of(with_changes(edit))
+    assert any(expected in e for e in errors), errors
+
+
 def test_yaml_infinities_are_refused():
     text = yaml.safe_dump(MINIMAL).replace("dstName: /svc/a", "dstName: /svc/a\n    connectionLifetimeSecs: .inf")
     assert "connectionLifetimeSecs: must be a number > 0 and <= 31536000, not inf" in errors_of(text)[0]
@@ -176,6 +197,19 @@ def test_an_alias_bomb_is_refused_quickly():
     errors = errors_of(text)
     assert time.monotonic() - started < 2
     assert errors == ["cfg.yaml:8:1: refused: expands to more than 1000000 values (YAML aliases)"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("routers:\n  - label: a\n    label: b\n", "cfg.yaml:3:5: refused: duplicate key 'label'"),
+    ('{"routers": [], "routers": []}', "cfg.yaml: duplicate key 'routers'"),
+])
+def test_duplicate_keys_are_refused(text, expected):
+    assert errors_of(text) == [expected]
+
+
+def test_a_yaml_merge_key_may_still_be_overridden():
+    config = loads("admin: {<<: {port: 9000, graceSecs: 3}, port: 9001}\n" + yaml.safe_dump(MINIMAL))
+    assert (config.admin.port, config.admin.grace_secs) == (9001, 3)
 
 
 def test_an_alias_inside_its_own_anchor_is_refused():

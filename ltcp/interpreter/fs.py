@@ -14,7 +14,8 @@ import stat
 import threading
 import time
 
-from ..config import MAX_WEIGHT, Address, canonical_ip, parse_port
+from ..config import MAX_WEIGHT, Address
+from ..names import canonical_ip, parse_port
 
 __all__ = ["FsInterpreter", "parse_addresses", "name_to_path"]
 
@@ -63,7 +64,12 @@ def parse_addresses(text, source="<fs>"):
 
 
 def name_to_path(root, name):
-    """The file for ``name`` under ``root``, or None if the name could escape it."""
+    """The file for ``name`` under ``root``, or None if the name itself could climb out of it.
+
+    Links are not resolved here but each time the file is read (then what
+    was opened must still lie under the root), so a link repointed later,
+    as Kubernetes does to update a mounted ConfigMap, is followed.
+    """
     segments = name.split("/")[1:]
     if len(segments) < 2 or name[:1] != "/":
         return None
@@ -71,11 +77,7 @@ def name_to_path(root, name):
     for segment in relative:
         if segment in ("", ".", "..") or "\0" in segment or "\\" in segment:
             return None
-    real_root = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(real_root, *relative))
-    if not path.startswith(real_root + os.sep):
-        return None
-    return path
+    return os.path.join(root, *relative)
 
 
 SETTLE_SECS = 0.1  # a file is read once it has not changed for this long
@@ -225,9 +227,9 @@ class FsInterpreter:
         except OSError as exc:
             raise Unresolvable(f"cannot open {path}: {exc.strerror}") from None
         try:
-            # The path was checked when the name was watched; what it leads to now must still be ours.
+            # Whatever links the path went through, what was opened must lie under the root.
             if not os.readlink(f"/proc/self/fd/{fd}").startswith(self._real_root + os.sep):
-                raise Unresolvable(f"{path} now leads outside {self.root_dir}")
+                raise Unresolvable(f"{path} leads outside {self.root_dir}")
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise Unresolvable(f"{path} is not a regular file")

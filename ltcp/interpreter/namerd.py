@@ -37,7 +37,8 @@ import weakref
 
 import urllib3
 
-from ..config import MAX_WEIGHT, Address, canonical_ip
+from ..config import MAX_WEIGHT, Address
+from ..names import canonical_ip
 from ..histogram import LATENCY_BUCKETS, Histogram
 
 __all__ = ["NamerdInterpreter", "NamerdError", "ObjectStream", "parse_answer"]

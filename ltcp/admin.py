@@ -30,7 +30,7 @@ import urllib.parse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .httpd import HttpServer, Response, plain
-from .metrics import LtcpCollector, ProcessCollector, on_reactor, routers_json, snapshot
+from .metrics import MAX_LISTED_ENDPOINTS, LtcpCollector, ProcessCollector, on_reactor, routers_json, snapshot
 
 __all__ = ["AdminServer", "exposure_warning", "refusal"]
 
@@ -114,7 +114,8 @@ class AdminServer:
         self.registry.register(ProcessCollector())  # process_*: the names dashboards expect
         self._metrics = _Cached(lambda: generate_latest(self.registry))
         self._routers = _Cached(
-            lambda: json.dumps(routers_json(on_reactor(app.reactor, lambda: snapshot(app))), indent=2).encode() + b"\n")
+            lambda: json.dumps(routers_json(on_reactor(app.reactor, lambda: snapshot(app, MAX_LISTED_ENDPOINTS))),
+                               indent=2).encode() + b"\n")
         self._routes = {"/metrics": ("GET", self._get_metrics), "/routers.json": ("GET", self._get_routers),
                         "/shutdown": ("POST", self._shutdown), "/abort": ("POST", self._abort)}
         self._http = HttpServer((config.ip, config.port), self.handle, name="admin")

@@ -7,14 +7,15 @@ on the admin thread.  Nothing here runs on the data-plane hot path.
 """
 
 import concurrent.futures
+import itertools
 import os
 import resource
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .endpoint import RETIRED
+from .endpoint import AVAILABLE, FAILED, RETIRED
 
-__all__ = ["snapshot", "on_reactor", "LtcpCollector", "ProcessCollector", "routers_json"]
+__all__ = ["MAX_LISTED_ENDPOINTS", "snapshot", "on_reactor", "LtcpCollector", "ProcessCollector", "routers_json"]
 
 
 def on_reactor(reactor, fn, timeout=5.0):
@@ -35,22 +36,30 @@ def on_reactor(reactor, fn, timeout=5.0):
         future.cancel()
 
 
-def snapshot(app):
-    """Plain data describing every router; call on the reactor thread."""
+MAX_LISTED_ENDPOINTS = 1000  # per destination in /routers.json; all are counted
+
+
+def snapshot(app, listed=0):
+    """Plain data describing every router; call on the reactor thread.
+
+    Endpoints are counted by state; up to ``listed`` of each destination are
+    also described one by one (what /routers.json shows), so a scrape of
+    /metrics builds nothing per endpoint.
+    """
     return {
-        "routers": [_router(router) for router in app.routers],
+        "routers": [_router(router, listed) for router in app.routers],
         "reactor_lag": app.reactor.wheel.lag.copy(),
         "draining": app.draining,
     }
 
 
-def _router(router):
+def _router(router, listed):
     stats = getattr(router.interpreter, "stats", None)
     return {
         "label": router.label,
         "interpreter": router.interpreter_kind,
         "servers": [_server(listener) for listener in router.listeners],
-        "destinations": [_destination(b) for b in router.binder.balancers.values()],
+        "destinations": [_destination(b, listed) for b in router.binder.balancers.values()],
         "route_cache": {"hits": router.binder.hits, "creations": router.binder.creations,
                         "evictions": router.binder.evictions},
         "discovery": stats.snapshot() if stats is not None else None,
@@ -74,8 +83,9 @@ def _server(listener):
     }
 
 
-def _destination(balancer):
-    endpoints = list(balancer.endpoints.values()) + [e for e in balancer.retired.values()]
+def _destination(balancer, listed):
+    endpoints = itertools.chain(balancer.endpoints.values(), balancer.retired.values())
+    failed = sum(1 for e in balancer.endpoints.values() if e.failed)
     return {
         "name": balancer.name,
         "resolved": balancer.resolved,
@@ -83,6 +93,8 @@ def _destination(balancer):
         "waiters": len(balancer.waiters),
         "pooled": len(balancer.pool),
         "connect_failures": dict(balancer.connect_failures),
+        "endpoint_states": {AVAILABLE: len(balancer.endpoints) - failed, FAILED: failed,
+                            RETIRED: len(balancer.retired)},
         "endpoints": [{
             "address": e.address,
             "weight": e.weight,
@@ -92,7 +104,7 @@ def _destination(balancer):
             "consecutive_failures": e.failures,
             "connects": e.connects,
             "connect_failures": e.connect_failures,
-        } for e in endpoints],
+        } for e in itertools.islice(endpoints, listed)],
     }
 
 
@@ -191,10 +203,7 @@ class LtcpCollector:
                 values = [label, dst["name"]]
                 for cause, count in sorted(dst["connect_failures"].items()):
                     f["connect_failures"].add_metric(values + [cause], count)
-                states = {"available": 0, "failed": 0, RETIRED: 0}
-                for endpoint in dst["endpoints"]:
-                    states[endpoint["state"]] += 1
-                for state, count in states.items():
+                for state, count in dst["endpoint_states"].items():
                     f["endpoints"].add_metric(values + [state], count)
                 f["waiters"].add_metric(values, dst["waiters"])
                 if dst["last_update"] is not None:

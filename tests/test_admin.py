@@ -445,3 +445,20 @@ def test_running_out_of_descriptors_does_not_spin_the_admin_server(backends):
         for c in clients:
             c.close()
         ltcp.stop()
+
+
+def test_routers_json_lists_a_bounded_number_of_endpoints_and_counts_them_all(proxies, backends, monkeypatch):
+    """69,578 endpoints once made a 20 MB page that held the reactor for over a second."""
+    monkeypatch.setattr("ltcp.admin.MAX_LISTED_ENDPOINTS", 3)
+    backend = backends(echo)
+    addresses = [backend.addr] + [f"127.0.0.1:{port}" for port in range(2000, 2009)]
+    proxy = proxies({"admin": {"port": 0}, "routers": [{
+        "label": "r", "interpreter": {"kind": "io.l5d.static", "names": {"/svc/a": addresses}},
+        "servers": [{"port": 0, "dstName": "/svc/a"}]}]}, admin=True)
+    proxy.call(proxy.app.routers[0].binder.bind, "/svc/a")
+    destination = json.loads(http.request("GET", proxy.admin_url + "/routers.json").data)["routers"][0][
+        "destinations"][0]
+    assert len(destination["endpoints"]) == 3
+    assert destination["endpoint_states"] == {"available": 10, "failed": 0, "retired": 0}
+    samples = scrape(proxy.admin_url)
+    assert value(samples, "ltcp_endpoints", router="r", dst="/svc/a", state="available") == 10

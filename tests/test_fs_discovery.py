@@ -265,3 +265,10 @@ def test_a_link_leading_out_fails_fast_until_it_is_fixed(fs, tmp_path, caplog):
     (root / "out").mkdir()
     (root / "out" / "web").write_text("127.0.0.1 82\n")
     assert web.wait(2) == [Address("127.0.0.1", 82, 1.0)]
+
+
+def test_a_file_of_junk_costs_one_short_warning():
+    """1 MiB of bad lines once logged 524,001 warnings and held discovery for 15 s."""
+    addresses, problems = parse_addresses("x\n" * 500_000 + "127.0.0.1 80\n", "junk")
+    assert addresses == [Address("127.0.0.1", 80, 1.0)]
+    assert len(problems) == 11 and problems[-1] == "junk: 499990 more bad lines"

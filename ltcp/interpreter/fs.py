@@ -22,45 +22,57 @@ __all__ = ["FsInterpreter", "parse_addresses", "name_to_path"]
 log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 1 << 20
+MAX_PROBLEMS = 10  # bad lines of one file reported one by one
 
 
 def parse_addresses(text, source="<fs>"):
-    """Parse an address file: (addresses, problems); bad lines are reported and skipped."""
-    addresses, problems, seen = [], [], set()
+    """Parse an address file: (addresses, problems).
+
+    Bad lines are skipped; the first ``MAX_PROBLEMS`` are reported one by
+    one, the rest counted in one more problem, so a file of junk costs one
+    short warning, not one per line.
+    """
+    addresses, problems, seen, more = [], [], set(), 0
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        fields = line.split()
-        where = f"{source}:{number}"
-        if len(fields) not in (2, 3):
-            problems.append(f"{where}: expected 'ip port [weight]', got {line!r}")
-            continue
-        try:
-            ip = canonical_ip(fields[0])
-        except ValueError as exc:
-            problems.append(f"{where}: {exc}")
-            continue
-        port = parse_port(fields[1])
-        if port is None:
-            problems.append(f"{where}: port must be 1..65535, not {fields[1]!r}")
-            continue
-        weight = 1.0
-        if len(fields) == 3:
-            try:
-                weight = float(fields[2])
-            except ValueError:
-                weight = -1.0
-            if not 0 < weight <= MAX_WEIGHT:
-                problems.append(f"{where}: weight must be a number > 0 and <= {MAX_WEIGHT:g}, not {fields[2]!r}")
-                continue
-        key = (ip, port)
-        if key in seen:
-            problems.append(f"{where}: {fields[0]} {fields[1]} is listed twice; the first entry is kept")
-            continue
-        seen.add(key)
-        addresses.append(Address(ip, port, weight))
+        address, problem = _parse_line(line)
+        if address is not None and (address.ip, address.port) in seen:
+            address, problem = None, f"{address} is listed twice; the first entry is kept"
+        if address is not None:
+            seen.add((address.ip, address.port))
+            addresses.append(address)
+        elif len(problems) < MAX_PROBLEMS:
+            problems.append(f"{source}:{number}: {problem}")
+        else:
+            more += 1
+    if more:
+        problems.append(f"{source}: {more} more bad lines")
     return addresses, problems
+
+
+def _parse_line(line):
+    """``ip port [weight]`` -> (Address, None), or (None, what is wrong)."""
+    fields = line.split()
+    if len(fields) not in (2, 3):
+        return None, f"expected 'ip port [weight]', got {line[:80]!r}"
+    try:
+        ip = canonical_ip(fields[0])
+    except ValueError as exc:
+        return None, str(exc)
+    port = parse_port(fields[1])
+    if port is None:
+        return None, f"port must be 1..65535, not {fields[1][:20]!r}"
+    weight = 1.0
+    if len(fields) == 3:
+        try:
+            weight = float(fields[2])
+        except ValueError:
+            weight = -1.0
+        if not 0 < weight <= MAX_WEIGHT:
+            return None, f"weight must be a number > 0 and <= {MAX_WEIGHT:g}, not {fields[2][:20]!r}"
+    return Address(ip, port, weight), None
 
 
 def name_to_path(root, name):

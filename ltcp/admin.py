@@ -62,6 +62,14 @@ def _names_this_server(host, admin_ip):
     return address.is_loopback or address == listening or listening.is_unspecified
 
 
+def _authority(origin):
+    """The ``host[:port]`` of an Origin header, lowercased; None for "null" or anything unparsable."""
+    try:
+        return urllib.parse.urlsplit(origin).netloc.lower() or None
+    except ValueError:
+        return None
+
+
 def refusal(method, headers, admin_ip):
     """Why a request must be refused with 403, or None; ``headers`` has a case-insensitive ``get``."""
     host = headers.get("Host")
@@ -69,10 +77,8 @@ def refusal(method, headers, admin_ip):
         return f"Host {host!r} is not this admin server"
     if method != "GET":
         origin = headers.get("Origin")
-        if origin is not None:
-            parsed = urllib.parse.urlsplit(origin)
-            if origin == "null" or host is None or parsed.netloc.lower() != host.strip().lower():
-                return f"a {method} from another origin ({origin})"
+        if origin is not None and (host is None or _authority(origin) != host.strip().lower()):
+            return f"a {method} from another origin ({origin})"
         site = headers.get("Sec-Fetch-Site")
         if site is not None and site.lower() not in ("same-origin", "none"):
             return f"a {method} from a {site} page"

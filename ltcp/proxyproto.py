@@ -10,7 +10,10 @@ balancer sent first, and write one for an endpoint.  Pure functions.
 """
 
 import ipaddress
+import socket
 from typing import NamedTuple, Optional, Tuple
+
+from .names import canonical_ip
 
 __all__ = ["ProxyHeader", "parse_header", "build_v1", "build_v2", "NEED_MORE", "INVALID", "PARSED"]
 
@@ -57,6 +60,8 @@ def _parse_v1(data):
         line = data[:end].decode("ascii")
     except UnicodeDecodeError:
         return _invalid("v1 header is not ASCII")
+    if not line.isprintable():  # a lone LF, an escape: nothing a balancer sends, and never passed on
+        return _invalid("v1 header holds control characters")
     parts = line.split(" ")
     if len(parts) >= 2 and parts[1] == "UNKNOWN":
         return ProxyHeader(PARSED, end + 2)
@@ -72,12 +77,12 @@ def _parse_v1(data):
 
 
 def _endpoint(ip_text, port_text, version):
-    ip = ipaddress.ip_address(ip_text)
-    if ip.version != version:
+    ip = canonical_ip(ip_text)  # no zone ids: "fe80::1%anything" is not an address to pass on
+    if (":" in ip) != (version == 6):
         raise ValueError(f"{ip_text} is not IPv{version}")
     if not port_text.isdigit() or (len(port_text) > 1 and port_text[0] == "0") or int(port_text) > 65535:
         raise ValueError(f"bad port {port_text!r}")
-    return str(ip), int(port_text)
+    return ip, int(port_text)
 
 
 def _parse_v2(data):
@@ -95,18 +100,18 @@ def _parse_v2(data):
     if command == 0:  # LOCAL: a health check from the balancer itself
         return ProxyHeader(PARSED, 16 + length)
     if family == 0x11:  # TCP over IPv4
-        size, width = 12, 4
+        size, width, inet = 12, 4, socket.AF_INET
     elif family == 0x21:  # TCP over IPv6
-        size, width = 36, 16
+        size, width, inet = 36, 16, socket.AF_INET6
     else:
         return ProxyHeader(PARSED, 16 + length)  # UNSPEC, UDP or UNIX: keep the real peer
     if length < size:
         return _invalid(f"v2 payload of {length} bytes is too short for its addresses")
-    src = ipaddress.ip_address(payload[:width])
-    dst = ipaddress.ip_address(payload[width:2 * width])
+    src = socket.inet_ntop(inet, payload[:width])  # the same canonical text as canonical_ip's
+    dst = socket.inet_ntop(inet, payload[width:2 * width])
     sport = int.from_bytes(payload[2 * width:2 * width + 2], "big")
     dport = int.from_bytes(payload[2 * width + 2:2 * width + 4], "big")
-    return ProxyHeader(PARSED, 16 + length, (str(src), sport), (str(dst), dport))
+    return ProxyHeader(PARSED, 16 + length, (src, sport), (dst, dport))
 
 
 def build_v1(source, destination):

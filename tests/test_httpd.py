@@ -75,6 +75,7 @@ def headers(**values):
     ("POST", {"Host": "127.0.0.1:9989", "Origin": "http://127.0.0.1:9989"}, False),  # its own page
     ("POST", {"Host": "127.0.0.1:9989", "Origin": "http://evil.example"}, True),
     ("POST", {"Host": "127.0.0.1:9989", "Origin": "null"}, True),
+    ("POST", {"Host": "127.0.0.1:9989", "Origin": "http://[x"}, True),  # unparsable: once a 500
     ("POST", {"Host": "127.0.0.1:9989", "Origin": "http://localhost:8000"}, True),
     ("POST", {"Host": "127.0.0.1:9989", "Sec-Fetch-Site": "cross-site"}, True),
     ("POST", {"Host": "127.0.0.1:9989", "Sec-Fetch-Site": "same-site"}, True),

@@ -10,6 +10,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given
 
+from ltcp.names import canonical_ip
 from ltcp.proxyproto import INVALID, NEED_MORE, PARSED, build_v1, build_v2, parse_header
 from netutil import closed_without_data, recv_all, recv_exactly, wait_for
 
@@ -25,7 +26,7 @@ def test_built_headers_parse_back(ips, sport, dport, build):
     header = build((ips[0], sport), (ips[1], dport))
     parsed = parse_header(header + b"payload")
     assert parsed.status == PARSED and parsed.length == len(header)
-    assert parsed.source == (ips[0], sport) and parsed.destination == (ips[1], dport)
+    assert parsed.source == (canonical_ip(ips[0]), sport) and parsed.destination == (canonical_ip(ips[1]), dport)
     for cut in range(len(header)):  # every proper prefix asks for more
         assert parse_header(header[:cut]).status == NEED_MORE
 
@@ -49,6 +50,9 @@ def test_v1_examples():
     SIG + b"\x31\x11\x00\x0c" + bytes(12),  # version 3
     SIG + b"\x21\x11\x00\x04" + bytes(4),  # too short for IPv4 addresses
     SIG + b"\x21\x11\xff\xff",  # absurd length
+    b"PROXY TCP6 fe80::1%x\nPROXY\x1b[31m ::1 1111 2222\r\n",  # a zone id carrying control characters
+    b"PROXY TCP6 fe80::1%eth0 ::1 1111 2222\r\n",  # zone ids are nothing to pass on
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\t\r\n",
 ])
 def test_invalid_headers(data):
     assert parse_header(data).status == INVALID

@@ -171,11 +171,12 @@ def http_url(value, path, ctx):
     if isinstance(value, str) and not any(c.isspace() for c in value):
         try:
             url = urllib.parse.urlsplit(value)
-            url.port  # raises ValueError for a port that is not one
+            port = url.port  # ValueError for a port that is not one
         except ValueError as exc:
             problem = f"is not a usable URL ({exc})"
         else:
-            if url.scheme in ("http", "https") and url.hostname and not (url.query or url.fragment or url.username):
+            if (url.scheme in ("http", "https") and url.hostname and port != 0
+                    and not (url.query or url.fragment or url.username)):
                 return value.rstrip("/")
     return ctx.error(path, f"{problem}, not {brief(value)}")
 

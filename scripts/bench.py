@@ -16,6 +16,8 @@ Workloads:
              built-in 64-byte echo); requests/s
   connrate   a new connection per request, 50 at a time (wrk with
              "Connection: close", else built-in); connections/s
+  CPU each   for keepalive and connrate: the proxy's CPU time (from /proc)
+             per request or connection, in microseconds
   latency    10 keep-alive connections; p50 and p99 in microseconds
   idle-rss   4,000 idle proxied connections: proxy RSS (MB) and KB per connection
   idle-cpu   CPU of the proxy over 5 s with those 4,000 connections idle and
@@ -328,6 +330,14 @@ def connrate(row, backends, duration):
     return _connect_clients(row.ports["echo"], 50, duration)
 
 
+def _with_cpu(row, fn, backends, duration):
+    """(requests per second, the proxy's CPU microseconds per request): a figure other machines can compare."""
+    pid = row.pid()
+    before = _cpu_seconds(pid) if pid else 0.0
+    rate = fn(row, backends, duration)
+    return rate, (_cpu_seconds(pid) - before) / (rate * duration) * 1e6 if pid else None
+
+
 def latency(row, backends, duration):
     if backends.nginx:
         percentiles = _wrk(row.ports["http"], 10, duration)[1]
@@ -496,11 +506,13 @@ def measure(row, backends, args):
     results["bulk MB/s"] = statistics.median(rate for rate, _ in bulk_runs)
     if row.name != "direct":
         results["bulk CPU s/GB"] = statistics.median(cpu for _, cpu in bulk_runs)
-    for name, fn in (("keepalive req/s", keepalive), ("connrate conn/s", connrate),
-                     ("latency p50/p99 us", latency)):
-        runs = [fn(row, backends, duration) for _ in range(args.repeat)]
-        results[name] = (tuple(statistics.median(r[i] for r in runs) for i in range(2))
-                         if isinstance(runs[0], tuple) else statistics.median(runs))
+    for name, fn in (("keepalive req/s", keepalive), ("connrate conn/s", connrate)):
+        runs = [_with_cpu(row, fn, backends, duration) for _ in range(args.repeat)]
+        results[name] = statistics.median(rate for rate, _ in runs)
+        if row.pid():
+            results[name.split()[0] + " CPU us each"] = statistics.median(cpu for _, cpu in runs)
+    runs = [latency(row, backends, duration) for _ in range(args.repeat)]
+    results["latency p50/p99 us"] = tuple(statistics.median(r[i] for r in runs) for i in range(2))
     if row.name != "direct":
         rss, per_conn, cpu = idle(row, backends, duration)
         results["idle RSS MB"] = rss

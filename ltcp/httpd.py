@@ -197,7 +197,7 @@ class HttpServer:
         self._selector = selectors.DefaultSelector()
         self._timed = collections.OrderedDict()  # _Connection -> None, reading or writing, by deadline
         self._requests = queue.Queue(MAX_QUEUED)  # complete requests for the handler threads
-        self._answers = queue.SimpleQueue()  # (connection, response) back from the handler threads
+        self._answers = queue.SimpleQueue()  # (connection, response, keep alive?) from the handler threads
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -253,7 +253,10 @@ class HttpServer:
                     connection()  # accept, or answers to write
                 elif not connection.closed:  # it may have been dropped earlier in this batch
                     try:
-                        self._writable(connection) if mask & selectors.EVENT_WRITE else self._readable(connection)
+                        if mask & selectors.EVENT_WRITE:
+                            self._writable(connection)
+                        else:
+                            self._readable(connection)
                     except Exception:
                         log.exception("%s: serving a connection failed; closing it", self.name)
                         self._drop(connection)

@@ -8,7 +8,7 @@ import signal
 
 from . import httpd
 from .admin import AdminServer
-from .config import NamerdInterpreter as NamerdInterpreterConfig
+from .config import NamerdConfig
 from .interpreter.namerd import MAX_STREAMS, POLL_WORKERS
 from .loop import Reactor
 from .router import Router
@@ -26,7 +26,7 @@ NAMERD_THREADS = MAX_STREAMS + POLL_WORKERS  # a connection each at most
 
 def reserved_descriptors(config):
     """Descriptors left to everything but streams: listeners, the admin server's clients, discovery's requests."""
-    discovery = sum(NAMERD_THREADS if isinstance(r.interpreter, NamerdInterpreterConfig) else 1
+    discovery = sum(NAMERD_THREADS if isinstance(r.interpreter, NamerdConfig) else 1
                     for r in config.routers)
     listeners = sum(len(r.servers) for r in config.routers)
     return RESERVED_DESCRIPTORS + ADMIN_DESCRIPTORS + discovery + listeners

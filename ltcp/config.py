@@ -27,9 +27,9 @@ import yaml
 from .names import canonical_ip, is_dns_name, parse_port
 
 __all__ = [
-    "Address", "Admin", "Client", "ClientSettings", "ClientTls", "Config",
-    "ConfigError", "FailFast", "FsInterpreter", "Identity", "NamerdInterpreter",
-    "PrefixClient", "Router", "Server", "ServerTls", "StaticInterpreter",
+    "Address", "AdminConfig", "ClientConfig", "ClientSettings", "ClientTlsConfig", "Config",
+    "ConfigError", "FailFastConfig", "FsConfig", "IdentityConfig", "NamerdConfig",
+    "PrefixClientConfig", "RouterConfig", "ServerConfig", "ServerTlsConfig", "StaticConfig",
     "load", "loads", "parse_address", "prefix_matches",
 ]
 
@@ -358,7 +358,7 @@ def weighted_address(value, path, ctx):
 # -- the schema --------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Admin:
+class AdminConfig:
     ip: str = _spec(ip_literal, "127.0.0.1")
     port: int = _spec(integer(0, 65535), 9989)
     metrics_interval_secs: float = _spec(seconds(above=0), 10)
@@ -366,27 +366,27 @@ class Admin:
 
 
 @dataclass(frozen=True)
-class Identity:
+class IdentityConfig:
     private_key: str = _spec(existing_file)
     certs: Tuple[str, ...] = _spec(list_of(existing_file, nonempty=True))
 
 
 @dataclass(frozen=True)
-class ServerTls:
-    default_identity: Optional[Identity] = _spec(section(Identity), None)
-    identities: Mapping[str, Identity] = _spec(map_of(identity_name, section(Identity)), factory=dict)
+class ServerTlsConfig:
+    default_identity: Optional[IdentityConfig] = _spec(section(IdentityConfig), None)
+    identities: Mapping[str, IdentityConfig] = _spec(map_of(identity_name, section(IdentityConfig)), factory=dict)
     alpn_protocols: Tuple[str, ...] = _spec(list_of(alpn_protocol), ())
 
 
 def server_tls(value, path, ctx):
-    tls = _build(ServerTls, value, path, ctx)
+    tls = _build(ServerTlsConfig, value, path, ctx)
     if tls is not INVALID and tls.default_identity is None and not tls.identities:
         return ctx.error(path, "needs a defaultIdentity or at least one entry in identities")
     return tls
 
 
 @dataclass(frozen=True)
-class Server:
+class ServerConfig:
     port: int = _spec(integer(0, 65535))
     dst_name: str = _spec(dst_template)
     ip: str = _spec(ip_literal, "127.0.0.1")
@@ -396,7 +396,7 @@ class Server:
     connection_lifetime_secs: Optional[float] = _spec(seconds(above=0, hi=YEAR_SECS), None)
     idle_timeout_ms: Optional[int] = _spec(milliseconds(YEAR_SECS * 1000), None)
     max_concurrency: int = _spec(integer(1, MAX_COUNT), 100_000)
-    tls: Optional[ServerTls] = _spec(server_tls, None)
+    tls: Optional[ServerTlsConfig] = _spec(server_tls, None)
 
     @property
     def address(self):
@@ -404,7 +404,7 @@ class Server:
 
 
 @dataclass(frozen=True)
-class NamerdInterpreter:
+class NamerdConfig:
     kind: str = _spec(text)
     base_url: str = _spec(http_url)
     namespace: str = _spec(text, "default")
@@ -414,22 +414,22 @@ class NamerdInterpreter:
 
 
 @dataclass(frozen=True)
-class StaticInterpreter:
+class StaticConfig:
     kind: str = _spec(text)
     names: Mapping[str, Tuple[Address, ...]] = _spec(map_of(name_path, list_of(weighted_address)))
 
 
 @dataclass(frozen=True)
-class FsInterpreter:
+class FsConfig:
     kind: str = _spec(text)
     root_dir: str = _spec(directory)
     period_secs: float = _spec(seconds(at_least=MIN_PERIOD_SECS), 1)
 
 
 INTERPRETERS = {
-    "io.l5d.namerd.http": NamerdInterpreter,
-    "io.l5d.static": StaticInterpreter,
-    "io.l5d.fs": FsInterpreter,
+    "io.l5d.namerd.http": NamerdConfig,
+    "io.l5d.static": StaticConfig,
+    "io.l5d.fs": FsConfig,
 }
 
 
@@ -443,13 +443,13 @@ def interpreter(value, path, ctx):
 
 
 @dataclass(frozen=True)
-class FailFast:
+class FailFastConfig:
     max_consecutive_failures: int = _spec(integer(1, MAX_COUNT), 5)
     failure_penalty_secs: float = _spec(seconds(above=0), 60)
 
 
 @dataclass(frozen=True)
-class ClientTls:
+class ClientTlsConfig:
     dns_name: str = _spec(dns_name)
     trust_certs: Tuple[str, ...] = _spec(list_of(existing_file), ())
 
@@ -461,8 +461,8 @@ class ClientSettings:
     connect_timeout_ms: int = _spec(milliseconds(), 500)
     min_connections: int = _spec(integer(0, 10_000), 0)
     max_waiters: int = _spec(integer(0, MAX_COUNT), 1_000_000)
-    fail_fast: FailFast = _spec(section(FailFast), FailFast())
-    tls: Optional[ClientTls] = _spec(section(ClientTls), None)
+    fail_fast: FailFastConfig = _spec(section(FailFastConfig), FailFastConfig())
+    tls: Optional[ClientTlsConfig] = _spec(section(ClientTlsConfig), None)
     proxy_protocol: Optional[str] = _spec(choice("v1", "v2"), None)
 
 
@@ -474,7 +474,7 @@ def prefix_matches(prefix, name):
 
 
 @dataclass(frozen=True)
-class PrefixClient:
+class PrefixClientConfig:
     """Settings for the names under ``prefix``; only the keys it sets override."""
 
     prefix: str
@@ -493,16 +493,16 @@ def prefix_client(value, path, ctx):
         return INVALID
     overrides = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ClientSettings)
                  if _camel(f.name) in given and given[_camel(f.name)] is not None}
-    return PrefixClient(prefix, types.MappingProxyType(overrides))
+    return PrefixClientConfig(prefix, types.MappingProxyType(overrides))
 
 
 @dataclass(frozen=True)
-class Client(ClientSettings):
+class ClientConfig(ClientSettings):
     """``io.l5d.global``: one setting for every name.  ``io.l5d.static``: the
     top-level values, overridden in order by each config whose prefix matches."""
 
     kind: str = _spec(choice("io.l5d.global", "io.l5d.static"), "io.l5d.global")
-    configs: Tuple[PrefixClient, ...] = _spec(list_of(prefix_client), ())
+    configs: Tuple[PrefixClientConfig, ...] = _spec(list_of(prefix_client), ())
 
     def settings_for(self, name):
         base = ClientSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClientSettings)})
@@ -521,24 +521,24 @@ def client(value, path, ctx):
             ctx.error(_join(path, "prefix"), "io.l5d.global applies to every name; use kind io.l5d.static for prefixes")
         if "configs" in value:
             ctx.error(_join(path, "configs"), "only kind io.l5d.static has per-prefix configs")
-        return _build(Client, value, path, ctx, skip=("prefix", "configs"))
+        return _build(ClientConfig, value, path, ctx, skip=("prefix", "configs"))
     if "prefix" in value:
         ctx.error(_join(path, "prefix"), "belongs inside an entry of configs")
-    return _build(Client, value, path, ctx, skip=("prefix",))
+    return _build(ClientConfig, value, path, ctx, skip=("prefix",))
 
 
 @dataclass(frozen=True)
-class Router:
+class RouterConfig:
     label: str = _spec(text)
     interpreter: Any = _spec(interpreter)
-    servers: Tuple[Server, ...] = _spec(list_of(section(Server), nonempty=True))
-    client: Client = _spec(client, Client())
+    servers: Tuple[ServerConfig, ...] = _spec(list_of(section(ServerConfig), nonempty=True))
+    client: ClientConfig = _spec(client, ClientConfig())
 
 
 @dataclass(frozen=True)
 class Config:
-    routers: Tuple[Router, ...] = _spec(list_of(section(Router), nonempty=True))
-    admin: Admin = _spec(section(Admin), Admin())
+    routers: Tuple[RouterConfig, ...] = _spec(list_of(section(RouterConfig), nonempty=True))
+    admin: AdminConfig = _spec(section(AdminConfig), AdminConfig())
     buffer_size_bytes: int = _spec(integer(1024, 64 * 1024 * 1024), 16384)
 
 

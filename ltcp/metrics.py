@@ -54,7 +54,6 @@ def snapshot(app, listed=0):
 
 
 def _router(router, listed):
-    stats = getattr(router.interpreter, "stats", None)
     return {
         "label": router.label,
         "interpreter": router.interpreter_kind,
@@ -62,7 +61,7 @@ def _router(router, listed):
         "destinations": [_destination(b, listed) for b in router.binder.balancers.values()],
         "route_cache": {"hits": router.binder.hits, "creations": router.binder.creations,
                         "evictions": router.binder.evictions},
-        "discovery": stats.snapshot() if stats is not None else None,
+        "discovery": router.interpreter.stats.snapshot(),
     }
 
 
@@ -179,10 +178,12 @@ class LtcpCollector:
                                                    labels=["router"]),
             "fallbacks": CounterMetricFamily("ltcp_sni_fallbacks", "Streams sent to defaultDstName, by cause",
                                              labels=server_labels + ["cause"]),
-            "discovery_requests": CounterMetricFamily("ltcp_discovery_requests", "namerd requests by outcome",
+            "discovery_requests": CounterMetricFamily("ltcp_discovery_requests",
+                                                      "Discovery lookups (namerd requests, fs reads) by outcome",
                                                       labels=["router", "outcome"]),
             "discovery_latency": _histogram("ltcp_discovery_request_duration_seconds",
-                                            "namerd request to response headers", ["router"]),
+                                            "A discovery lookup until its answer (namerd: response headers)",
+                                            ["router"]),
         }
         for router in data["routers"]:
             label = router["label"]
@@ -212,10 +213,9 @@ class LtcpCollector:
             f["cache_creations"].add_metric([label], router["route_cache"]["creations"])
             f["cache_evictions"].add_metric([label], router["route_cache"]["evictions"])
             discovery = router["discovery"]
-            if discovery is not None:
-                for outcome, count in sorted(discovery["requests"].items()):
-                    f["discovery_requests"].add_metric([label, outcome], count)
-                _add_histogram(f["discovery_latency"], [label], discovery["latency"])
+            for outcome, count in sorted(discovery["requests"].items()):
+                f["discovery_requests"].add_metric([label, outcome], count)
+            _add_histogram(f["discovery_latency"], [label], discovery["latency"])
         lag = _histogram("ltcp_reactor_lag_seconds", "How late reactor timers fired", [])
         _add_histogram(lag, [], data["reactor_lag"])
         draining = GaugeMetricFamily("ltcp_draining", "1 while a graceful shutdown is under way")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 
-from ltcp.config import Address, ConfigError, FailFast, load, loads, parse_address, prefix_matches
+from ltcp.config import Address, ConfigError, FailFastConfig, load, loads, parse_address, prefix_matches
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
@@ -70,7 +70,7 @@ def test_defaults():
     server = config.routers[0].servers[0]
     assert server.ip == "127.0.0.1" and server.tls is None and server.idle_timeout_ms is None
     client = config.routers[0].client
-    assert client.kind == "io.l5d.global" and client.fail_fast == FailFast(5, 60)
+    assert client.kind == "io.l5d.global" and client.fail_fast == FailFastConfig(5, 60)
     assert config.routers[0].interpreter.names["/svc/a"] == (Address("127.0.0.1", 8080, 1.0),)
 
 

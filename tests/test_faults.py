@@ -164,7 +164,7 @@ def test_namerd_dying_keeps_the_last_endpoints_serving(clean, proxies, backends)
         assert c.recv(2) == b"a\n"
     namerd.close()
     stats = proxy.app.routers[0].interpreter.stats
-    wait_for(lambda: stats.requests.get("unreachable", 0) >= 1, timeout=10)
+    wait_for(lambda: stats.snapshot()["requests"].get("unreachable", 0) >= 1, timeout=10)
     for _ in range(5):
         with proxy.connect() as c:
             assert c.recv(2) == b"a\n"

@@ -132,7 +132,7 @@ def test_namerd_down_at_startup_then_up(proxies, backends):
     proxy = proxies(namerd_config(f"http://127.0.0.1:{port}", period=0.3))
     client = proxy.connect()
     stats = proxy.app.routers[0].interpreter.stats
-    wait_for(lambda: stats.requests.get("unreachable", 0) >= 2, message="failed attempts against nothing")
+    wait_for(lambda: stats.snapshot()["requests"].get("unreachable", 0) >= 2, message="failed attempts against nothing")
     late = NamerdServer(port)
     try:
         late.set("/svc/web", [a.addr])
@@ -166,11 +166,11 @@ def test_trouble_keeps_the_last_good_set(proxies, backends, namerd, trouble):
     if trouble == "http_error":
         namerd.http_error("/svc/web", 500)
         namerd.drop("/svc/web")  # end the current watch so the next request meets the 500
-        wait_for(lambda: stats.requests.get("http_500", 0) >= 1, timeout=5)
+        wait_for(lambda: stats.snapshot()["requests"].get("http_500", 0) >= 1, timeout=5)
     else:
         getattr(namerd, trouble)("/svc/web")
         expected = {"garbage": "malformed", "failed": "failed", "drop": "dropped"}[trouble]
-        wait_for(lambda: stats.requests.get(expected, 0) >= 1, timeout=5)
+        wait_for(lambda: stats.snapshot()["requests"].get(expected, 0) >= 1, timeout=5)
     assert all(lands(proxy) == "a" for _ in range(5))
     namerd.set("/svc/web", [b.addr])
     wait_for(lambda: lands(proxy) == "b", timeout=5)

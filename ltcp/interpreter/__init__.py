@@ -1,6 +1,7 @@
 """Interpreters turn a destination name into a stream of weighted address sets.
 
-Every interpreter offers the same four calls:
+Every interpreter offers the same four calls, and a ``stats`` object
+(``DiscoveryStats``) counting its lookups:
 
 * ``start()`` begins any control-plane work (threads, connections);
 * ``watch(name, deliver)`` follows ``name``: ``deliver(addresses)`` is called
@@ -13,22 +14,37 @@ Every interpreter offers the same four calls:
 an interpreter never touches data-plane state itself.
 """
 
-from .. import config as _config
+from typing import Callable, List, Optional, Protocol
+
+from ..config import Address
 from .fs import FsInterpreter
 from .namerd import NamerdInterpreter
 from .static import StaticInterpreter
+from .stats import DiscoveryStats
 
-__all__ = ["build"]
+__all__ = ["Interpreter", "KINDS", "build"]
+
+
+class Interpreter(Protocol):
+    """What the binder needs of a discovery kind (see the module docstring)."""
+
+    KIND: str  # the interpreter section's ``kind``; its ``CONFIG`` class in ltcp.config parses the rest
+    stats: DiscoveryStats
+
+    def start(self) -> None: ...
+
+    def watch(self, name: str, deliver: Callable[[Optional[List[Address]]], None]) -> None: ...
+
+    def unwatch(self, name: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# Every kind, by name. A new kind is an interpreter class with KIND, CONFIG and
+# from_config(), its CONFIG dataclass in ltcp.config, and a line here.
+KINDS = {cls.KIND: cls for cls in (StaticInterpreter, FsInterpreter, NamerdInterpreter)}
 
 
 def build(interpreter_config):
     """The interpreter object for one router's ``interpreter`` section."""
-    if isinstance(interpreter_config, _config.StaticInterpreter):
-        return StaticInterpreter(interpreter_config.names)
-    if isinstance(interpreter_config, _config.FsInterpreter):
-        return FsInterpreter(interpreter_config.root_dir, interpreter_config.period_secs)
-    if isinstance(interpreter_config, _config.NamerdInterpreter):
-        return NamerdInterpreter(interpreter_config.base_url, interpreter_config.namespace,
-                                 interpreter_config.period_secs, interpreter_config.watch,
-                                 max_answer_bytes=interpreter_config.max_answer_bytes)
-    raise ValueError(f"unknown interpreter {interpreter_config.kind}")
+    return KINDS[interpreter_config.kind].from_config(interpreter_config)

@@ -14,8 +14,9 @@ import stat
 import threading
 import time
 
-from ..config import MAX_WEIGHT, Address
+from ..config import MAX_WEIGHT, Address, FsConfig
 from ..names import canonical_ip, parse_port
+from .stats import DiscoveryStats
 
 __all__ = ["FsInterpreter", "parse_addresses", "name_to_path"]
 
@@ -125,7 +126,11 @@ class FsInterpreter:
     FIFO or device a client names through SNI cannot stall the thread.
     """
 
+    KIND = "io.l5d.fs"
+    CONFIG = FsConfig
+
     def __init__(self, root_dir, period_secs):
+        self.stats = DiscoveryStats()  # file reads by outcome: ok, unresolvable, changing
         self.root_dir = root_dir
         self._real_root = os.path.realpath(root_dir)
         self.period = period_secs
@@ -134,6 +139,10 @@ class FsInterpreter:
         self._wake = threading.Event()
         self._closing = False
         self._thread = None
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.root_dir, config.period_secs)
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name="ltcp-fs", daemon=True)
@@ -189,12 +198,17 @@ class FsInterpreter:
         age = time.time() - max(st.st_mtime, st.st_ctime)
         if age < SETTLE_SECS and not self._seen_for(watch, signature, SETTLE_SECS):
             return SETTLE_SECS - max(age, 0.0)  # still being written, perhaps
+        started = time.monotonic()
         try:
             addresses = self._read(watch.path, signature)
         except Unresolvable as exc:
+            self.stats.request("unresolvable")
             return self._unresolvable(watch, str(exc))
+        self.stats.observe(time.monotonic() - started)
         if addresses is None:
+            self.stats.request("changing")
             return SETTLE_SECS  # it changed while we read it
+        self.stats.request("ok")
         return self._settle(watch, signature, addresses)
 
     def _settle(self, watch, signature, addresses):

@@ -37,9 +37,9 @@ import weakref
 
 import urllib3
 
-from ..config import MAX_WEIGHT, Address
+from ..config import MAX_WEIGHT, Address, NamerdConfig
 from ..names import canonical_ip
-from ..histogram import LATENCY_BUCKETS, Histogram
+from .stats import DiscoveryStats
 
 __all__ = ["NamerdInterpreter", "NamerdError", "ObjectStream", "parse_answer"]
 
@@ -159,28 +159,6 @@ def _decode(line):
         return json.loads(line)
     except (ValueError, RecursionError) as exc:
         raise NamerdError(f"malformed JSON: {exc}") from None
-
-
-class Stats:
-    """Counters the control plane updates and the admin server reads."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests = {}  # outcome -> count
-        self.latency = Histogram(LATENCY_BUCKETS)
-
-    def request(self, outcome):
-        with self.lock:
-            self.requests[outcome] = self.requests.get(outcome, 0) + 1
-
-    def observe(self, seconds):
-        """Time from sending a request to namerd's response headers."""
-        with self.lock:
-            self.latency.observe(seconds)
-
-    def snapshot(self):
-        with self.lock:
-            return {"requests": dict(self.requests), "latency": self.latency.copy()}
 
 
 class _Name:
@@ -330,6 +308,9 @@ class NamerdInterpreter:
     sockets; they never block or start a thread.
     """
 
+    KIND = "io.l5d.namerd.http"
+    CONFIG = NamerdConfig
+
     def __init__(self, base_url, namespace, period_secs, watch=True, max_streams=MAX_STREAMS,
                  max_answer_bytes=MAX_OBJECT_BYTES, poll_workers=POLL_WORKERS):
         self.base_url = base_url
@@ -338,7 +319,7 @@ class NamerdInterpreter:
         self.max_streams = max_streams if watch else 0
         self.poll_workers = poll_workers
         self.max_answer_bytes = max_answer_bytes
-        self.stats = Stats()
+        self.stats = DiscoveryStats()
         self._to_stream = queue.SimpleQueue()
         self._schedule = PollSchedule()
         self._streaming = 0  # names holding a streaming slot (reactor thread only)
@@ -350,6 +331,11 @@ class NamerdInterpreter:
                                   else urllib3.connection.HTTPConnection)
         self._host, self._port = url.host, url.port
         self._prefix = (url.path or "").rstrip("/")
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.base_url, config.namespace, config.period_secs, config.watch,
+                   max_answer_bytes=config.max_answer_bytes)
 
     def start(self):
         workers = [self._streamer] * self.max_streams + [self._poller] * self.poll_workers

@@ -1,24 +1,30 @@
 """One balancer per destination name: its endpoints, waiters, pool and dials.
 
-Discovery updates arrive as events (``update``) on the reactor thread; picks
-use a ``Picker`` rebuilt only when the set of usable endpoints changes, so the
-per-connection path never recomputes balancer state.
+Discovery updates arrive as events (``update``) on the reactor thread; the
+endpoints themselves, their states and the picker live in a pure
+``EndpointSet``, rebuilt only when the set of usable endpoints changes, so
+the per-connection path never recomputes balancer state.  What needs the
+reactor stays here: penalty timers, waiters, the pool, merging big updates
+a slice per turn.
 """
 
 import collections
+import enum
 import functools
 import logging
 import random
 import socket
 import time
+from typing import Protocol
 
 from . import proxyproto
 from .connector import Connect
-from .endpoint import Endpoint, Picker
-from .loop import ERRORS, HANGUP, READ, WRITE
+from .endpoint import EndpointSet
+from .lifecycle import Lifecycle
+from .loop import ERRORS, HANGUP, READ, WRITE, Registration
 from .tls import client_context
 
-__all__ = ["Balancer", "Dial"]
+__all__ = ["Balancer", "Dial", "DialOwner", "DIAL"]
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +39,18 @@ LOCAL_CAUSES = ("resources", "bug")  # connect failures that say nothing about t
 class Balancer:
     """Endpoints of one destination name and how connections are spread over them."""
 
-    def __init__(self, reactor, name, settings, budget, rng=None):
+    def __init__(self, reactor, name, settings, budget, router="", rng=None):
         self.reactor = reactor
         self.name = name
+        self.prefix = f"{router} {name}".strip()  # how log lines name this destination
         self.settings = settings
         self.budget = budget  # the process's stream budget; pooled connections draw on it too
         self.random = (rng or random.Random()).random
-        self.endpoints = {}  # sockaddr -> Endpoint, as discovery last said
-        self.retired = {}  # sockaddr -> Endpoint removed by discovery, streams still open
+        self.set = EndpointSet(settings.fail_fast.max_consecutive_failures)
         self.resolved = False  # has discovery answered at all?
         self.last_update = None  # wall-clock time of the last discovery answer
         self.waiters = {}  # Dial -> None, oldest first
-        self.picker = Picker(())
+        self.penalties = {}  # ejected Endpoint -> its revive timer
         self.pool = collections.deque()  # PooledConnection, ready to hand out
         self.pool_connecting = 0
         self.pool_timer = None
@@ -55,6 +61,19 @@ class Balancer:
         self.connect_failures = collections.Counter()  # cause -> count
         self.tls = (client_context(settings.tls), settings.tls.dns_name) if settings.tls else None
         self.proxy_header = {"v1": proxyproto.build_v1, "v2": proxyproto.build_v2}.get(settings.proxy_protocol)
+
+    def __repr__(self):
+        counts = self.set.counts()
+        return (f"<Balancer {self.prefix} endpoints={counts} dials={self.dials} waiters={len(self.waiters)} "
+                f"pool={len(self.pool)}{' closed' if self.closed else ''}>")
+
+    @property
+    def endpoints(self):
+        return self.set.endpoints
+
+    @property
+    def retired(self):
+        return self.set.retired
 
     # -- discovery ------------------------------------------------------------
 
@@ -68,7 +87,7 @@ class Balancer:
         """
         if self.closed:
             return
-        if self.merging is not None:  # the newest update waits for the merge under way, then goes next
+        if self.merging is not None:
             self.queued = addresses or ()
             return
         self.merging = (addresses or (), 0, {})
@@ -78,40 +97,27 @@ class Balancer:
         if self.merging is None or self.closed:
             return
         addresses, position, fresh = self.merging
-        current, retired = self.endpoints, self.retired
         end = min(position + UPDATE_SLICE, len(addresses))
-        for address in addresses[position:end]:
-            key = (address.ip, address.port)
-            endpoint = current.get(key) or retired.get(key) or Endpoint(address.ip, address.port, balancer=self)
-            endpoint.weight = address.weight
-            fresh[key] = endpoint
+        self.set.collect(addresses[position:end], fresh)
         if end < len(addresses):
             self.merging = (addresses, end, fresh)
             self.reactor.call_soon(self._merge)
             return
         self.merging = None
-        self._replace(fresh)
+        self._apply(fresh)
         if self.queued is not None:
             queued, self.queued = self.queued, None
             self.update(queued)
 
-    def _replace(self, fresh):
-        current = self.endpoints
-        for key, endpoint in fresh.items():
-            if endpoint.retired:
-                self.retired.pop(key, None)
-                endpoint.retired = False
-        removed = [e for key, e in current.items() if key not in fresh]
+    def _apply(self, fresh):
+        added, removed = self.set.replace(fresh)
         for endpoint in removed:
-            self._retire(endpoint)
-        added = len(fresh) - (len(current) - len(removed))
-        self.endpoints = fresh
+            self._cancel_penalty(endpoint)
         self.resolved = True
         self.last_update = time.time()
         if added or removed or not fresh:
-            log.info("%s: %d endpoints (%d added, %d removed)", self.name, len(fresh), added, len(removed))
-        self._rebuild()
-        self._drop_pooled(lambda pooled: pooled.endpoint.retired)
+            log.info("%s: %d endpoints (%d added, %d removed)", self.prefix, len(fresh), added, len(removed))
+        self._drop_pooled(lambda pooled: pooled.endpoint.sockaddr not in fresh)
         waiters, self.waiters = self.waiters, {}
         for dial in waiters:
             if fresh:
@@ -120,66 +126,49 @@ class Balancer:
                 dial.fail("no_endpoints")
         self._fill_pool()
 
-    def _retire(self, endpoint):
-        endpoint.retired = True
-        endpoint.failed = False
-        if endpoint.revive_timer is not None:
-            endpoint.revive_timer.cancel()
-            endpoint.revive_timer = None
-        if endpoint.load:
-            self.retired[endpoint.sockaddr] = endpoint
-
-    def drop_if_unused(self, endpoint):
-        if endpoint.retired and not endpoint.load:
-            self.retired.pop(endpoint.sockaddr, None)
-
-    def _rebuild(self):
-        usable = [e for e in self.endpoints.values() if not e.failed]
-        # Every endpoint failed: better to try them anyway than to refuse everyone.
-        self.picker = Picker(usable or self.endpoints.values())
+    def _cancel_penalty(self, endpoint):
+        timer = self.penalties.pop(endpoint, None)
+        if timer is not None:
+            timer.cancel()
 
     @property
     def idle(self):
         """Nothing depends on this balancer: it may be evicted from the route cache."""
-        return (not self.dials and not self.waiters and not self.retired
-                and not any(e.load for e in self.endpoints.values()))
+        return not self.dials and not self.waiters and not self.set.busy
 
     def pick(self, avoid=None):
-        return self.picker.pick(self.random, avoid)
+        return self.set.picker.pick(self.random, avoid)
 
-    # -- connect outcomes -----------------------------------------------------
+    # -- connect outcomes and streams -----------------------------------------------
 
     def connect_succeeded(self, endpoint):
-        endpoint.failures = 0
-        endpoint.connects += 1
+        self.set.connect_succeeded(endpoint)
 
-    def connect_failed(self, endpoint, cause):
+    def connect_failed(self, endpoint, cause, detail=""):
         self.connect_failures[cause] += 1
-        if cause in LOCAL_CAUSES:  # our shortage or our bug, not the endpoint's fault
-            self.drop_if_unused(endpoint)
-            return
-        endpoint.connect_failures += 1
-        endpoint.failures += 1
-        fail_fast = self.settings.fail_fast
-        if not endpoint.failed and not endpoint.retired and endpoint.failures >= fail_fast.max_consecutive_failures:
-            endpoint.failed = True
-            endpoint.revive_timer = self.reactor.call_later(fail_fast.failure_penalty_secs, self._revive, endpoint)
-            log.warning("%s: endpoint %s ejected for %gs after %d failed connects (%s)", self.name,
-                        endpoint.address, fail_fast.failure_penalty_secs, endpoint.failures, cause)
-            self._rebuild()
-        self.drop_if_unused(endpoint)
+        if cause not in LOCAL_CAUSES and self.set.connect_failed(endpoint):  # ours say nothing of it
+            penalty = self.settings.fail_fast.failure_penalty_secs
+            self.penalties[endpoint] = self.reactor.call_later(penalty, self._revive, endpoint)
+            log.warning("%s: endpoint %s ejected for %gs after %d failed connects (%s%s)", self.prefix,
+                        endpoint.address, penalty, endpoint.failures, cause, f": {detail}" if detail else "")
+        self.set.settle(endpoint)
 
     def _revive(self, endpoint):
-        endpoint.revive_timer = None
-        endpoint.failed = False
-        # One more failure sends it straight back out.
-        endpoint.failures = self.settings.fail_fast.max_consecutive_failures - 1
-        log.info("%s: endpoint %s back after its penalty", self.name, endpoint.address)
-        self._rebuild()
+        del self.penalties[endpoint]
+        self.set.revive(endpoint)
+        log.info("%s: endpoint %s back after its penalty", self.prefix, endpoint.address)
+
+    def stream_opened(self, endpoint):
+        endpoint.acquire()
 
     def stream_closed(self, endpoint):
-        endpoint.active -= 1
-        self.drop_if_unused(endpoint)
+        endpoint.release()
+        self.set.settle(endpoint)
+
+    def connect_ended(self, endpoint):
+        """A connect in flight to ``endpoint`` ended, whatever came of it."""
+        endpoint.end_connect()
+        self.set.settle(endpoint)
 
     # -- dials ------------------------------------------------------------------
 
@@ -187,11 +176,10 @@ class Balancer:
         """Start ``dial`` now, or queue it until discovery first answers."""
         if self.endpoints:
             dial.next_attempt()
-        elif self.resolved:
-            dial.fail("no_endpoints")
-        elif len(self.waiters) >= self.settings.max_waiters:
+        elif self.resolved or len(self.waiters) >= self.settings.max_waiters:
             dial.fail("no_endpoints")
         else:
+            dial.wait()
             self.waiters[dial] = None
 
     def forget(self, dial):
@@ -200,44 +188,45 @@ class Balancer:
     # -- pre-established connections (minConnections) ---------------------------
 
     def take_pooled(self):
-        """A pooled (endpoint, socket, registered events: none) ready for a stream, or None.
+        """A pooled (endpoint, socket) ready for a stream (not registered), or None.
 
         The stream's own budget covers the socket from now on.
         """
         if not self.pool:
             return None
         pooled = self.pool.popleft()
-        pooled.unwatch()  # its callback must not outlive it: the stream registers its own
-        self.budget.pooled -= 1
+        pooled.want(0)  # its callback must not outlive it: the stream registers its own
+        self.budget.release_pooled()
         self.reactor.call_soon(self._fill_pool)
-        return pooled.endpoint, pooled.sock, 0
+        return pooled.endpoint, pooled.sock
 
     def _fill_pool(self):
         # A PROXY header names the client, so a connection made before it arrives cannot carry one.
         if self.closed or self.pool_timer is not None or self.proxy_header is not None:
             return
-        settings, budget = self.settings, self.budget
+        settings = self.settings
         for _ in range(settings.min_connections - len(self.pool) - self.pool_connecting):
             endpoint = self.pick()
-            if endpoint is None or budget.pooled >= budget.pool_capacity:
+            if endpoint is None or not self.budget.acquire_pooled():
                 return
-            budget.pooled += 1
-            endpoint.pending += 1
+            endpoint.begin_connect()
             self.pool_connecting += 1
             Connect(self.reactor, endpoint.family, endpoint.sockaddr, settings.connect_timeout_ms / 1000,
                     functools.partial(self._pool_connected, endpoint), tls=self.tls)
 
-    def _pool_connected(self, endpoint, sock, cause):
-        endpoint.pending -= 1
+    def _pool_connected(self, endpoint, sock, cause, detail=""):
         self.pool_connecting -= 1
         if sock is None:
-            self.budget.pooled -= 1
-            self.connect_failed(endpoint, cause)
+            self.budget.release_pooled()
+            self.connect_failed(endpoint, cause, detail)
+            self.connect_ended(endpoint)
             self._refill_later()
             return
         self.connect_succeeded(endpoint)
-        if self.closed or endpoint.retired:
-            self.budget.pooled -= 1
+        self.connect_ended(endpoint)
+        if self.closed or endpoint.sockaddr not in self.endpoints:
+            self.budget.release_pooled()
+            self.reactor.unregister(sock)
             sock.close()
             return
         self.pool.append(PooledConnection(self, endpoint, sock))  # takes over the WRITE registration
@@ -254,9 +243,9 @@ class Balancer:
         keep = collections.deque()
         for pooled in self.pool:
             if condition(pooled):
-                pooled.unwatch()
+                pooled.want(0)
                 pooled.sock.close()
-                self.budget.pooled -= 1
+                self.budget.release_pooled()
             else:
                 keep.append(pooled)
         self.pool = keep
@@ -267,21 +256,21 @@ class Balancer:
         self._refill_later()
 
     def close(self):
-        """Stop for good: fail waiters, close pooled connections."""
+        """Stop for good: fail waiters, close pooled connections, cancel penalties."""
         self.closed = True
         self.merging = self.queued = None
         for dial in list(self.waiters):
             dial.fail("no_endpoints")
         self.waiters.clear()
         self._drop_pooled(lambda pooled: True)
-        for endpoint in self.endpoints.values():
-            if endpoint.revive_timer is not None:
-                endpoint.revive_timer.cancel()
+        for timer in self.penalties.values():
+            timer.cancel()
+        self.penalties.clear()
         if self.pool_timer is not None:
             self.pool_timer.cancel()
 
 
-class PooledConnection:
+class PooledConnection(Registration):
     """An idle upstream connection waiting to be handed to a stream.
 
     While idle it is watched for readability: EOF means the endpoint closed it
@@ -289,16 +278,17 @@ class PooledConnection:
     left in the kernel for the stream and the watch ends.
     """
 
-    __slots__ = ("balancer", "endpoint", "sock", "watched")
+    __slots__ = ("balancer", "endpoint", "sock", "reactor", "fd", "events")
 
     def __init__(self, balancer, endpoint, sock):
         self.balancer = balancer
         self.endpoint = endpoint
         self.sock = sock
-        self.watched = True
-        balancer.reactor.modify(sock, READ, self._readable)
+        self.reactor = balancer.reactor
+        self.fd = sock.fileno()
+        self.adopt(WRITE, READ)  # the connector left it registered for WRITE
 
-    def _readable(self, mask):
+    def on_event(self, mask):
         try:
             # Peek below TLS too: only "closed or not" matters here.
             data = socket.socket.recv(self.sock, 1, socket.MSG_PEEK)
@@ -307,20 +297,45 @@ class PooledConnection:
         except OSError:
             data = b""
         if data:
-            self.unwatch()
+            self.want(0)
         else:
             self.balancer.pooled_closed(self)
-
-    def unwatch(self):
-        if self.watched:
-            self.balancer.reactor.unregister(self.sock)
-            self.watched = False
 
     def crashed(self, exc):
         self.balancer.pooled_closed(self)
 
+    def __repr__(self):
+        return f"<PooledConnection fd={self.fd} to {self.endpoint.address}{' watched' if self.events else ''}>"
 
-class Dial:
+
+class DialOwner(Protocol):
+    """What a dial reports to (a listener)."""
+
+    def established(self, dial: "Dial", endpoint, sock, events: int) -> None: ...
+
+    def dial_failed(self, dial: "Dial", cause: str) -> None: ...
+
+
+class DialState(enum.Enum):
+    NEW = "new"
+    WAITING = "waiting"  # for discovery's first answer
+    CONNECTING = "connecting"
+    PAUSED = "paused"  # between attempts, once the quick ones have failed
+    ESTABLISHED = "established"  # handed over to its owner
+    FAILED = "failed"
+
+
+NEW, WAITING, CONNECTING, PAUSED, ESTABLISHED, FAILED = DialState
+_ENDINGS = {"establish": ESTABLISHED, "fail": FAILED}
+DIAL = Lifecycle("Dial", {
+    NEW: {"wait": WAITING, "connect": CONNECTING, **_ENDINGS},
+    WAITING: {"connect": CONNECTING, **_ENDINGS},
+    CONNECTING: {"connect": CONNECTING, "pause": PAUSED, **_ENDINGS},
+    PAUSED: {"connect": CONNECTING, **_ENDINGS},
+})
+
+
+class Dial(Registration):
     """The connect phase of one accepted stream.
 
     Picks an endpoint, connects within the client's per-attempt timeout, and on
@@ -330,12 +345,12 @@ class Dial:
     never spin the loop.  Meanwhile the client is watched: one that resets
     ends the dial at once.  Ends in exactly one of
     ``owner.established(dial, endpoint, sock, events)`` or
-    ``owner.dial_failed(dial, cause)``; ``client_events`` says how the client
-    socket is registered when it is handed over.
+    ``owner.dial_failed(dial, cause)``, the two moves out of its lifecycle
+    (``DIAL``); the client socket is handed over registered for ``events``.
     """
 
-    __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt",
-                 "deadline_timer", "retry_timer", "tries", "client_events")
+    __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt", "state",
+                 "deadline_timer", "retry_timer", "tries", "failure", "reactor", "fd", "events")
 
     def __init__(self, balancer, client, envelope, owner):
         self.balancer = balancer
@@ -344,20 +359,33 @@ class Dial:
         self.owner = owner
         self.endpoint = None
         self.attempt = None
+        self.state = NEW
         self.retry_timer = None
-        self.tries = 0
         self.deadline_timer = None
-        self.client_events = 0
+        self.tries = 0
+        self.failure = ""  # the last attempt's failure, for the log
+        self.reactor = balancer.reactor
+        self.fd = client.fileno()
+        self.events = 0
+
+    def __repr__(self):
+        return (f"<Dial fd={self.fd} {self.balancer.prefix} {self.state.value} tries={self.tries}"
+                f"{' to ' + self.endpoint.address if self.endpoint else ''}"
+                f"{' last: ' + self.failure if self.failure else ''}>")
+
+    def _move(self, event):
+        self.state = DIAL.move(self.state, event)
 
     def start(self):
-        self.balancer.dials += 1
-        reactor = self.balancer.reactor
-        self.deadline_timer = reactor.call_at(self.envelope.connect_deadline, self._expired)
-        reactor.register(self.client, HANGUP, self._client_hung_up)
-        self.client_events = HANGUP
+        self.balancer.dials += 1  # undone by the move to established or failed, exactly once
+        self.deadline_timer = self.reactor.call_at(self.envelope.connect_deadline, self._expired)
+        self.want(HANGUP)
         self.balancer.dial(self)
 
-    def _client_hung_up(self, mask):
+    def wait(self):
+        self._move("wait")
+
+    def on_event(self, mask):
         """The client reset, or shut down its side; after a reset nobody is left to serve.
 
         A shutdown alone may be a half-close by a client that has said all it
@@ -372,52 +400,48 @@ class Dial:
             except OSError:
                 self.fail("closed")
                 return
-            self.balancer.reactor.modify(self.client, ERRORS, self._client_hung_up)
-            self.client_events = ERRORS
+            self.want(ERRORS)
             return
         self.fail("closed")  # a reset, or a full hang-up, after a half-close
-
-    def _unwatch_client(self):
-        if self.client_events:
-            self.balancer.reactor.unregister(self.client)
-            self.client_events = 0
 
     def next_attempt(self):
         self.retry_timer = None
         balancer = self.balancer
         pooled = balancer.take_pooled()
         if pooled is not None:
-            endpoint, sock, events = pooled
+            endpoint, sock = pooled
             self.endpoint = endpoint
-            self._finish(endpoint, sock, events)
+            self._finish(endpoint, sock, 0)
             return
         endpoint = balancer.pick(avoid=self.endpoint)
         if endpoint is None:
             self.fail("no_endpoints")
             return
+        self._move("connect")
         self.endpoint = endpoint
         self.tries += 1
-        endpoint.pending += 1
-        reactor = balancer.reactor
-        remaining = self.envelope.connect_deadline - reactor.now
+        endpoint.begin_connect()
+        remaining = self.envelope.connect_deadline - self.reactor.now
         timeout = min(balancer.settings.connect_timeout_ms / 1000, max(remaining, 0.001))
         preface = None
         if balancer.proxy_header is not None:
             envelope = self.envelope
             preface = balancer.proxy_header(envelope.source, envelope.destination or self.client.getsockname()[:2])
-        self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, timeout, self._connected,
+        self.attempt = Connect(self.reactor, endpoint.family, endpoint.sockaddr, timeout, self._connected,
                                preface, balancer.tls)
 
-    def _connected(self, sock, cause):
+    def _connected(self, sock, cause, detail=""):
         self.attempt = None
         endpoint = self.endpoint
-        endpoint.pending -= 1
         balancer = self.balancer
         if sock is not None:
             balancer.connect_succeeded(endpoint)
+            balancer.connect_ended(endpoint)
             self._finish(endpoint, sock, WRITE)
             return
-        balancer.connect_failed(endpoint, cause)
+        self.failure = f"{endpoint.address}: {cause}{f' ({detail})' if detail else ''}"
+        balancer.connect_failed(endpoint, cause, detail)
+        balancer.connect_ended(endpoint)
         if cause in LOCAL_CAUSES:
             self.fail(cause)
         elif self.tries >= MAX_ATTEMPTS:
@@ -425,8 +449,9 @@ class Dial:
         elif self.tries < min(QUICK_ATTEMPTS, len(balancer.endpoints)):
             self.next_attempt()
         else:
+            self._move("pause")
             pause = min(1.0, RETRY_BACKOFF * 2 ** max(0, self.tries - QUICK_ATTEMPTS))
-            self.retry_timer = balancer.reactor.call_later(pause, self.next_attempt)
+            self.retry_timer = self.reactor.call_later(pause, self.next_attempt)
 
     def _finish(self, endpoint, sock, events):
         """Hand the connected socket (registered for ``events``, or not at all) to the owner.
@@ -434,49 +459,45 @@ class Dial:
         A bug in the owner while it takes the stream over ends the stream here,
         since no callback of ours is left to be told.
         """
+        self._move("establish")
         self.deadline_timer.cancel()
         self.deadline_timer = None
         self.balancer.dials -= 1
         try:
             self.owner.established(self, endpoint, sock, events)
         except Exception:
-            log.exception("handing over the stream from %s to %s failed", self.envelope.source, endpoint.address)
-            reactor = self.balancer.reactor
-            reactor.discard(sock)
+            log.exception("%s: handing over the stream from %s to %s failed", self.balancer.prefix,
+                          self.envelope.source, endpoint.address)
+            self.reactor.discard(sock)
             sock.close()
-            reactor.discard(self.client)  # whoever had registered it last
-            self.client_events = 0
-            self.balancer.dials += 1  # undone once more by _stop
-            self.fail("bug")
+            self.reactor.discard(self.client)  # whoever registered it last
+            self.events = 0
+            self.owner.dial_failed(self, "bug")
 
     def _expired(self):
         self.deadline_timer = None
-        self._stop()
-        self.owner.dial_failed(self, "timeout")
+        self.fail("timeout")
 
     def fail(self, cause):
+        self._move("fail")
         if cause == "no_endpoints":
             self.balancer.connect_failures[cause] += 1
         if self.deadline_timer is not None:
             self.deadline_timer.cancel()
             self.deadline_timer = None
-        self._stop()
+        self.balancer.dials -= 1
+        self.balancer.forget(self)
+        self.want(0)
+        if self.attempt is not None:
+            self.attempt.cancel()
+            self.attempt = None
+            self.balancer.connect_ended(self.endpoint)
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
         self.owner.dial_failed(self, cause)
 
     def crashed(self, exc):
         """A bug in one of our callbacks: end the stream if it is still ours."""
-        if self.deadline_timer is not None:
+        if self.state not in (ESTABLISHED, FAILED):
             self.fail("bug")
-
-    def _stop(self):
-        self.balancer.dials -= 1
-        self.balancer.forget(self)
-        self._unwatch_client()
-        if self.attempt is not None:
-            self.attempt.cancel()
-            self.attempt = None
-            self.endpoint.pending -= 1
-            self.balancer.drop_if_unused(self.endpoint)
-        if self.retry_timer is not None:
-            self.retry_timer.cancel()
-            self.retry_timer = None

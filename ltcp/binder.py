@@ -19,8 +19,9 @@ MAX_DESTINATIONS = 1000
 
 
 class Binder:
-    def __init__(self, reactor, interpreter, client_config, budget, capacity=MAX_DESTINATIONS):
+    def __init__(self, reactor, interpreter, client_config, budget, label="", capacity=MAX_DESTINATIONS):
         self.reactor = reactor
+        self.label = label
         self.interpreter = interpreter
         self.client_config = client_config
         self.budget = budget
@@ -40,7 +41,7 @@ class Binder:
             return None
         self.creations += 1
         balancer = self.balancers[name] = Balancer(self.reactor, name, self.client_config.settings_for(name),
-                                                   self.budget)
+                                                   self.budget, self.label)
         self.interpreter.watch(name, functools.partial(self.reactor.call_soon_threadsafe, balancer.update))
         return balancer
 

@@ -1,12 +1,15 @@
 """One nonblocking connection attempt to one endpoint, bounded by a timeout."""
 
+import enum
 import errno
 import socket
 import ssl
 
-from .loop import READ, WRITE
+from . import tls as _tls
+from .lifecycle import Lifecycle
+from .loop import WRITE, Registration
 
-__all__ = ["Connect", "failure_cause"]
+__all__ = ["CONNECT", "Connect", "failure_cause"]
 
 _REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH}
 _LOCAL = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
@@ -27,57 +30,82 @@ def failure_cause(err):
     return "other"
 
 
-class Connect:
-    """Connect to ``addr`` and call ``done(sock, None)`` or ``done(None, cause)`` once.
+def _errno_name(err):
+    return errno.errorcode.get(err, str(err))
+
+
+class ConnectState(enum.Enum):
+    CONNECTING = "connecting"
+    HANDSHAKING = "handshaking"  # TLS, after the TCP handshake (and the PROXY preface)
+    DONE = "done"  # connected and handed over, failed, or cancelled: done() is called at most once
+
+
+CONNECTING, HANDSHAKING, DONE = ConnectState
+CONNECT = Lifecycle("Connect", {
+    CONNECTING: {"handshake": HANDSHAKING, "end": DONE},
+    HANDSHAKING: {"end": DONE},
+})
+
+
+class Connect(Registration):
+    """Connect to ``addr`` and call ``done(sock, None)`` or ``done(None, cause, detail)`` once.
 
     After the TCP handshake it writes ``preface`` (a PROXY header) if given,
     then completes a TLS handshake if ``tls`` is ``(context, server_name)``;
     all of it within ``timeout``.  The socket is closed on every failure path
-    and on ``cancel()``.  On success it is handed over nonblocking, with
+    and on ``cancel()``; ``detail`` says what failed (an errno name, a TLS
+    reason).  On success the socket is handed over nonblocking, with
     TCP_NODELAY set, and still registered with the reactor for WRITE, so the
-    new owner changes its interest with one ``modify`` (or unregisters it).
+    new owner adopts it with one ``modify`` (or unregisters it).
     """
 
-    __slots__ = ("reactor", "sock", "done", "timer", "preface", "tls", "events")
+    __slots__ = ("reactor", "sock", "fd", "events", "done", "timer", "preface", "tls", "state")
 
     def __init__(self, reactor, family, addr, timeout, done, preface=None, tls=None):
         self.reactor = reactor
         self.done = done
         self.timer = None
         self.sock = None
+        self.fd = -1
+        self.events = 0
         self.preface = preface
         self.tls = tls
-        self.events = 0
+        self.state = CONNECTING
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE and friends: this attempt fails, the process goes on
-            reactor.call_soon(self._failed_at_once, failure_cause(exc.errno))
+            reactor.call_soon(self._failed_at_once, exc.errno)
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex(addr)
         if err in (0, errno.EINPROGRESS):
             self.sock = sock
-            self._wait(WRITE, self._connected)
+            self.fd = sock.fileno()
+            self.want(WRITE)
             self.timer = reactor.call_later(timeout, self._timed_out)
         else:
             # Report on the next turn so callers never see a re-entrant callback.
             sock.close()
-            reactor.call_soon(self._failed_at_once, failure_cause(err))
+            reactor.call_soon(self._failed_at_once, err)
 
-    def _failed_at_once(self, cause):
-        self.done(None, cause)
+    def __repr__(self):
+        return f"<Connect fd={self.fd} {self.state.value}>"
 
-    def _wait(self, events, callback):
-        if not self.events:
-            self.reactor.register(self.sock, events, callback)
+    def _failed_at_once(self, err):
+        if self.state is CONNECTING:  # (not cancelled meanwhile)
+            self.state = CONNECT.move(self.state, "end")
+            self.done(None, failure_cause(err), _errno_name(err))
+
+    def on_event(self, mask):
+        if self.state is CONNECTING:
+            self._connected()
         else:
-            self.reactor.modify(self.sock, events, callback)
-        self.events = events
+            self._handshake()
 
-    def _connected(self, mask):
+    def _connected(self):
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._fail(failure_cause(err))
+            self._fail(failure_cause(err), _errno_name(err))
             return
         if self.preface:
             try:
@@ -85,52 +113,48 @@ class Connect:
             except OSError:
                 sent = -1
             if sent != len(self.preface):  # a fresh socket's buffer always has room for it
-                self._fail("other")
+                self._fail("other", "the PROXY header did not fit")
                 return
         if self.tls is None:
             self._succeed()
             return
         context, server_name = self.tls
-        self._unwatch()  # wrapping makes a new object for the same descriptor
+        self.state = CONNECT.move(self.state, "handshake")
+        # A new object on the same descriptor: the registration, by descriptor, carries on.
         self.sock = context.wrap_socket(self.sock, server_hostname=server_name, do_handshake_on_connect=False)
-        self._handshake(0)
+        self._handshake()
 
-    def _handshake(self, mask):
+    def _handshake(self):
         try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._wait(READ, self._handshake)
+            waiting = _tls.handshake(self.sock)
+        except ssl.SSLError as exc:
+            self._fail("tls", exc.reason or str(exc))
             return
-        except ssl.SSLWantWriteError:
-            self._wait(WRITE, self._handshake)
+        except OSError as exc:
+            self._fail("tls", _errno_name(exc.errno))
             return
-        except (ssl.SSLError, OSError):
-            self._fail("tls")
-            return
-        self._succeed()
+        if waiting:
+            self.want(waiting)
+        else:
+            self._succeed()
 
     def _succeed(self):
-        if self.events != WRITE:
-            self._wait(WRITE, _ignore_event)
-        self.events = 0  # the registration goes with the socket
-        sock = self._release()
-        self.done(sock, None)
+        self.want(WRITE)  # the registration the new owner adopts
+        self.events = 0  # ... and it goes with the socket
+        self.done(self._release(), None)
 
-    def _fail(self, cause):
+    def _fail(self, cause, detail):
         self._release().close()
-        self.done(None, cause)
+        self.done(None, cause, detail)
 
     def _timed_out(self):
         self.timer = None
-        self._fail("timeout")
-
-    def _unwatch(self):
-        if self.events:
-            self.reactor.unregister(self.sock)
-            self.events = 0
+        self._fail("timeout", "no answer in time")
 
     def _release(self):
-        self._unwatch()
+        """End the attempt: stop watching and timing; the socket, for the caller to hand on or close."""
+        self.state = CONNECT.move(self.state, "end")
+        self.want(0)
         sock, self.sock = self.sock, None
         if self.timer is not None:
             self.timer.cancel()
@@ -139,9 +163,8 @@ class Connect:
 
     def crashed(self, exc):
         """A bug in our callbacks, or in ``done``: release the socket and make sure the owner hears of it."""
-        if self.sock is not None:  # done was not called yet
-            self._release().close()
-            self.done(None, "bug")
+        if self.state is not DONE:  # done was not called yet
+            self._fail("bug", repr(exc))
             return
         owner_crashed = getattr(getattr(self.done, "__self__", None), "crashed", None)
         if owner_crashed is not None:  # the owner raised inside done
@@ -149,15 +172,7 @@ class Connect:
 
     def cancel(self):
         """Abandon the attempt; ``done`` is never called."""
-        if self.sock is not None:
-            self._release().close()
-        self.done = _ignore
-
-
-def _ignore_event(mask):
-    pass
-
-
-def _ignore(sock, cause):
-    if sock is not None:
-        sock.close()
+        if self.state is not DONE:
+            sock = self._release()
+            if sock is not None:
+                sock.close()

@@ -13,15 +13,19 @@ bytes somewhere, and WRITE while bytes are pending for it.  A leg that wants
 nothing is unregistered, so a hung-up socket cannot wake the loop in vain.
 """
 
+import enum
+import errno
 import fcntl
 import os
 import socket
 import ssl
 import struct
+from typing import Protocol
 
-from .loop import READ, WRITE
+from .lifecycle import Lifecycle
+from .loop import READ, WRITE, Registration
 
-__all__ = ["Duplex", "Tally"]
+__all__ = ["Duplex", "DuplexOwner", "Tally", "READING", "WRITING"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -40,8 +44,30 @@ class Tally:
         self.value = 0
 
 
-class Leg:
+class Reading(enum.Enum):
+    OPEN = "open"
+    ENDED = "ended"  # this socket's peer has finished sending (EOF)
+
+
+class Writing(enum.Enum):
+    OPEN = "open"
+    NOTIFYING = "notifying"  # TLS: our close_notify waits until the socket has nothing left to read
+    SHUT = "shut"  # we have finished sending to this socket
+
+
+OPEN, ENDED = Reading
+NOTIFYING, SHUT = Writing.NOTIFYING, Writing.SHUT
+READING = Lifecycle("Leg reading", {OPEN: {"eof": ENDED}})
+WRITING = Lifecycle("Leg writing", {Writing.OPEN: {"shut": SHUT, "notify": NOTIFYING}, NOTIFYING: {"notified": SHUT}})
+
+
+class Leg(Registration):
     """One socket of a duplex and the bytes waiting to be written to it.
+
+    Its lifecycle is two small state machines, one per direction of the
+    socket: ``reading`` (from it: open, then ended at EOF) and ``writing`` (to
+    it: open, then shut, through notifying for TLS).  Interest in readiness
+    is derived from them and from the buffers, in ``wanted`` alone.
 
     Bytes for this socket wait either in ``pending`` (a private copy, after a
     partial ``send``) or, once the direction carries bulk data between two
@@ -49,24 +75,29 @@ class Leg:
     and from the pipe into ours, so the bytes never enter Python.
     """
 
-    __slots__ = ("duplex", "sock", "fd", "tls", "notify_due", "peer", "events", "pending", "pipe", "piped",
-                 "eof", "shut", "received", "tally")
+    __slots__ = ("duplex", "reactor", "sock", "fd", "tls", "peer", "events", "pending", "pipe", "piped",
+                 "reading", "writing", "received", "tally")
 
     def __init__(self, duplex, sock, tally):
         self.duplex = duplex
+        self.reactor = duplex.reactor
         self.sock = sock
         self.fd = sock.fileno()
         self.tls = isinstance(sock, ssl.SSLSocket)
-        self.notify_due = False  # a TLS close_notify waits for the socket to drain
         self.peer = None
         self.events = 0  # interest registered with the reactor; 0 = not registered
         self.pending = None  # memoryview of bytes still to write to this socket
         self.pipe = None  # (read end, write end) carrying spliced bytes to this socket
         self.piped = 0  # bytes in the pipe
-        self.eof = False  # this socket's peer has finished sending
-        self.shut = False  # we have finished sending to this socket
+        self.reading = OPEN
+        self.writing = Writing.OPEN
         self.received = 0
         self.tally = tally  # the owner's running total of bytes read from this side
+
+    def __repr__(self):
+        return (f"<Leg fd={self.fd}{' tls' if self.tls else ''} reading={self.reading.value} "
+                f"writing={self.writing.value} pending={len(self.pending) if self.pending is not None else 0} "
+                f"piped={self.piped} events={self.events}>")
 
     @property
     def backlogged(self):
@@ -91,11 +122,11 @@ class Leg:
         try:
             n = self.sock.recv_into(duplex.buffer)
         except _WOULD_BLOCK:
-            if self.notify_due:
+            if self.writing is NOTIFYING:
                 self.close_notify()
             return
-        except OSError:
-            duplex.abort()
+        except OSError as exc:
+            duplex.abort(exc)
             return
         if not self.arrived(n):
             return
@@ -104,8 +135,8 @@ class Leg:
             sent = peer.sock.send(duplex.view[:n])
         except _WOULD_BLOCK:
             sent = 0
-        except OSError:
-            duplex.abort()
+        except OSError as exc:
+            duplex.abort(exc)
             return
         if sent < n:
             peer.pending = memoryview(duplex.buffer[sent:n])
@@ -113,7 +144,7 @@ class Leg:
             peer.update()
         elif self.tls and self.sock.pending():
             # Decrypted bytes already inside the TLS layer raise no readiness event.
-            duplex.reactor.call_soon(self.pump_more)
+            self.reactor.call_soon(self.pump_more)
         elif n == len(duplex.buffer) and not (self.tls or peer.tls):
             peer.open_pipe()  # a full buffer: bulk data, splice from now on
 
@@ -131,12 +162,12 @@ class Leg:
             return False
         self.received += n
         self.tally.value += n
-        self.duplex.last_active = self.duplex.reactor.now
+        self.duplex.last_active = self.reactor.now
         return True
 
     def reached_eof(self):
-        self.eof = True
-        if self.notify_due:
+        self.reading = READING.move(self.reading, "eof")
+        if self.writing is NOTIFYING:
             self.close_notify()
         peer = self.peer
         if not peer.backlogged:
@@ -170,8 +201,8 @@ class Leg:
                 n = os.splice(self.fd, peer.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                duplex.abort()
+            except OSError as exc:
+                duplex.abort(exc)
                 return
             if not self.arrived(n):
                 return
@@ -186,8 +217,8 @@ class Leg:
             sent = os.splice(self.pipe[0], self.fd, self.piped, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError:
-            self.duplex.abort()
+        except OSError as exc:
+            self.duplex.abort(exc)
             return
         self.piped -= sent
         if self.piped:
@@ -196,7 +227,7 @@ class Leg:
                 self.peer.update()
             return
         if sent:
-            self.duplex.last_active = self.duplex.reactor.now
+            self.duplex.last_active = self.reactor.now
         self.drained()
 
     # -- writing out --------------------------------------------------------------------
@@ -207,10 +238,10 @@ class Leg:
             sent = self.sock.send(self.pending)
         except _WOULD_BLOCK:
             return
-        except OSError:
-            self.duplex.abort()
+        except OSError as exc:
+            self.duplex.abort(exc)
             return
-        self.duplex.last_active = self.duplex.reactor.now
+        self.duplex.last_active = self.reactor.now
         if sent < len(self.pending):
             self.pending = self.pending[sent:]
             return
@@ -220,27 +251,27 @@ class Leg:
     def drained(self):
         """Nothing waits for this socket any more."""
         peer = self.peer
-        if peer.eof:
-            if not self.shut:
+        if peer.reading is ENDED:
+            if self.writing is Writing.OPEN:
                 self.shutdown_write()
             if self.duplex.closed:
                 return
         self.update()
         peer.update()
         if peer.tls and peer.events & READ and peer.sock.pending():
-            self.duplex.reactor.call_soon(peer.pump_more)
+            self.reactor.call_soon(peer.pump_more)
 
     def shutdown_write(self):
-        self.shut = True
         if self.tls:
-            self.notify_due = True
+            self.writing = WRITING.move(self.writing, "notify")
             self.close_notify()
         else:
+            self.writing = WRITING.move(self.writing, "shut")
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the other end is gone; its reads will tell
-        if self.peer.shut:
+        if self.peer.writing is not Writing.OPEN:
             self.duplex.close("done")
 
     def close_notify(self):
@@ -251,7 +282,7 @@ class Leg:
         received.  So it only runs once nothing is waiting on the socket;
         otherwise the next read that drains the socket calls this again.
         """
-        if not self.eof:
+        if self.reading is OPEN:
             if self.sock.pending():
                 return
             try:
@@ -260,9 +291,9 @@ class Leg:
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
-                self.notify_due = False
+                self.writing = WRITING.move(self.writing, "notified")  # the socket is gone: nothing to send
                 return
-        self.notify_due = False
+        self.writing = WRITING.move(self.writing, "notified")
         try:
             self.sock.unwrap()
         except (ssl.SSLError, OSError, ValueError):
@@ -273,27 +304,17 @@ class Leg:
             pass
 
     def wanted(self):
+        """The readiness this leg waits for, from its states and the buffers: the one place it is decided."""
         events = WRITE if self.backlogged else 0
-        if not self.eof and not self.peer.backlogged:
+        if self.reading is OPEN and not self.peer.backlogged:
             events |= READ
         return events
 
     def update(self):
-        events = self.wanted()
-        if events != self.events:
-            reactor = self.duplex.reactor
-            if not events:
-                reactor.unregister(self.fd)
-            elif not self.events:
-                reactor.register(self.fd, events, self.on_event)
-            else:
-                reactor.modify(self.fd, events, self.on_event)
-            self.events = events
+        self.want(self.wanted())
 
     def release(self, reset):
-        if self.events:
-            self.duplex.reactor.unregister(self.fd)
-            self.events = 0
+        self.want(0)
         if reset:
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -308,54 +329,74 @@ class Leg:
             self.piped = 0
 
 
+class DuplexOwner(Protocol):
+    """What a duplex reports to (a listener): two running byte tallies, and its end."""
+
+    received: Tally
+    sent: Tally
+
+    def stream_closed(self, duplex: "Duplex") -> None: ...
+
+
 class Duplex:
     """An established stream: client leg, upstream leg, idle and lifetime limits.
 
     ``owner.stream_closed(duplex)`` is called exactly once when it ends;
-    ``reason`` then says why ("done", "error", "idle", "lifetime", "shutdown").
-    The owner's ``received`` and ``sent`` tallies count bytes as they are read.
+    ``reason`` then says why ("done", "error", "idle", "lifetime", "shutdown",
+    "bug") and ``detail`` what went wrong, for an error (an errno name).  The
+    owner's ``received`` and ``sent`` tallies count bytes as they are read.
     """
 
-    __slots__ = ("reactor", "client", "upstream", "owner", "endpoint", "buffer", "view", "started",
-                 "last_active", "idle_timeout", "idle_timer", "life_timer", "closed", "reason")
+    __slots__ = ("reactor", "client", "upstream", "owner", "balancer", "endpoint", "envelope", "buffer", "view",
+                 "started", "last_active", "idle_timer", "life_timer", "closed", "reason", "detail")
 
-    def __init__(self, reactor, client_sock, upstream_sock, owner, endpoint, buffer,
-                 idle_timeout=None, lifetime=None, client_events=0, upstream_events=0):
-        self.reactor = reactor
+    def __init__(self, owner, dial, upstream_sock, upstream_events, buffer):
+        """Take over ``dial``'s client (still registered for ``dial.events``) and its upstream socket."""
+        reactor = self.reactor = dial.reactor
+        envelope = self.envelope = dial.envelope
         self.owner = owner
-        self.endpoint = endpoint
+        self.balancer = dial.balancer
+        self.endpoint = dial.endpoint
         self.buffer = buffer
         self.view = memoryview(buffer)
         self.closed = False
         self.reason = None
+        self.detail = ""
         self.started = self.last_active = reactor.now
-        self.idle_timeout = idle_timeout
-        self.idle_timer = reactor.call_later(idle_timeout, self._idle_check) if idle_timeout else None
+        idle, lifetime = envelope.idle_timeout, envelope.lifetime
+        self.idle_timer = reactor.call_later(idle, self._idle_check) if idle else None
         self.life_timer = reactor.call_later(lifetime, self.close, "lifetime") if lifetime else None
-        client = self.client = Leg(self, client_sock, owner.received)
+        client = self.client = Leg(self, dial.client, owner.received)
         upstream = self.upstream = Leg(self, upstream_sock, owner.sent)
-        client.events = client_events  # sockets may be handed over still registered
-        upstream.events = upstream_events
         client.peer = upstream
         upstream.peer = client
-        client.update()
-        upstream.update()
+        client.adopt(dial.events, client.wanted())
+        upstream.adopt(upstream_events, upstream.wanted())
+
+    def __repr__(self):
+        state = f"closed ({self.reason}{': ' + self.detail if self.detail else ''})" if self.closed else "open"
+        return (f"<Duplex {self.balancer.prefix} {self.envelope.source} -> {self.endpoint.address} {state} "
+                f"client={self.client!r} upstream={self.upstream!r}>")
 
     def _idle_check(self):
+        idle_timeout = self.envelope.idle_timeout
         idle_for = self.reactor.now - self.last_active
-        if idle_for >= self.idle_timeout:
+        if idle_for >= idle_timeout:
             self.idle_timer = None
             self.close("idle")
         else:
             # Re-armed only when the timer fires, never per read.
-            self.idle_timer = self.reactor.call_later(self.idle_timeout - idle_for, self._idle_check)
+            self.idle_timer = self.reactor.call_later(idle_timeout - idle_for, self._idle_check)
 
-    def abort(self):
+    def abort(self, exc=None):
         """An error on either socket: reset both so neither end mistakes it for a clean end."""
+        if exc is not None:
+            self.detail = errno.errorcode.get(exc.errno, "") or str(exc)
         self.close("error", reset=True)
 
     def crashed(self, exc):
         """A bug in one of our callbacks: end the stream (cause ``bug``), releasing both sockets."""
+        self.detail = repr(exc)
         self.close("bug", reset=True)
 
     def close(self, reason, reset=False):

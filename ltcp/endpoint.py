@@ -15,49 +15,180 @@ so short connections are still spread in proportion to weight.
 """
 
 import bisect
+import enum
 import socket
 
-__all__ = ["Endpoint", "Picker", "AVAILABLE", "FAILED", "RETIRED"]
+from .lifecycle import Lifecycle
 
-AVAILABLE, FAILED, RETIRED = "available", "failed", "retired"
+__all__ = ["Endpoint", "EndpointSet", "Picker", "AVAILABLE", "FAILED", "RETIRED", "ENDPOINT"]
+
+
+class EndpointState(enum.Enum):
+    AVAILABLE = "available"
+    FAILED = "failed"  # sitting out a failFast penalty
+    RETIRED = "retired"  # removed by discovery; kept while streams remain
+
+
+AVAILABLE, FAILED, RETIRED = EndpointState
+
+ENDPOINT = Lifecycle("Endpoint", {
+    AVAILABLE: {"eject": FAILED, "retire": RETIRED},
+    FAILED: {"revive": AVAILABLE, "retire": RETIRED},
+    RETIRED: {"rediscover": AVAILABLE},
+})
 
 
 class Endpoint:
-    """One concrete address of a destination, with its load and failure record."""
+    """One concrete address of a destination: its state, its load and its failure record.
 
-    __slots__ = ("ip", "port", "family", "sockaddr", "weight", "balancer", "active", "pending",
-                 "failures", "failed", "retired", "revive_timer", "connects", "connect_failures")
+    Its two counts move only through its own methods, in pairs:
+    ``begin_connect``/``end_connect`` for connects in flight and
+    ``acquire``/``release`` for established streams.
+    """
 
-    def __init__(self, ip, port, weight=1.0, balancer=None):
+    __slots__ = ("ip", "port", "family", "sockaddr", "weight", "state", "active", "pending",
+                 "failures", "connects", "connect_failures")
+
+    def __init__(self, ip, port, weight=1.0):
         self.ip = ip
         self.port = port
         self.family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         self.sockaddr = (ip, port)
         self.weight = weight
-        self.balancer = balancer
+        self.state = AVAILABLE
         self.active = 0  # established streams
         self.pending = 0  # connects in flight
         self.failures = 0  # consecutive connect failures
-        self.failed = False  # sitting out a failFast penalty
-        self.retired = False  # removed by discovery; kept while streams remain
-        self.revive_timer = None
         self.connects = 0
         self.connect_failures = 0
+
+    def move(self, event):
+        self.state = ENDPOINT.move(self.state, event)
+
+    def begin_connect(self):
+        self.pending += 1
+
+    def end_connect(self):
+        if self.pending <= 0:
+            raise RuntimeError(f"{self!r}: a connect ended that never began")
+        self.pending -= 1
+
+    def acquire(self):
+        """A stream is established on this endpoint."""
+        self.active += 1
+
+    def release(self):
+        """A stream on this endpoint has ended."""
+        if self.active <= 0:
+            raise RuntimeError(f"{self!r}: a stream released that was never acquired")
+        self.active -= 1
 
     @property
     def load(self):
         return self.active + self.pending
 
     @property
-    def state(self):
-        return RETIRED if self.retired else FAILED if self.failed else AVAILABLE
-
-    @property
     def address(self):
         return f"[{self.ip}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.ip}:{self.port}"
 
     def __repr__(self):
-        return f"<Endpoint {self.address} w={self.weight} load={self.load} {self.state}>"
+        return (f"<Endpoint {self.address} w={self.weight:g} {self.state.value} "
+                f"active={self.active} pending={self.pending} failures={self.failures}>")
+
+
+class EndpointSet:
+    """The endpoints of one destination, and the picker over those a stream may use.
+
+    Pure: no sockets, no reactor, no clock.  It knows what discovery said
+    (``endpoints``), which of those sit out a penalty (``ejected``), and which
+    were removed while streams still ran on them (``retired``, until their
+    last stream ends).  The picker offers the available endpoints, or all of
+    them when every one has failed: better to try them anyway than to refuse.
+    """
+
+    __slots__ = ("endpoints", "retired", "ejected", "picker", "max_failures")
+
+    def __init__(self, max_failures):
+        self.endpoints = {}  # sockaddr -> Endpoint, as discovery last said
+        self.retired = {}  # sockaddr -> Endpoint removed by discovery, streams still open
+        self.ejected = set()  # endpoints of ``endpoints`` in state FAILED
+        self.picker = Picker(())
+        self.max_failures = max_failures
+
+    def collect(self, addresses, fresh):
+        """Add ``addresses`` to a set being built, reusing the endpoints already known."""
+        endpoints, retired = self.endpoints, self.retired
+        for address in addresses:
+            key = (address.ip, address.port)
+            endpoint = endpoints.get(key) or retired.get(key) or Endpoint(address.ip, address.port)
+            endpoint.weight = address.weight
+            fresh[key] = endpoint
+
+    def replace(self, fresh):
+        """Make ``fresh`` (built by ``collect``) what discovery says; returns (added, removed)."""
+        current = self.endpoints
+        added = 0
+        for key, endpoint in fresh.items():
+            if endpoint.state is RETIRED:
+                self.retired.pop(key, None)  # (its last stream may have ended while the set was built)
+                endpoint.move("rediscover")
+                added += 1
+            elif key not in current:
+                added += 1
+        removed = [endpoint for key, endpoint in current.items() if key not in fresh]
+        for endpoint in removed:
+            endpoint.move("retire")
+            self.ejected.discard(endpoint)
+            if endpoint.load:
+                self.retired[endpoint.sockaddr] = endpoint
+        self.endpoints = fresh
+        self._rebuild()
+        return added, removed
+
+    def connect_succeeded(self, endpoint):
+        endpoint.failures = 0
+        endpoint.connects += 1
+
+    def connect_failed(self, endpoint):
+        """Count a failed connect; True when it ejects the endpoint (the caller times the penalty)."""
+        endpoint.connect_failures += 1
+        endpoint.failures += 1
+        if endpoint.state is AVAILABLE and endpoint.failures >= self.max_failures:
+            endpoint.move("eject")
+            self.ejected.add(endpoint)
+            self._rebuild()
+            return True
+        return False
+
+    def revive(self, endpoint):
+        """The penalty is over; one more failure sends it straight back out."""
+        if endpoint.state is FAILED:
+            endpoint.move("revive")
+            self.ejected.discard(endpoint)
+            endpoint.failures = self.max_failures - 1
+            self._rebuild()
+
+    def settle(self, endpoint):
+        """Forget a retired endpoint once nothing runs on it any more."""
+        if endpoint.state is RETIRED and not endpoint.load:
+            self.retired.pop(endpoint.sockaddr, None)
+
+    def counts(self):
+        """Endpoints by state, without walking them."""
+        return {AVAILABLE.value: len(self.endpoints) - len(self.ejected), FAILED.value: len(self.ejected),
+                RETIRED.value: len(self.retired)}
+
+    @property
+    def busy(self):
+        """Something runs on one of these endpoints."""
+        return bool(self.retired) or any(e.load for e in self.endpoints.values())
+
+    def _rebuild(self):
+        if self.ejected:
+            usable = [e for e in self.endpoints.values() if e.state is AVAILABLE]
+            self.picker = Picker(usable or self.endpoints.values())
+        else:
+            self.picker = Picker(self.endpoints.values())
 
 
 def score(load, weight):

@@ -17,73 +17,106 @@ hanging up meanwhile: a prefix the client will never finish ends the stream
 at once.  The whole intake runs inside the server's connect deadline.
 """
 
+import enum
 import socket
 import ssl
 
 from . import proxyproto, tls
-from .loop import HANGUP, READ, WRITE
+from .lifecycle import Lifecycle
+from .loop import HANGUP, READ, Registration
 
-__all__ = ["Intake"]
+__all__ = ["INTAKE", "Intake"]
 
 FIRST_RETRY = 0.005
 LAST_RETRY = 0.1
 
 
-class Intake:
-    __slots__ = ("listener", "client", "envelope", "step", "events", "timer", "retry_timer", "hello_timer",
-                 "delay", "hung_up", "peeked")
+class IntakeState(enum.Enum):
+    PROXY_HEADER = "proxy_header"  # reading the PROXY header
+    HANDSHAKE = "handshake"  # terminating TLS
+    HELLO = "hello"  # peeking at the ClientHello
+    ROUTED = "routed"  # handed to its dial
+    FAILED = "failed"
+
+
+PROXY_HEADER, HANDSHAKE, HELLO, ROUTED, FAILED = IntakeState
+_ENDINGS = {"route": ROUTED, "fail": FAILED}
+INTAKE = Lifecycle("Intake", {
+    PROXY_HEADER: {"handshake": HANDSHAKE, "hello": HELLO, **_ENDINGS},
+    HANDSHAKE: _ENDINGS,
+    HELLO: _ENDINGS,
+})
+
+
+class Intake(Registration):
+    """The looking-first phase of one accepted stream; its state says which look it is at.
+
+    Ends in exactly one of ``listener.dial(intake, client, envelope)`` or
+    ``listener.dial_failed(intake, cause)``.
+    """
+
+    __slots__ = ("listener", "client", "envelope", "state", "timer", "retry_timer", "hello_timer", "delay",
+                 "hung_up", "peeked", "failure", "reactor", "fd", "events")
 
     def __init__(self, listener, client, envelope):
         self.listener = listener
         self.client = client
         self.envelope = envelope
+        self.reactor = listener.reactor
+        self.fd = client.fileno()
         self.events = 0
         self.timer = self.retry_timer = self.hello_timer = None
         self.delay = FIRST_RETRY
         self.hung_up = False  # the client has shut down its side: what it sent is all there will be
         self.peeked = 0  # bytes seen at the last look
-        self.step = self._read_proxy_header if listener.config.proxy_protocol else self._after_proxy_header
+        self.failure = ""  # why it failed, for the log
+        self.state = PROXY_HEADER  # (where every intake begins; a server without PROXY moves on at once)
+
+    def __repr__(self):
+        return (f"<Intake fd={self.fd} {self.state.value} peeked={self.peeked}"
+                f"{' hung up' if self.hung_up else ''}{' ' + self.failure if self.failure else ''}>")
+
+    def _move(self, event):
+        self.state = INTAKE.move(self.state, event)
 
     def start(self):
-        self.timer = self.listener.reactor.call_at(self.envelope.connect_deadline, self._expired)
-        self.step()
+        self.timer = self.reactor.call_at(self.envelope.connect_deadline, self._expired)
+        if self.listener.config.proxy_protocol:
+            self._read_proxy_header()
+        else:
+            self._after_proxy_header()
+
+    def _step(self):
+        """Look again at whatever the current state waits for."""
+        if self.state is PROXY_HEADER:
+            self._read_proxy_header()
+        elif self.state is HANDSHAKE:
+            self._handshake()
+        elif self.state is HELLO:
+            self._peek_hello()
 
     # -- waiting ------------------------------------------------------------------
 
-    def _wait(self, events):
-        if events != self.events:
-            reactor = self.listener.reactor
-            if not self.events:
-                reactor.register(self.client, events, self._ready)
-            else:
-                reactor.modify(self.client, events, self._ready)
-            self.events = events
-
-    def _unwatch(self):
-        if self.events:
-            self.listener.reactor.unregister(self.client)
-            self.events = 0
-
-    def _ready(self, mask):
+    def on_event(self, mask):
         if mask & HANGUP:
             self.hung_up = True
             if self.retry_timer is not None:
                 self.retry_timer.cancel()
                 self.retry_timer = None
-        self.step()
+        self._step()
 
     def _incomplete(self, cause):
         """An incomplete prefix: look again after a pause, unless the client can send no more."""
         if self.hung_up:
             self.fail(cause)
             return
-        self._wait(HANGUP)  # the socket stays readable: only a hang-up may wake us before the timer
-        self.retry_timer = self.listener.reactor.call_later(self.delay, self._retry)
+        self.want(HANGUP)  # the socket stays readable: only a hang-up may wake us before the timer
+        self.retry_timer = self.reactor.call_later(self.delay, self._retry)
         self.delay = min(self.delay * 2, LAST_RETRY)
 
     def _retry(self):
         self.retry_timer = None
-        self.step()
+        self._step()
 
     def _grew(self, data):
         """Whether ``data`` holds more than the last look saw; if not, wait again without parsing."""
@@ -95,7 +128,7 @@ class Intake:
 
     def crashed(self, exc):
         """A bug in one of our callbacks: end this stream, releasing what it holds."""
-        if self.step is not None:
+        if self.state not in (ROUTED, FAILED):
             self.fail("bug")
 
     def _peek(self, size):
@@ -103,7 +136,7 @@ class Intake:
         try:
             return self.client.recv(size, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            self._wait(READ)
+            self.want(READ)
             return None
         except OSError:
             return b""
@@ -121,6 +154,7 @@ class Intake:
             self._incomplete("proxy_protocol")
             return
         if header.status != proxyproto.PARSED:
+            self.failure = header.reason
             self.fail("proxy_protocol" if data else "closed")
             return
         try:
@@ -133,26 +167,25 @@ class Intake:
             self.envelope.destination = header.destination
         self.delay = FIRST_RETRY
         self.peeked = 0
-        self.step = self._after_proxy_header
-        self.step()
+        self._after_proxy_header()
 
     def _after_proxy_header(self):
         if self.listener.tls is not None:
-            self._unwatch()  # the wrapped socket is a new object on the same descriptor
+            self._move("handshake")
+            # A new object on the same descriptor: the registration, by descriptor, carries on.
             self.client = self.listener.tls.default.wrap_socket(
                 self.client, server_side=True, do_handshake_on_connect=False)
-            self.step = self._handshake
+            self._handshake()
         elif "{sni}" not in self.listener.config.dst_name:
             self._route(None)  # nothing to peek for: a server-speaks-first client would wait in vain
-            return
         else:
             # A client that has not finished its hello in half the connect
             # timeout (or speaks only after the server) goes to the fallback.
+            self._move("hello")
             envelope = self.envelope
             wait = (envelope.connect_deadline - envelope.accepted_at) / 2
-            self.hello_timer = self.listener.reactor.call_at(envelope.accepted_at + wait, self._hello_late)
-            self.step = self._peek_hello
-        self.step()
+            self.hello_timer = self.reactor.call_at(envelope.accepted_at + wait, self._hello_late)
+            self._peek_hello()
 
     def _hello_late(self):
         self.hello_timer = None
@@ -160,17 +193,19 @@ class Intake:
 
     def _handshake(self):
         try:
-            self.client.do_handshake()
-        except ssl.SSLWantReadError:
-            self._wait(READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._wait(WRITE)
-            return
-        except (ssl.SSLError, OSError):
+            waiting = tls.handshake(self.client)
+        except ssl.SSLError as exc:
+            self.failure = exc.reason or str(exc)
             self.fail("tls")
             return
-        self._route(*tls.routing_name(self.listener.tls.server_name(self.client)))
+        except OSError as exc:
+            self.failure = exc.strerror or str(exc)
+            self.fail("tls")
+            return
+        if waiting:
+            self.want(waiting)
+        else:
+            self._route(*tls.routing_name(self.listener.tls.server_name(self.client)))
 
     def _peek_hello(self):
         data = self._peek(tls.HELLO_WINDOW)
@@ -187,6 +222,7 @@ class Intake:
         elif hello.status == tls.HELLO:
             self._route(*tls.routing_name(hello.server_name))
         else:
+            self.failure = hello.reason
             self._route(None, hello.status)
 
     def _route(self, server_name, cause="no_sni"):
@@ -203,6 +239,7 @@ class Intake:
         else:
             self.fail(cause)
             return
+        self._move("route")
         self._stop()
         self.envelope.dst_name = name
         listener.dial(self, self.client, self.envelope)
@@ -210,8 +247,7 @@ class Intake:
     # -- ending -------------------------------------------------------------------
 
     def _stop(self):
-        self.step = None  # a bound method of ours: unlink it so the intake is freed at once
-        self._unwatch()
+        self.want(0)
         for timer in (self.timer, self.retry_timer, self.hello_timer):
             if timer is not None:
                 timer.cancel()
@@ -222,5 +258,6 @@ class Intake:
         self.fail("timeout")
 
     def fail(self, cause):
+        self._move("fail")
         self._stop()
         self.listener.dial_failed(self, cause)

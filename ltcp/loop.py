@@ -19,7 +19,7 @@ import time
 
 from .wheel import NS_PER_SEC, TimerWheel
 
-__all__ = ["Reactor", "READ", "WRITE", "HANGUP", "ERRORS"]
+__all__ = ["Reactor", "Registration", "READ", "WRITE", "HANGUP", "ERRORS"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,43 @@ MAX_EVENTS = 1024
 
 def _fd(fileobj):
     return fileobj if isinstance(fileobj, int) else fileobj.fileno()
+
+
+class Registration:
+    """Watching one descriptor: ``want(events)`` says what its owner waits for now.
+
+    A base class for every object that watches a descriptor (a leg, a connect,
+    an intake, a dial, a pooled connection), so the register / modify /
+    unregister bookkeeping lives in one place.  Subclasses have ``reactor``,
+    ``fd`` and ``events`` (0: not registered) attributes and an
+    ``on_event(mask)`` method.
+    """
+
+    __slots__ = ()
+
+    def want(self, events):
+        """Wait for ``events`` from now on (0: nothing, unregistered)."""
+        if events != self.events:
+            if not events:
+                self.reactor.unregister(self.fd)
+            elif not self.events:
+                self.reactor.register(self.fd, events, self.on_event)
+            else:
+                self.reactor.modify(self.fd, events, self.on_event)
+            self.events = events
+
+    def adopt(self, registered, events):
+        """Take over a descriptor another owner left registered for ``registered``, and want ``events``.
+
+        The callback changes hands even when the events stay the same.
+        """
+        if registered and events:
+            self.reactor.modify(self.fd, events, self.on_event)
+        elif registered:
+            self.reactor.unregister(self.fd)
+        elif events:
+            self.reactor.register(self.fd, events, self.on_event)
+        self.events = events
 
 
 class Reactor:

@@ -13,7 +13,6 @@ import resource
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .endpoint import AVAILABLE, FAILED, RETIRED
 
 __all__ = ["MAX_LISTED_ENDPOINTS", "snapshot", "on_reactor", "LtcpCollector", "ProcessCollector", "routers_json"]
 
@@ -84,7 +83,6 @@ def _server(listener):
 
 def _destination(balancer, listed):
     endpoints = itertools.chain(balancer.endpoints.values(), balancer.retired.values())
-    failed = sum(1 for e in balancer.endpoints.values() if e.failed)
     return {
         "name": balancer.name,
         "resolved": balancer.resolved,
@@ -92,12 +90,11 @@ def _destination(balancer, listed):
         "waiters": len(balancer.waiters),
         "pooled": len(balancer.pool),
         "connect_failures": dict(balancer.connect_failures),
-        "endpoint_states": {AVAILABLE: len(balancer.endpoints) - failed, FAILED: failed,
-                            RETIRED: len(balancer.retired)},
+        "endpoint_states": balancer.set.counts(),
         "endpoints": [{
             "address": e.address,
             "weight": e.weight,
-            "state": e.state,
+            "state": e.state.value,
             "open": e.active,
             "pending": e.pending,
             "consecutive_failures": e.failures,

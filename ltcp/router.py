@@ -12,7 +12,7 @@ class Router:
         self.label = config.label
         self.interpreter_kind = config.interpreter.kind
         self.interpreter = interpreters.build(config.interpreter)
-        self.binder = Binder(reactor, self.interpreter, config.client, budget)
+        self.binder = Binder(reactor, self.interpreter, config.client, budget, self.label)
         self.listeners = [Listener(reactor, server, self.binder, buffer, config.label, budget)
                           for server in config.servers]
 

@@ -68,7 +68,14 @@ class StreamBudget:
     def has_room(self):
         return self.used < self.capacity
 
+    def acquire(self):
+        """Count one more stream (the caller has checked ``has_room``)."""
+        self.used += 1
+
     def release(self):
+        """A stream has ended: listeners that waited for room may accept again."""
+        if self.used <= 0:
+            raise RuntimeError("a stream released that was never acquired")
         self.used -= 1
         if self.waiting:
             waiting, self.waiting = self.waiting, set()
@@ -76,6 +83,18 @@ class StreamBudget:
                 listener.resume()
         if not self.used and self.on_empty is not None:
             self.on_empty()
+
+    def acquire_pooled(self):
+        """Count one more pre-established connection, if their share has room; whether it had."""
+        if self.pooled >= self.pool_capacity:
+            return False
+        self.pooled += 1
+        return True
+
+    def release_pooled(self):
+        if self.pooled <= 0:
+            raise RuntimeError("a pooled connection released that was never acquired")
+        self.pooled -= 1
 
 
 class Listener:
@@ -198,7 +217,7 @@ class Listener:
         client.setblocking(False)
         self.accepted += 1
         self.active += 1
-        self.budget.used += 1
+        self.budget.acquire()
         now = self.reactor.now
         dst_name = self.config.dst_name
         envelope = Envelope(source, dst_name, now, now + self._connect_timeout, self._lifetime, self._idle)
@@ -230,12 +249,10 @@ class Listener:
         self._start(dial)
 
     def established(self, dial, endpoint, upstream, upstream_events):
-        envelope = dial.envelope
-        duplex = Duplex(self.reactor, dial.client, upstream, self, endpoint, self.buffer,
-                        envelope.idle_timeout, envelope.lifetime, dial.client_events, upstream_events)
+        duplex = Duplex(self, dial, upstream, upstream_events, self.buffer)
         self.dials.discard(dial)
-        endpoint.active += 1
-        self.connect_latency.observe(self.reactor.now - envelope.accepted_at)
+        dial.balancer.stream_opened(endpoint)  # paired with stream_closed below
+        self.connect_latency.observe(self.reactor.now - dial.envelope.accepted_at)
         self.streams.add(duplex)
 
     def dial_failed(self, dial, cause):
@@ -244,15 +261,21 @@ class Listener:
         if cause == "resources":
             self._out_of_descriptors("connect")
         self.failures[cause] += 1
-        log.debug("stream from %s to %s failed: %s", dial.envelope.source, dial.envelope.dst_name, cause)
+        if log.isEnabledFor(logging.DEBUG):
+            envelope = dial.envelope
+            log.debug("%s %s: stream from %s failed: %s%s", self.label, envelope.dst_name, envelope.source, cause,
+                      f" ({dial.failure})" if dial.failure else "")
         dial.client.close()
         self._stream_ended()
 
     def stream_closed(self, duplex):
         self.streams.discard(duplex)
-        duplex.endpoint.balancer.stream_closed(duplex.endpoint)
+        duplex.balancer.stream_closed(duplex.endpoint)
         self.endings[duplex.reason] += 1
         self.stream_duration.observe(self.reactor.now - duplex.started)
+        if duplex.detail and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s: stream from %s to %s ended: %s (%s)", self.label, duplex.envelope.dst_name,
+                      duplex.envelope.source, duplex.endpoint.address, duplex.reason, duplex.detail)
         self._stream_ended()
 
     def _stream_ended(self):

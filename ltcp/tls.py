@@ -19,9 +19,10 @@ import tempfile
 import weakref
 from typing import NamedTuple, Optional
 
+from .loop import READ, WRITE
 from .names import is_dns_name
 
-__all__ = ["ClientHello", "parse_client_hello", "normalize_server_name", "routing_name", "server_context",
+__all__ = ["ClientHello", "handshake", "parse_client_hello", "normalize_server_name", "routing_name", "server_context",
            "client_context", "material_problems", "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED",
            "HELLO"]
 
@@ -165,6 +166,20 @@ def normalize_server_name(name):
     if name.endswith("."):
         name = name[:-1]
     return name if is_dns_name(name) else None
+
+
+def handshake(sock):
+    """Advance a nonblocking TLS handshake: 0 once done, else the event it waits for.
+
+    Raises ``ssl.SSLError`` or ``OSError`` when it fails.
+    """
+    try:
+        sock.do_handshake()
+    except ssl.SSLWantReadError:
+        return READ
+    except ssl.SSLWantWriteError:
+        return WRITE
+    return 0
 
 
 # -- contexts ------------------------------------------------------------------------

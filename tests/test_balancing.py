@@ -4,6 +4,7 @@ import collections
 
 from ltcp.balancer import MAX_ATTEMPTS, UPDATE_SLICE, Balancer
 from ltcp.config import Address, ClientSettings
+from ltcp.endpoint import AVAILABLE, FAILED
 from ltcp.server import StreamBudget
 from netutil import client_hello, echo, named, recv_all, recv_exactly, refused_port, static_config, wait_for
 
@@ -69,13 +70,13 @@ def test_refusing_endpoint_is_ejected_and_returns_after_the_penalty(proxies, bac
                 assert c.recv(16) == b"good\n"
         balancer = proxy.balancer("/svc/a")
         dead = proxy.call(lambda: balancer.endpoints[("127.0.0.1", dead_port)])
-        assert proxy.call(lambda: dead.failed) is True
+        assert proxy.call(lambda: dead.state) is FAILED
         failures_when_ejected = proxy.call(lambda: dead.connect_failures)
         assert failures_when_ejected == 2
         # The penalty ends; the endpoint is tried again (and fails again at once).
-        wait_for(lambda: not proxy.call(lambda: dead.failed), timeout=5)
+        wait_for(lambda: proxy.call(lambda: dead.state) is AVAILABLE, timeout=5)
         wait_for(lambda: _stream_lands(proxy) and proxy.call(lambda: dead.connect_failures) > 2, timeout=5)
-        assert proxy.call(lambda: dead.failed) is True
+        assert proxy.call(lambda: dead.state) is FAILED
     finally:
         holder.close()
 
@@ -93,7 +94,7 @@ def test_all_failed_endpoints_are_still_used(proxies, backends):
     with proxy.connect() as c:  # refused until the deadline: closed
         assert recv_all(c) == b""
     balancer = proxy.balancer("/svc/a")
-    assert proxy.call(lambda: balancer.endpoints[("127.0.0.1", port)].failed)
+    assert proxy.call(lambda: balancer.endpoints[("127.0.0.1", port)].state) is FAILED
     holder.close()
     backends(named("revived"), port=port)
     with proxy.connect() as c:  # ejected, but the only one: used anyway
@@ -211,7 +212,7 @@ def test_a_huge_update_is_merged_a_slice_per_turn(reactor):
         fn, args = reactor._ready.popleft()
         fn(*args)
         steps += 1
-    assert steps == 5 and len(balancer.endpoints) == len(huge) and len(balancer.picker.candidates) == len(huge)
+    assert steps == 5 and len(balancer.endpoints) == len(huge) and len(balancer.set.picker.candidates) == len(huge)
 
 
 def test_a_pooled_connection_serves_a_client_that_speaks_first(proxies, backends):

@@ -1,0 +1,135 @@
+"""The endpoint set without sockets, reactor or clock: any sequence of discovery updates,
+connect outcomes, penalties ending and streams coming and going keeps its invariants."""
+
+import random
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from ltcp.config import Address
+from ltcp.endpoint import AVAILABLE, ENDPOINT, FAILED, RETIRED, Endpoint, EndpointSet
+from ltcp.lifecycle import IllegalMove
+
+UNIVERSE = [Address("127.0.0.1", port, weight) for port, weight in zip(range(1, 9), (1, 2, 1, 3, 1, 1, 5, 1))]
+MAX_FAILURES = 2
+
+
+class EndpointSetMachine(RuleBasedStateMachine):
+    """Drives an EndpointSet as a balancer would, and checks it after every step."""
+
+
+    def __init__(self):
+        super().__init__()
+        self.set = EndpointSet(MAX_FAILURES)
+        self.open = []  # endpoints with a stream on them, one entry per stream
+        self.connecting = []  # endpoints with a connect in flight, one entry per connect
+        self.known = set()  # every Endpoint object the set ever handed out
+
+    def _all(self):
+        return list(self.set.endpoints.values()) + list(self.set.retired.values())
+
+    @rule(chosen=st.lists(st.sampled_from(UNIVERSE), unique=True, max_size=len(UNIVERSE)))
+    def discovery_answers(self, chosen):
+        fresh = {}
+        self.set.collect(chosen, fresh)
+        before = {key: e for key, e in self.set.endpoints.items()}
+        added, removed = self.set.replace(fresh)
+        assert {e.sockaddr for e in removed} == set(before) - set(fresh)
+        for endpoint in removed:  # retired, and kept only while something runs on it
+            assert endpoint.state is RETIRED
+            assert (endpoint.sockaddr in self.set.retired) == bool(endpoint.load)
+        self.known.update(fresh.values())
+
+    @precondition(lambda self: self.set.endpoints)
+    @rule(data=st.data())
+    def a_connect_begins(self, data):
+        endpoint = self.set.picker.pick(random.Random(data.draw(st.integers())).random)
+        endpoint.begin_connect()
+        self.connecting.append(endpoint)
+
+    @precondition(lambda self: self.connecting)
+    @rule(data=st.data(), succeeds=st.booleans())
+    def a_connect_ends(self, data, succeeds):
+        endpoint = self.connecting.pop(data.draw(st.integers(0, len(self.connecting) - 1)))
+        if succeeds:
+            self.set.connect_succeeded(endpoint)
+            endpoint.acquire()
+            self.open.append(endpoint)
+        else:
+            self.set.connect_failed(endpoint)
+        endpoint.end_connect()
+        self.set.settle(endpoint)
+        if endpoint.state is RETIRED:
+            assert (endpoint.sockaddr in self.set.retired) == (endpoint.load > 0)
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data())
+    def a_stream_ends(self, data):
+        endpoint = self.open.pop(data.draw(st.integers(0, len(self.open) - 1)))
+        was_retired = endpoint.state is RETIRED
+        endpoint.release()
+        self.set.settle(endpoint)
+        if was_retired:  # gone exactly when its last stream ended
+            assert (endpoint.sockaddr in self.set.retired) == (endpoint.load > 0)
+
+    @precondition(lambda self: self.set.endpoints)
+    @rule(data=st.data())
+    def a_connect_fails(self, data):
+        endpoint = data.draw(st.sampled_from(sorted(self.set.endpoints.values(), key=lambda e: e.port)))
+        endpoint.begin_connect()
+        was = endpoint.state
+        ejected = self.set.connect_failed(endpoint)
+        endpoint.end_connect()
+        self.set.settle(endpoint)
+        assert ejected == (was is AVAILABLE and endpoint.failures >= MAX_FAILURES)
+
+    @precondition(lambda self: self.set.ejected)
+    @rule(data=st.data())
+    def a_penalty_ends(self, data):
+        endpoint = data.draw(st.sampled_from(sorted(self.set.ejected, key=lambda e: e.port)))
+        self.set.revive(endpoint)
+        assert endpoint.state is AVAILABLE and endpoint.failures == MAX_FAILURES - 1
+
+    @invariant()
+    def states_and_collections_agree(self):
+        for endpoint in self.set.endpoints.values():
+            assert endpoint.state in (AVAILABLE, FAILED)
+            assert (endpoint.state is FAILED) == (endpoint in self.set.ejected)  # never both
+        for endpoint in self.set.retired.values():
+            assert endpoint.state is RETIRED and endpoint.load > 0
+        assert self.set.ejected <= set(self.set.endpoints.values())
+
+    @invariant()
+    def the_picker_offers_only_usable_endpoints_unless_all_failed(self):
+        offered = set(self.set.picker.candidates)
+        usable = {e for e in self.set.endpoints.values() if e.state is AVAILABLE}
+        assert offered == (usable or set(self.set.endpoints.values()))
+
+    @invariant()
+    def counts_are_never_negative_and_match_the_streams(self):
+        for endpoint in self.known:
+            assert endpoint.active >= 0 and endpoint.pending >= 0
+        assert sum(e.active for e in self.known) == len(self.open)
+        assert sum(e.pending for e in self.known) == len(self.connecting)
+        counts = self.set.counts()
+        assert sum(counts.values()) == len(self.set.endpoints) + len(self.set.retired)
+
+
+EndpointSetMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+test_endpoint_set_invariants = EndpointSetMachine.TestCase
+
+
+def test_illegal_moves_are_refused():
+    endpoint = Endpoint("127.0.0.1", 1)
+    with pytest.raises(IllegalMove, match="no move 'revive' from available"):
+        endpoint.move("revive")
+    endpoint.move("retire")
+    with pytest.raises(IllegalMove):
+        endpoint.move("eject")
+    with pytest.raises(RuntimeError, match="never acquired"):
+        endpoint.release()
+    with pytest.raises(RuntimeError, match="never began"):
+        endpoint.end_connect()
+    assert "| available | eject | failed |" in ENDPOINT.describe()

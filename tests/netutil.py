@@ -249,6 +249,49 @@ class Proxy:
             self.admin.close()
 
 
+class SilentDiscovery:
+    """Discovery that has not answered yet (namerd saying "pending")."""
+
+    def watch(self, name, deliver):
+        pass
+
+    def unwatch(self, name):
+        pass
+
+
+def settled(app):
+    """Every count back where nothing runs (call on the reactor thread); a list of what is not.
+
+    After a fault test: no stream counted in the budget or a listener, no dial
+    or waiter left on a balancer, no connect or stream left on an endpoint,
+    pooled connections all accounted for, and nothing registered with the
+    reactor but listeners, the wakeup pipe and pooled connections.
+    """
+    problems = []
+    if app.budget.used:
+        problems.append(f"budget: {app.budget.used} streams")
+    pooled = 0
+    for listener in app.listeners:
+        if listener.active or listener.dials or listener.streams:
+            problems.append(f"{listener.display_address}: active {listener.active}, {len(listener.dials)} dials, "
+                            f"{len(listener.streams)} streams")
+    for router in app.routers:
+        for balancer in router.binder.balancers.values():
+            pooled += len(balancer.pool) + balancer.pool_connecting
+            if balancer.dials or balancer.waiters:
+                problems.append(repr(balancer))
+            for endpoint in list(balancer.endpoints.values()) + list(balancer.retired.values()):
+                if endpoint.active or endpoint.pending > balancer.pool_connecting:
+                    problems.append(repr(endpoint))
+    if app.budget.pooled != pooled:
+        problems.append(f"budget: {app.budget.pooled} pooled, {pooled} in pools")
+    registered = len(app.reactor._handlers)
+    expected = 1 + sum(1 for listener in app.listeners if listener.listening) + pooled
+    if registered > expected:
+        problems.append(f"reactor: {registered} registrations, {expected} expected")
+    return problems
+
+
 def static_config(names, **server):
     """A one-router, one-server document over io.l5d.static."""
     server = {"port": 0, "dstName": "/svc/a", **server}

@@ -15,7 +15,7 @@ from ltcp.connector import Connect
 from ltcp.duplex import Leg
 from ltcp.intake import Intake
 from netutil import (LtcpProcess, SelectEcho, blackhole, closed_without_data, echo, named, open_fds, recv_all,
-                     recv_exactly, static_config, wait_for)
+                     recv_exactly, settled, static_config, wait_for)
 
 
 @pytest.fixture
@@ -29,6 +29,7 @@ def clean(caplog):
         listener = proxy.listener
         wait_for(lambda: proxy.call(lambda: listener.active) == 0, timeout=20, message="streams to end")
         assert listener.accepted == listener.finished + listener.active
+        assert proxy.call(settled, proxy.app) == []
         checked.append(proxy)
 
     yield check
@@ -275,3 +276,5 @@ def test_a_bug_in_a_stream_callback_ends_that_stream_once_and_releases_it(proxie
     assert open_fds() <= fds
     assert proxy.call(lambda: proxy.app.budget.used) == 1
     other.close()
+    wait_for(lambda: proxy.call(lambda: proxy.listener.active) == 0, message="the other stream ended")
+    assert proxy.call(settled, proxy.app) == []

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from ltcp.config import Address
-from netutil import blackhole, echo, named, recv_all, static_config, wait_for
+from netutil import SilentDiscovery, blackhole, echo, named, recv_all, settled, static_config, wait_for
 
 
 @pytest.fixture
@@ -38,13 +38,6 @@ def test_connect_deadline_closes_the_client(proxies, hole):
         elapsed = closed_after(c)
     assert 0.3 <= elapsed < 1.5
     wait_for(lambda: proxy.listener.failures["timeout"] == 1)
-
-
-class SilentDiscovery:
-    """Discovery that has not answered yet (namerd saying "pending")."""
-
-    def watch(self, name, deliver):
-        pass
 
 
 def test_connect_deadline_includes_waiting_for_discovery(proxies):
@@ -166,6 +159,7 @@ def test_clients_that_reset_while_waiting_are_released_at_once(proxies, hole, wa
     wait_for(lambda: proxy.call(lambda: proxy.listener.active) == 0, timeout=2, message="every stream released")
     assert time.monotonic() - started < 1
     assert proxy.listener.failures["closed"] == 200
+    assert proxy.call(settled, proxy.app) == []
 
 
 def test_a_client_that_half_closes_while_waiting_still_gets_its_answer(proxies, backends):

@@ -34,6 +34,15 @@ class Histogram:
             result.append((bound, total))
         return result
 
+    def merged(self, other):
+        """A new histogram holding both this one's observations and ``other``'s (same bounds)."""
+        if other.bounds != self.bounds:
+            raise ValueError("histograms with different bounds cannot be merged")
+        result = Histogram(self.bounds)
+        result.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        result.sum = self.sum + other.sum
+        return result
+
     def copy(self):
         other = Histogram(self.bounds)
         other.counts = list(self.counts)

@@ -13,8 +13,11 @@ import resource
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .histogram import Histogram
 
-__all__ = ["MAX_LISTED_ENDPOINTS", "snapshot", "on_reactor", "LtcpCollector", "ProcessCollector", "routers_json"]
+
+__all__ = ["MAX_LISTED_ENDPOINTS", "snapshot", "merge", "render", "on_reactor", "LtcpCollector",
+           "ProcessCollector", "routers_json"]
 
 
 def on_reactor(reactor, fn, timeout=5.0):
@@ -119,21 +122,128 @@ def routers_json(data):
     }
 
 
-def _histogram(name, doc, labels):
-    return HistogramMetricFamily(name, doc, labels=labels)
+# -- merge: several snapshots (one per worker reactor) into one; pure -------------------
+
+_KEYS = {"routers": "label", "servers": "address", "destinations": "name", "endpoints": "address"}
+_LATEST = {"last_update"}  # merged as the latest; every other number is summed
+_WORST = ("failed", "retired", "available")  # an endpoint's state, merged as the worst any reactor saw
+
+
+def merge(snapshots):
+    """One snapshot for several reactors: counts summed, histograms merged, flags or'ed.
+
+    Routers are matched by label, servers by address, destinations by name and
+    endpoints by address, so N reactors' views of one instance add up exactly.
+    """
+    merged = None
+    for data in snapshots:
+        merged = data if merged is None else _merge_value(merged, data, None)
+    return merged
+
+
+def _merge_value(a, b, key):
+    if isinstance(a, dict):
+        return {k: _merge_value(a[k], b[k], k) if k in a and k in b else a.get(k, b.get(k))
+                for k in {**a, **b}}
+    if isinstance(a, list):
+        by = _KEYS.get(key)
+        found = {item[by]: item for item in a}
+        for item in b:
+            found[item[by]] = _merge_value(found[item[by]], item, None) if item[by] in found else item
+        return list(found.values())
+    if isinstance(a, Histogram):
+        return a.merged(b)
+    if isinstance(a, bool) or a is None or b is None:
+        return a or b
+    if isinstance(a, str):
+        return min(a, b, key=_WORST.index) if key == "state" else a
+    return max(a, b) if key in _LATEST else a + b
+
+
+# -- render: a snapshot as Prometheus metric families; pure --------------------------------
+
+_SERVER, _DST = ["router", "server"], ["router", "dst"]
+FAMILIES = {  # key: (family class, name, help, labels)
+    "accepted": (CounterMetricFamily, "ltcp_accepted", "Connections accepted", _SERVER),
+    "closed": (CounterMetricFamily, "ltcp_closed", "Streams finished, by any ending", _SERVER),
+    "active": (GaugeMetricFamily, "ltcp_active_streams", "Streams open (connecting or established)", _SERVER),
+    "received": (CounterMetricFamily, "ltcp_received_bytes", "Bytes received from clients", _SERVER),
+    "sent": (CounterMetricFamily, "ltcp_sent_bytes", "Bytes sent to clients", _SERVER),
+    "stream_failures": (CounterMetricFamily, "ltcp_stream_failures", "Streams that did not end cleanly, by cause",
+                        _SERVER + ["cause"]),
+    "connect_latency": (HistogramMetricFamily, "ltcp_connect_latency_seconds", "Accept to upstream established",
+                        _SERVER),
+    "duration": (HistogramMetricFamily, "ltcp_stream_duration_seconds", "Upstream established to stream closed",
+                 _SERVER),
+    "fallbacks": (CounterMetricFamily, "ltcp_sni_fallbacks", "Streams sent to defaultDstName, by cause",
+                  _SERVER + ["cause"]),
+    "connect_failures": (CounterMetricFamily, "ltcp_connect_failures",
+                         "Failed connects to endpoints (and streams with none), by cause", _DST + ["cause"]),
+    "endpoints": (GaugeMetricFamily, "ltcp_endpoints", "Endpoints by state", _DST + ["state"]),
+    "waiters": (GaugeMetricFamily, "ltcp_waiters", "Streams waiting for discovery", _DST),
+    "last_update": (GaugeMetricFamily, "ltcp_discovery_last_update_timestamp_seconds",
+                    "When discovery last answered for a name", _DST),
+    "cache_hits": (CounterMetricFamily, "ltcp_route_cache_hits", "Streams whose balancer existed", ["router"]),
+    "cache_creations": (CounterMetricFamily, "ltcp_route_cache_creations", "Balancers created", ["router"]),
+    "cache_evictions": (CounterMetricFamily, "ltcp_route_cache_evictions", "Idle balancers evicted", ["router"]),
+    "discovery_requests": (CounterMetricFamily, "ltcp_discovery_requests",
+                           "Discovery lookups (namerd requests, fs reads) by outcome", ["router", "outcome"]),
+    "discovery_latency": (HistogramMetricFamily, "ltcp_discovery_request_duration_seconds",
+                          "A discovery lookup until its answer (namerd: response headers)", ["router"]),
+    "lag": (HistogramMetricFamily, "ltcp_reactor_lag_seconds", "How late reactor timers fired", []),
+    "draining": (GaugeMetricFamily, "ltcp_draining", "1 while a graceful shutdown is under way", []),
+}
+
+
+def render(data):
+    """The metric families of a (merged) snapshot."""
+    f = {key: kind(name, doc, labels=labels) for key, (kind, name, doc, labels) in FAMILIES.items()}
+    for router in data["routers"]:
+        label = router["label"]
+        for server in router["servers"]:
+            _render_server(f, [label, server["address"] or ""], server)
+        for dst in router["destinations"]:
+            _render_destination(f, [label, dst["name"]], dst)
+        for key in ("hits", "creations", "evictions"):
+            f["cache_" + key].add_metric([label], router["route_cache"][key])
+        for outcome, count in sorted(router["discovery"]["requests"].items()):
+            f["discovery_requests"].add_metric([label, outcome], count)
+        _add_histogram(f["discovery_latency"], [label], router["discovery"]["latency"])
+    _add_histogram(f["lag"], [], data["reactor_lag"])
+    f["draining"].add_metric([], 1 if data["draining"] else 0)
+    return list(f.values())
+
+
+def _render_server(f, values, server):
+    for key, field in (("accepted", "accepted"), ("closed", "closed"), ("active", "active"),
+                       ("received", "received_bytes"), ("sent", "sent_bytes")):
+        f[key].add_metric(values, server[field])
+    for cause, count in sorted(server["failures"].items()):
+        f["stream_failures"].add_metric(values + [cause], count)
+    for cause, count in sorted(server["sni_fallbacks"].items()):
+        f["fallbacks"].add_metric(values + [cause], count)
+    _add_histogram(f["connect_latency"], values, server["connect_latency"])
+    _add_histogram(f["duration"], values, server["stream_duration"])
+
+
+def _render_destination(f, values, dst):
+    for cause, count in sorted(dst["connect_failures"].items()):
+        f["connect_failures"].add_metric(values + [cause], count)
+    for state, count in dst["endpoint_states"].items():
+        f["endpoints"].add_metric(values + [state], count)
+    f["waiters"].add_metric(values, dst["waiters"])
+    if dst["last_update"] is not None:
+        f["last_update"].add_metric(values, dst["last_update"])
 
 
 def _add_histogram(family, values, histogram):
-    buckets = [(_bound(bound), count) for bound, count in histogram.cumulative()]
+    buckets = [("+Inf" if bound == float("inf") else repr(float(bound)), count)
+               for bound, count in histogram.cumulative()]
     family.add_metric(values, buckets, histogram.sum)
 
 
-def _bound(bound):
-    return "+Inf" if bound == float("inf") else repr(float(bound))
-
-
 class LtcpCollector:
-    """A prometheus_client collector built from one snapshot per scrape."""
+    """A prometheus_client collector: snapshot (on the reactor), then render."""
 
     def __init__(self, app):
         self.app = app
@@ -142,84 +252,7 @@ class LtcpCollector:
         return []  # families are only known at scrape time; skip registration-time collection
 
     def collect(self):
-        data = on_reactor(self.app.reactor, lambda: snapshot(self.app))
-        server_labels = ["router", "server"]
-        dst_labels = ["router", "dst"]
-        f = {
-            "accepted": CounterMetricFamily("ltcp_accepted", "Connections accepted", labels=server_labels),
-            "closed": CounterMetricFamily("ltcp_closed", "Streams finished, by any ending", labels=server_labels),
-            "active": GaugeMetricFamily("ltcp_active_streams", "Streams open (connecting or established)",
-                                        labels=server_labels),
-            "received": CounterMetricFamily("ltcp_received_bytes", "Bytes received from clients",
-                                            labels=server_labels),
-            "sent": CounterMetricFamily("ltcp_sent_bytes", "Bytes sent to clients", labels=server_labels),
-            "stream_failures": CounterMetricFamily(
-                "ltcp_stream_failures", "Streams that did not end cleanly, by cause",
-                labels=server_labels + ["cause"]),
-            "connect_latency": _histogram("ltcp_connect_latency_seconds",
-                                          "Accept to upstream established", server_labels),
-            "duration": _histogram("ltcp_stream_duration_seconds",
-                                   "Upstream established to stream closed", server_labels),
-            "connect_failures": CounterMetricFamily(
-                "ltcp_connect_failures", "Failed connects to endpoints (and streams with none), by cause",
-                labels=dst_labels + ["cause"]),
-            "endpoints": GaugeMetricFamily("ltcp_endpoints", "Endpoints by state", labels=dst_labels + ["state"]),
-            "waiters": GaugeMetricFamily("ltcp_waiters", "Streams waiting for discovery", labels=dst_labels),
-            "last_update": GaugeMetricFamily("ltcp_discovery_last_update_timestamp_seconds",
-                                             "When discovery last answered for a name", labels=dst_labels),
-            "cache_hits": CounterMetricFamily("ltcp_route_cache_hits", "Streams whose balancer existed",
-                                              labels=["router"]),
-            "cache_creations": CounterMetricFamily("ltcp_route_cache_creations", "Balancers created",
-                                                   labels=["router"]),
-            "cache_evictions": CounterMetricFamily("ltcp_route_cache_evictions", "Idle balancers evicted",
-                                                   labels=["router"]),
-            "fallbacks": CounterMetricFamily("ltcp_sni_fallbacks", "Streams sent to defaultDstName, by cause",
-                                             labels=server_labels + ["cause"]),
-            "discovery_requests": CounterMetricFamily("ltcp_discovery_requests",
-                                                      "Discovery lookups (namerd requests, fs reads) by outcome",
-                                                      labels=["router", "outcome"]),
-            "discovery_latency": _histogram("ltcp_discovery_request_duration_seconds",
-                                            "A discovery lookup until its answer (namerd: response headers)",
-                                            ["router"]),
-        }
-        for router in data["routers"]:
-            label = router["label"]
-            for server in router["servers"]:
-                values = [label, server["address"] or ""]
-                f["accepted"].add_metric(values, server["accepted"])
-                f["closed"].add_metric(values, server["closed"])
-                f["active"].add_metric(values, server["active"])
-                f["received"].add_metric(values, server["received_bytes"])
-                f["sent"].add_metric(values, server["sent_bytes"])
-                for cause, count in sorted(server["failures"].items()):
-                    f["stream_failures"].add_metric(values + [cause], count)
-                for cause, count in sorted(server["sni_fallbacks"].items()):
-                    f["fallbacks"].add_metric(values + [cause], count)
-                _add_histogram(f["connect_latency"], values, server["connect_latency"])
-                _add_histogram(f["duration"], values, server["stream_duration"])
-            for dst in router["destinations"]:
-                values = [label, dst["name"]]
-                for cause, count in sorted(dst["connect_failures"].items()):
-                    f["connect_failures"].add_metric(values + [cause], count)
-                for state, count in dst["endpoint_states"].items():
-                    f["endpoints"].add_metric(values + [state], count)
-                f["waiters"].add_metric(values, dst["waiters"])
-                if dst["last_update"] is not None:
-                    f["last_update"].add_metric(values, dst["last_update"])
-            f["cache_hits"].add_metric([label], router["route_cache"]["hits"])
-            f["cache_creations"].add_metric([label], router["route_cache"]["creations"])
-            f["cache_evictions"].add_metric([label], router["route_cache"]["evictions"])
-            discovery = router["discovery"]
-            for outcome, count in sorted(discovery["requests"].items()):
-                f["discovery_requests"].add_metric([label, outcome], count)
-            _add_histogram(f["discovery_latency"], [label], discovery["latency"])
-        lag = _histogram("ltcp_reactor_lag_seconds", "How late reactor timers fired", [])
-        _add_histogram(lag, [], data["reactor_lag"])
-        draining = GaugeMetricFamily("ltcp_draining", "1 while a graceful shutdown is under way")
-        draining.add_metric([], 1 if data["draining"] else 0)
-        yield from f.values()
-        yield lag
-        yield draining
+        return render(on_reactor(self.app.reactor, lambda: snapshot(self.app)))
 
 
 class ProcessCollector:

@@ -462,3 +462,27 @@ def test_routers_json_lists_a_bounded_number_of_endpoints_and_counts_them_all(pr
     assert destination["endpoint_states"] == {"available": 10, "failed": 0, "retired": 0}
     samples = scrape(proxy.admin_url)
     assert value(samples, "ltcp_endpoints", router="r", dst="/svc/a", state="available") == 10
+
+
+def test_merged_snapshots_add_up_exactly(proxies, backends):
+    """What the process-model supervisor will do with its workers' snapshots: sum them."""
+    backend = backends(echo)
+    proxy = proxies(drain_config(backend.addr, grace=5), admin=True)
+    for _ in range(3):
+        with proxy.connect() as c:
+            c.sendall(b"x" * 100)
+            assert recv_exactly(c, 100) == b"x" * 100
+    wait_for(lambda: proxy.listener.finished == 3)
+    one = proxy.call(ltcp_metrics.snapshot, proxy.app)  # as if two workers had seen the same
+    single = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in ltcp_metrics.render(one) for s in family.samples}
+    merged = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in ltcp_metrics.render(ltcp_metrics.merge([one, one])) for s in family.samples}
+    assert merged.keys() == single.keys()
+    for key, count in single.items():
+        if key[0] == "ltcp_discovery_last_update_timestamp_seconds":
+            assert merged[key] == count  # the latest of the two, not a sum
+        elif key[0] != "ltcp_draining":
+            assert merged[key] == 2 * count, key
+    web = (("router", "r"), ("server", proxy.listener.display_address))
+    assert merged[("ltcp_accepted_total", web)] == 6 and merged[("ltcp_received_bytes_total", web)] == 600

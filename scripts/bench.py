@@ -279,7 +279,7 @@ def bulk(row, backends, duration):
 
 def _bulk_rate(row, backends, duration):
     if backends.iperf:
-        for attempt in range(5):  # the iperf3 server serves one test at a time; it may still be busy
+        for _ in range(5):  # the iperf3 server serves one test at a time; it may still be busy
             out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(row.ports["iperf"]),
                                   "-t", str(duration), "-J"], capture_output=True, text=True, timeout=duration + 30)
             report = json.loads(out.stdout)

@@ -54,7 +54,7 @@ def test_one_at_a_time_streams_follow_weights(proxies, backends):
     for i in range(400):
         with proxy.connect() as c:
             where[c.recv(16).strip().decode()] += 1
-        wait_for(lambda: proxy.listener.finished == i + 1)
+        wait_for(lambda i=i: proxy.listener.finished == i + 1)
     assert 0.15 <= where["light"] / 400 <= 0.35, where
 
 

@@ -140,7 +140,7 @@ def test_slowloris_clients_are_reaped_while_others_are_served(clean, proxies, se
 
 def test_5000_connections_opened_and_abandoned(clean, proxies, select_echo):
     proxy = proxies(static_config({"/svc/a": [select_echo.addr]}))
-    for batch in range(10):
+    for _ in range(10):
         socks = [proxy.connect() for _ in range(500)]
         for i, s in enumerate(socks):
             if i % 2:

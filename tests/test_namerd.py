@@ -384,7 +384,7 @@ def test_a_polled_name_gets_its_first_answer_at_once(namerd, interpreters):
         namerd.set(name, ["127.0.0.1:9"])
         started = time.monotonic()
         interpreter.watch(name, got.deliver_for(name))
-        wait_for(lambda: got.has(name), timeout=5)
+        wait_for(lambda name=name: got.has(name), timeout=5)
         slowest = max(slowest, got.first[name] - started)
         time.sleep(0.05)  # spread them over the rotation
     assert slowest < 0.3, f"a fresh name waited {slowest:.3f}s for its first answer"

@@ -158,7 +158,7 @@ def test_passthrough_without_a_usable_name(proxies, backends, pki):
         with socket.create_connection(("127.0.0.1", proxy.port()), timeout=10):
             # Says nothing (a server-speaks-first protocol): after half the connect
             # timeout it goes to the fallback, or is refused without one.
-            wait_for(lambda: proxy.listener.fallbacks["slow"] + proxy.listener.failures["slow"] == 1)
+            wait_for(lambda proxy=proxy: proxy.listener.fallbacks["slow"] + proxy.listener.failures["slow"] == 1)
     wait_for(lambda: len(seen) == 3)
     assert seen[0][:1] == b"\x16" and seen[1] == b"hello" and seen[2] == b""
     assert with_default.listener.fallbacks == {"no_sni": 1, "not_tls": 1, "slow": 1}

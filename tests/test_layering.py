@@ -1,0 +1,71 @@
+"""The package's import graph stays one-way: no cycles, and the pure modules at the bottom
+import nothing above them (so they can be tested, fuzzed and reused without sockets)."""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).parent.parent / "ltcp"
+# module -> the ltcp modules it may import at most
+BOTTOM = {
+    "ltcp.names": set(),
+    "ltcp.lifecycle": set(),
+    "ltcp.wheel": {"ltcp.histogram"},
+    "ltcp.histogram": set(),
+    "ltcp.config": {"ltcp.names"},
+    "ltcp.endpoint": {"ltcp.lifecycle"},
+    "ltcp.proxyproto": {"ltcp.names"},
+    "ltcp.httpd": set(),
+}
+
+
+def module_name(path):
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path):
+    """The ltcp modules ``path`` imports."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("ltcp"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            if target.startswith("ltcp"):  # "from . import tls" imports a module; "from .tls import x", one
+                submodules = {f"{target}.{alias.name}" for alias in node.names} & GRAPH_NAMES
+                found.update(submodules or {target})
+    return found - {name}
+
+
+GRAPH_NAMES = {module_name(path) for path in PACKAGE.rglob("*.py")}
+GRAPH = {module_name(path): imports(path) & GRAPH_NAMES for path in PACKAGE.rglob("*.py")}
+
+
+def test_there_are_no_import_cycles():
+    visiting, done = set(), set()
+
+    def visit(module, trail):
+        if module in done:
+            return
+        assert module not in visiting, "import cycle: " + " -> ".join(trail + [module])
+        visiting.add(module)
+        for imported in sorted(GRAPH[module]):
+            visit(imported, trail + [module])
+        visiting.discard(module)
+        done.add(module)
+
+    for module in sorted(GRAPH):
+        visit(module, [])
+
+
+@pytest.mark.parametrize("module", sorted(BOTTOM))
+def test_the_bottom_layer_stays_at_the_bottom(module):
+    assert GRAPH[module] <= BOTTOM[module], GRAPH[module] - BOTTOM[module]

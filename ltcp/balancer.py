@@ -9,7 +9,6 @@ a slice per turn.
 """
 
 import collections
-import enum
 import functools
 import logging
 import random
@@ -19,8 +18,8 @@ from typing import Protocol
 
 from . import proxyproto
 from .connector import Connect
-from .endpoint import EndpointSet
-from .lifecycle import Lifecycle
+from .endpoint import RETIRED, EndpointSet
+from .lifecycle import Lifecycle, State
 from .loop import ERRORS, HANGUP, READ, WRITE, Registration
 from .tls import client_context
 
@@ -34,6 +33,7 @@ MAX_ATTEMPTS = 10  # attempts a stream makes in all before it gives up (cause "u
 POOL_RETRY = 1.0  # pause before refilling the pool after a failure
 UPDATE_SLICE = 2000  # addresses merged per reactor turn, so a huge answer never stalls the loop
 LOCAL_CAUSES = ("resources", "bug")  # connect failures that say nothing about the endpoint
+CANCELLED = "cancelled"  # an attempt its stream abandoned: no failure at all
 
 
 class Balancer:
@@ -141,17 +141,20 @@ class Balancer:
 
     # -- connect outcomes and streams -----------------------------------------------
 
-    def connect_succeeded(self, endpoint):
-        self.set.connect_succeeded(endpoint)
-
-    def connect_failed(self, endpoint, cause, detail=""):
-        self.connect_failures[cause] += 1
-        if cause not in LOCAL_CAUSES and self.set.connect_failed(endpoint):  # ours say nothing of it
-            penalty = self.settings.fail_fast.failure_penalty_secs
-            self.penalties[endpoint] = self.reactor.call_later(penalty, self._revive, endpoint)
-            log.warning("%s: endpoint %s ejected for %gs after %d failed connects (%s%s)", self.prefix,
-                        endpoint.address, penalty, endpoint.failures, cause, f": {detail}" if detail else "")
-        self.set.settle(endpoint)
+    def attempt_ended(self, endpoint, cause=None, detail=""):
+        """A connect to ``endpoint`` ended: in success (``cause`` None), failure, or ``CANCELLED`` by its stream."""
+        endpoint.end_connect()
+        if cause is None:
+            self.set.connect_succeeded(endpoint)
+        elif cause is not CANCELLED:
+            self.connect_failures[cause] += 1
+            if cause not in LOCAL_CAUSES and self.set.connect_failed(endpoint):  # ours say nothing of it
+                penalty = self.settings.fail_fast.failure_penalty_secs
+                self.penalties[endpoint] = self.reactor.call_later(penalty, self._revive, endpoint)
+                log.warning("%s: endpoint %s ejected for %gs after %d failed connects (%s%s)", self.prefix,
+                            endpoint.address, penalty, endpoint.failures, cause, f": {detail}" if detail else "")
+        if endpoint.state is RETIRED:
+            self.set.settle(endpoint)
 
     def _revive(self, endpoint):
         del self.penalties[endpoint]
@@ -163,18 +166,14 @@ class Balancer:
 
     def stream_closed(self, endpoint):
         endpoint.release()
-        self.set.settle(endpoint)
-
-    def connect_ended(self, endpoint):
-        """A connect in flight to ``endpoint`` ended, whatever came of it."""
-        endpoint.end_connect()
-        self.set.settle(endpoint)
+        if endpoint.state is RETIRED:
+            self.set.settle(endpoint)
 
     # -- dials ------------------------------------------------------------------
 
     def dial(self, dial):
         """Start ``dial`` now, or queue it until discovery first answers."""
-        if self.endpoints:
+        if self.set.endpoints:
             dial.next_attempt()
         elif self.resolved or len(self.waiters) >= self.settings.max_waiters:
             dial.fail("no_endpoints")
@@ -216,14 +215,11 @@ class Balancer:
 
     def _pool_connected(self, endpoint, sock, cause, detail=""):
         self.pool_connecting -= 1
+        self.attempt_ended(endpoint, cause, detail)
         if sock is None:
             self.budget.release_pooled()
-            self.connect_failed(endpoint, cause, detail)
-            self.connect_ended(endpoint)
             self._refill_later()
             return
-        self.connect_succeeded(endpoint)
-        self.connect_ended(endpoint)
         if self.closed or endpoint.sockaddr not in self.endpoints:
             self.budget.release_pooled()
             self.reactor.unregister(sock)
@@ -316,16 +312,12 @@ class DialOwner(Protocol):
     def dial_failed(self, dial: "Dial", cause: str) -> None: ...
 
 
-class DialState(enum.Enum):
-    NEW = "new"
-    WAITING = "waiting"  # for discovery's first answer
-    CONNECTING = "connecting"
-    PAUSED = "paused"  # between attempts, once the quick ones have failed
-    ESTABLISHED = "established"  # handed over to its owner
-    FAILED = "failed"
-
-
-NEW, WAITING, CONNECTING, PAUSED, ESTABLISHED, FAILED = DialState
+NEW = State("new")
+WAITING = State("waiting")  # for discovery's first answer
+CONNECTING = State("connecting")
+PAUSED = State("paused")  # between attempts, once the quick ones have failed
+ESTABLISHED = State("established")  # handed over to its owner
+FAILED = State("failed")
 _ENDINGS = {"establish": ESTABLISHED, "fail": FAILED}
 DIAL = Lifecycle("Dial", {
     NEW: {"wait": WAITING, "connect": CONNECTING, **_ENDINGS},
@@ -342,15 +334,16 @@ class Dial(Registration):
     failure tries another while the server's connect deadline allows: up to
     ``QUICK_ATTEMPTS`` straight away, then with a doubling pause, and at most
     ``MAX_ATTEMPTS`` in all, so a destination whose endpoints all refuse can
-    never spin the loop.  Meanwhile the client is watched: one that resets
-    ends the dial at once.  Ends in exactly one of
-    ``owner.established(dial, endpoint, sock, events)`` or
-    ``owner.dial_failed(dial, cause)``, the two moves out of its lifecycle
+    never spin the loop.  One timer does for the stream's deadline, the
+    attempt's timeout and the pause, whichever its state waits for first.
+    Meanwhile the client is watched: one that resets ends the dial at once.
+    Ends in exactly one of ``owner.established(dial, endpoint, sock, events)``
+    or ``owner.dial_failed(dial, cause)``, the two moves out of its lifecycle
     (``DIAL``); the client socket is handed over registered for ``events``.
     """
 
-    __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt", "state",
-                 "deadline_timer", "retry_timer", "tries", "failure", "reactor", "fd", "events")
+    __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt", "state", "timer",
+                 "tries", "failure", "reactor", "fd", "events")
 
     def __init__(self, balancer, client, envelope, owner):
         self.balancer = balancer
@@ -360,8 +353,7 @@ class Dial(Registration):
         self.endpoint = None
         self.attempt = None
         self.state = NEW
-        self.retry_timer = None
-        self.deadline_timer = None
+        self.timer = None
         self.tries = 0
         self.failure = ""  # the last attempt's failure, for the log
         self.reactor = balancer.reactor
@@ -369,21 +361,35 @@ class Dial(Registration):
         self.events = 0
 
     def __repr__(self):
-        return (f"<Dial fd={self.fd} {self.balancer.prefix} {self.state.value} tries={self.tries}"
+        return (f"<Dial fd={self.fd} {self.balancer.prefix} {self.state.name} tries={self.tries}"
                 f"{' to ' + self.endpoint.address if self.endpoint else ''}"
                 f"{' last: ' + self.failure if self.failure else ''}>")
 
-    def _move(self, event):
-        self.state = DIAL.move(self.state, event)
-
     def start(self):
         self.balancer.dials += 1  # undone by the move to established or failed, exactly once
-        self.deadline_timer = self.reactor.call_at(self.envelope.connect_deadline, self._expired)
         self.want(HANGUP)
         self.balancer.dial(self)
 
     def wait(self):
-        self._move("wait")
+        self.state = self.state.moves["wait"]
+        self._wake_at(self.envelope.connect_deadline)
+
+    def _wake_at(self, when):
+        """(Re)arm the one timer: at ``when``, or at the stream's deadline if that comes first."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.reactor.call_at(min(when, self.envelope.connect_deadline), self._woken)
+
+    def _woken(self):
+        self.timer = None
+        if self.reactor.now >= self.envelope.connect_deadline:
+            self.fail("timeout")
+        elif self.state is CONNECTING:  # the attempt took longer than the client's connectTimeoutMs
+            self.attempt.cancel()
+            self.attempt = None
+            self._connected(None, "timeout", "no answer in time")
+        else:  # a pause between attempts is over
+            self.next_attempt()
 
     def on_event(self, mask):
         """The client reset, or shut down its side; after a reset nobody is left to serve.
@@ -405,7 +411,6 @@ class Dial(Registration):
         self.fail("closed")  # a reset, or a full hang-up, after a half-close
 
     def next_attempt(self):
-        self.retry_timer = None
         balancer = self.balancer
         pooled = balancer.take_pooled()
         if pooled is not None:
@@ -417,41 +422,37 @@ class Dial(Registration):
         if endpoint is None:
             self.fail("no_endpoints")
             return
-        self._move("connect")
+        self.state = self.state.moves["connect"]
         self.endpoint = endpoint
         self.tries += 1
         endpoint.begin_connect()
-        remaining = self.envelope.connect_deadline - self.reactor.now
-        timeout = min(balancer.settings.connect_timeout_ms / 1000, max(remaining, 0.001))
+        reactor = self.reactor
+        self._wake_at(reactor.now + balancer.settings.connect_timeout_ms / 1000)
         preface = None
         if balancer.proxy_header is not None:
             envelope = self.envelope
             preface = balancer.proxy_header(envelope.source, envelope.destination or self.client.getsockname()[:2])
-        self.attempt = Connect(self.reactor, endpoint.family, endpoint.sockaddr, timeout, self._connected,
-                               preface, balancer.tls)
+        self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, None, self._connected, preface,
+                               balancer.tls)
 
     def _connected(self, sock, cause, detail=""):
         self.attempt = None
         endpoint = self.endpoint
         balancer = self.balancer
+        balancer.attempt_ended(endpoint, cause, detail)
         if sock is not None:
-            balancer.connect_succeeded(endpoint)
-            balancer.connect_ended(endpoint)
             self._finish(endpoint, sock, WRITE)
             return
         self.failure = f"{endpoint.address}: {cause}{f' ({detail})' if detail else ''}"
-        balancer.connect_failed(endpoint, cause, detail)
-        balancer.connect_ended(endpoint)
         if cause in LOCAL_CAUSES:
             self.fail(cause)
         elif self.tries >= MAX_ATTEMPTS:
             self.fail("unreachable")
-        elif self.tries < min(QUICK_ATTEMPTS, len(balancer.endpoints)):
+        elif self.tries < min(QUICK_ATTEMPTS, len(balancer.set.endpoints)):
             self.next_attempt()
         else:
-            self._move("pause")
-            pause = min(1.0, RETRY_BACKOFF * 2 ** max(0, self.tries - QUICK_ATTEMPTS))
-            self.retry_timer = self.reactor.call_later(pause, self.next_attempt)
+            self.state = self.state.moves["pause"]
+            self._wake_at(self.reactor.now + min(1.0, RETRY_BACKOFF * 2 ** max(0, self.tries - QUICK_ATTEMPTS)))
 
     def _finish(self, endpoint, sock, events):
         """Hand the connected socket (registered for ``events``, or not at all) to the owner.
@@ -459,9 +460,10 @@ class Dial(Registration):
         A bug in the owner while it takes the stream over ends the stream here,
         since no callback of ours is left to be told.
         """
-        self._move("establish")
-        self.deadline_timer.cancel()
-        self.deadline_timer = None
+        self.state = self.state.moves["establish"]
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.balancer.dials -= 1
         try:
             self.owner.established(self, endpoint, sock, events)
@@ -474,30 +476,23 @@ class Dial(Registration):
             self.events = 0
             self.owner.dial_failed(self, "bug")
 
-    def _expired(self):
-        self.deadline_timer = None
-        self.fail("timeout")
-
     def fail(self, cause):
-        self._move("fail")
+        self.state = self.state.moves["fail"]
         if cause == "no_endpoints":
             self.balancer.connect_failures[cause] += 1
-        if self.deadline_timer is not None:
-            self.deadline_timer.cancel()
-            self.deadline_timer = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.balancer.dials -= 1
         self.balancer.forget(self)
         self.want(0)
         if self.attempt is not None:
             self.attempt.cancel()
             self.attempt = None
-            self.balancer.connect_ended(self.endpoint)
-        if self.retry_timer is not None:
-            self.retry_timer.cancel()
-            self.retry_timer = None
+            self.balancer.attempt_ended(self.endpoint, CANCELLED)
         self.owner.dial_failed(self, cause)
 
     def crashed(self, exc):
         """A bug in one of our callbacks: end the stream if it is still ours."""
-        if self.state not in (ESTABLISHED, FAILED):
+        if self.state is not ESTABLISHED and self.state is not FAILED:
             self.fail("bug")

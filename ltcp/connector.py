@@ -1,12 +1,11 @@
 """One nonblocking connection attempt to one endpoint, bounded by a timeout."""
 
-import enum
 import errno
 import socket
 import ssl
 
 from . import tls as _tls
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, State
 from .loop import WRITE, Registration
 
 __all__ = ["CONNECT", "Connect", "failure_cause"]
@@ -34,13 +33,9 @@ def _errno_name(err):
     return errno.errorcode.get(err, str(err))
 
 
-class ConnectState(enum.Enum):
-    CONNECTING = "connecting"
-    HANDSHAKING = "handshaking"  # TLS, after the TCP handshake (and the PROXY preface)
-    DONE = "done"  # connected and handed over, failed, or cancelled: done() is called at most once
-
-
-CONNECTING, HANDSHAKING, DONE = ConnectState
+CONNECTING = State("connecting")
+HANDSHAKING = State("handshaking")  # TLS, after the TCP handshake (and the PROXY preface)
+DONE = State("done")  # connected and handed over, failed, or cancelled: done() is called at most once
 CONNECT = Lifecycle("Connect", {
     CONNECTING: {"handshake": HANDSHAKING, "end": DONE},
     HANDSHAKING: {"end": DONE},
@@ -52,7 +47,8 @@ class Connect(Registration):
 
     After the TCP handshake it writes ``preface`` (a PROXY header) if given,
     then completes a TLS handshake if ``tls`` is ``(context, server_name)``;
-    all of it within ``timeout``.  The socket is closed on every failure path
+    all of it within ``timeout`` (None: the caller times it, and cancels).
+    The socket is closed on every failure path
     and on ``cancel()``; ``detail`` says what failed (an errno name, a TLS
     reason).  On success the socket is handed over nonblocking, with
     TCP_NODELAY set, and still registered with the reactor for WRITE, so the
@@ -82,28 +78,26 @@ class Connect(Registration):
             self.sock = sock
             self.fd = sock.fileno()
             self.want(WRITE)
-            self.timer = reactor.call_later(timeout, self._timed_out)
+            if timeout is not None:  # (a dial times its attempts itself)
+                self.timer = reactor.call_later(timeout, self._timed_out)
         else:
             # Report on the next turn so callers never see a re-entrant callback.
             sock.close()
             reactor.call_soon(self._failed_at_once, err)
 
     def __repr__(self):
-        return f"<Connect fd={self.fd} {self.state.value}>"
+        return f"<Connect fd={self.fd} {self.state.name}>"
 
     def _failed_at_once(self, err):
         if self.state is CONNECTING:  # (not cancelled meanwhile)
-            self.state = CONNECT.move(self.state, "end")
+            self.state = self.state.moves["end"]
             self.done(None, failure_cause(err), _errno_name(err))
 
     def on_event(self, mask):
-        if self.state is CONNECTING:
-            self._connected()
-        else:
+        if self.state is HANDSHAKING:
             self._handshake()
-
-    def _connected(self):
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            return
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # the TCP handshake is over
         if err:
             self._fail(failure_cause(err), _errno_name(err))
             return
@@ -119,7 +113,7 @@ class Connect(Registration):
             self._succeed()
             return
         context, server_name = self.tls
-        self.state = CONNECT.move(self.state, "handshake")
+        self.state = self.state.moves["handshake"]
         # A new object on the same descriptor: the registration, by descriptor, carries on.
         self.sock = context.wrap_socket(self.sock, server_hostname=server_name, do_handshake_on_connect=False)
         self._handshake()
@@ -139,8 +133,9 @@ class Connect(Registration):
             self._succeed()
 
     def _succeed(self):
-        self.want(WRITE)  # the registration the new owner adopts
-        self.events = 0  # ... and it goes with the socket
+        if self.events != WRITE:
+            self.want(WRITE)  # the registration the new owner adopts...
+        self.events = 0  # ... goes with the socket
         self.done(self._release(), None)
 
     def _fail(self, cause, detail):
@@ -153,8 +148,9 @@ class Connect(Registration):
 
     def _release(self):
         """End the attempt: stop watching and timing; the socket, for the caller to hand on or close."""
-        self.state = CONNECT.move(self.state, "end")
-        self.want(0)
+        self.state = self.state.moves["end"]
+        if self.events:
+            self.want(0)
         sock, self.sock = self.sock, None
         if self.timer is not None:
             self.timer.cancel()

@@ -13,7 +13,6 @@ bytes somewhere, and WRITE while bytes are pending for it.  A leg that wants
 nothing is unregistered, so a hung-up socket cannot wake the loop in vain.
 """
 
-import enum
 import errno
 import fcntl
 import os
@@ -22,7 +21,7 @@ import ssl
 import struct
 from typing import Protocol
 
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, State
 from .loop import READ, WRITE, Registration
 
 __all__ = ["Duplex", "DuplexOwner", "Tally", "READING", "WRITING"]
@@ -44,21 +43,14 @@ class Tally:
         self.value = 0
 
 
-class Reading(enum.Enum):
-    OPEN = "open"
-    ENDED = "ended"  # this socket's peer has finished sending (EOF)
-
-
-class Writing(enum.Enum):
-    OPEN = "open"
-    NOTIFYING = "notifying"  # TLS: our close_notify waits until the socket has nothing left to read
-    SHUT = "shut"  # we have finished sending to this socket
-
-
-OPEN, ENDED = Reading
-NOTIFYING, SHUT = Writing.NOTIFYING, Writing.SHUT
+OPEN = State("open")  # reading from it
+ENDED = State("ended")  # this socket's peer has finished sending (EOF)
 READING = Lifecycle("Leg reading", {OPEN: {"eof": ENDED}})
-WRITING = Lifecycle("Leg writing", {Writing.OPEN: {"shut": SHUT, "notify": NOTIFYING}, NOTIFYING: {"notified": SHUT}})
+
+SENDING = State("open")  # writing to it
+NOTIFYING = State("notifying")  # TLS: our close_notify waits until the socket has nothing left to read
+SHUT = State("shut")  # we have finished sending to this socket
+WRITING = Lifecycle("Leg writing", {SENDING: {"shut": SHUT, "notify": NOTIFYING}, NOTIFYING: {"notified": SHUT}})
 
 
 class Leg(Registration):
@@ -90,13 +82,13 @@ class Leg(Registration):
         self.pipe = None  # (read end, write end) carrying spliced bytes to this socket
         self.piped = 0  # bytes in the pipe
         self.reading = OPEN
-        self.writing = Writing.OPEN
+        self.writing = SENDING
         self.received = 0
         self.tally = tally  # the owner's running total of bytes read from this side
 
     def __repr__(self):
-        return (f"<Leg fd={self.fd}{' tls' if self.tls else ''} reading={self.reading.value} "
-                f"writing={self.writing.value} pending={len(self.pending) if self.pending is not None else 0} "
+        return (f"<Leg fd={self.fd}{' tls' if self.tls else ''} reading={self.reading.name} "
+                f"writing={self.writing.name} pending={len(self.pending) if self.pending is not None else 0} "
                 f"piped={self.piped} events={self.events}>")
 
     @property
@@ -140,8 +132,8 @@ class Leg(Registration):
             return
         if sent < n:
             peer.pending = memoryview(duplex.buffer[sent:n])
-            self.update()
-            peer.update()
+            self.want(self.wanted())
+            peer.want(peer.wanted())
         elif self.tls and self.sock.pending():
             # Decrypted bytes already inside the TLS layer raise no readiness event.
             self.reactor.call_soon(self.pump_more)
@@ -166,14 +158,14 @@ class Leg(Registration):
         return True
 
     def reached_eof(self):
-        self.reading = READING.move(self.reading, "eof")
+        self.reading = self.reading.moves["eof"]
         if self.writing is NOTIFYING:
             self.close_notify()
         peer = self.peer
         if not peer.backlogged:
             peer.shutdown_write()
         if not self.duplex.closed:
-            self.update()
+            self.want(self.wanted())
 
     # -- the splice path ------------------------------------------------------------
 
@@ -223,8 +215,8 @@ class Leg(Registration):
         self.piped -= sent
         if self.piped:
             if not self.events & WRITE:
-                self.update()
-                self.peer.update()
+                self.want(self.wanted())
+                self.peer.want(self.peer.wanted())
             return
         if sent:
             self.duplex.last_active = self.reactor.now
@@ -252,26 +244,26 @@ class Leg(Registration):
         """Nothing waits for this socket any more."""
         peer = self.peer
         if peer.reading is ENDED:
-            if self.writing is Writing.OPEN:
+            if self.writing is SENDING:
                 self.shutdown_write()
             if self.duplex.closed:
                 return
-        self.update()
-        peer.update()
+        self.want(self.wanted())
+        peer.want(peer.wanted())
         if peer.tls and peer.events & READ and peer.sock.pending():
             self.reactor.call_soon(peer.pump_more)
 
     def shutdown_write(self):
         if self.tls:
-            self.writing = WRITING.move(self.writing, "notify")
+            self.writing = self.writing.moves["notify"]
             self.close_notify()
         else:
-            self.writing = WRITING.move(self.writing, "shut")
+            self.writing = self.writing.moves["shut"]
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the other end is gone; its reads will tell
-        if self.peer.writing is not Writing.OPEN:
+        if self.peer.writing is not SENDING:
             self.duplex.close("done")
 
     def close_notify(self):
@@ -291,9 +283,9 @@ class Leg(Registration):
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
-                self.writing = WRITING.move(self.writing, "notified")  # the socket is gone: nothing to send
+                self.writing = self.writing.moves["notified"]  # the socket is gone: nothing to send
                 return
-        self.writing = WRITING.move(self.writing, "notified")
+        self.writing = self.writing.moves["notified"]
         try:
             self.sock.unwrap()
         except (ssl.SSLError, OSError, ValueError):
@@ -309,9 +301,6 @@ class Leg(Registration):
         if self.reading is OPEN and not self.peer.backlogged:
             events |= READ
         return events
-
-    def update(self):
-        self.want(self.wanted())
 
     def release(self, reset):
         self.want(0)
@@ -334,6 +323,7 @@ class DuplexOwner(Protocol):
 
     received: Tally
     sent: Tally
+    view: memoryview  # of the shared transfer buffer, made once
 
     def stream_closed(self, duplex: "Duplex") -> None: ...
 
@@ -351,14 +341,17 @@ class Duplex:
                  "started", "last_active", "idle_timer", "life_timer", "closed", "reason", "detail")
 
     def __init__(self, owner, dial, upstream_sock, upstream_events, buffer):
-        """Take over ``dial``'s client (still registered for ``dial.events``) and its upstream socket."""
+        """Take over ``dial``'s client (still registered for ``dial.events``) and its upstream socket.
+
+        ``buffer`` is the shared transfer buffer, and ``owner.view`` a memoryview of it.
+        """
         reactor = self.reactor = dial.reactor
         envelope = self.envelope = dial.envelope
         self.owner = owner
         self.balancer = dial.balancer
         self.endpoint = dial.endpoint
         self.buffer = buffer
-        self.view = memoryview(buffer)
+        self.view = owner.view
         self.closed = False
         self.reason = None
         self.detail = ""

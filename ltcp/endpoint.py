@@ -15,21 +15,16 @@ so short connections are still spread in proportion to weight.
 """
 
 import bisect
-import enum
 import socket
 
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, State
 
 __all__ = ["Endpoint", "EndpointSet", "Picker", "AVAILABLE", "FAILED", "RETIRED", "ENDPOINT"]
 
 
-class EndpointState(enum.Enum):
-    AVAILABLE = "available"
-    FAILED = "failed"  # sitting out a failFast penalty
-    RETIRED = "retired"  # removed by discovery; kept while streams remain
-
-
-AVAILABLE, FAILED, RETIRED = EndpointState
+AVAILABLE = State("available")
+FAILED = State("failed")  # sitting out a failFast penalty
+RETIRED = State("retired")  # removed by discovery; kept while streams remain
 
 ENDPOINT = Lifecycle("Endpoint", {
     AVAILABLE: {"eject": FAILED, "retire": RETIRED},
@@ -63,7 +58,7 @@ class Endpoint:
         self.connect_failures = 0
 
     def move(self, event):
-        self.state = ENDPOINT.move(self.state, event)
+        self.state = self.state.moves[event]
 
     def begin_connect(self):
         self.pending += 1
@@ -92,7 +87,7 @@ class Endpoint:
         return f"[{self.ip}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.ip}:{self.port}"
 
     def __repr__(self):
-        return (f"<Endpoint {self.address} w={self.weight:g} {self.state.value} "
+        return (f"<Endpoint {self.address} w={self.weight:g} {self.state.name} "
                 f"active={self.active} pending={self.pending} failures={self.failures}>")
 
 
@@ -175,8 +170,8 @@ class EndpointSet:
 
     def counts(self):
         """Endpoints by state, without walking them."""
-        return {AVAILABLE.value: len(self.endpoints) - len(self.ejected), FAILED.value: len(self.ejected),
-                RETIRED.value: len(self.retired)}
+        return {AVAILABLE.name: len(self.endpoints) - len(self.ejected), FAILED.name: len(self.ejected),
+                RETIRED.name: len(self.retired)}
 
     @property
     def busy(self):

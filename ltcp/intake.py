@@ -17,12 +17,11 @@ hanging up meanwhile: a prefix the client will never finish ends the stream
 at once.  The whole intake runs inside the server's connect deadline.
 """
 
-import enum
 import socket
 import ssl
 
 from . import proxyproto, tls
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, State
 from .loop import HANGUP, READ, Registration
 
 __all__ = ["INTAKE", "Intake"]
@@ -31,15 +30,11 @@ FIRST_RETRY = 0.005
 LAST_RETRY = 0.1
 
 
-class IntakeState(enum.Enum):
-    PROXY_HEADER = "proxy_header"  # reading the PROXY header
-    HANDSHAKE = "handshake"  # terminating TLS
-    HELLO = "hello"  # peeking at the ClientHello
-    ROUTED = "routed"  # handed to its dial
-    FAILED = "failed"
-
-
-PROXY_HEADER, HANDSHAKE, HELLO, ROUTED, FAILED = IntakeState
+PROXY_HEADER = State("proxy_header")  # reading the PROXY header
+HANDSHAKE = State("handshake")  # terminating TLS
+HELLO = State("hello")  # peeking at the ClientHello
+ROUTED = State("routed")  # handed to its dial
+FAILED = State("failed")
 _ENDINGS = {"route": ROUTED, "fail": FAILED}
 INTAKE = Lifecycle("Intake", {
     PROXY_HEADER: {"handshake": HANDSHAKE, "hello": HELLO, **_ENDINGS},
@@ -73,11 +68,8 @@ class Intake(Registration):
         self.state = PROXY_HEADER  # (where every intake begins; a server without PROXY moves on at once)
 
     def __repr__(self):
-        return (f"<Intake fd={self.fd} {self.state.value} peeked={self.peeked}"
+        return (f"<Intake fd={self.fd} {self.state.name} peeked={self.peeked}"
                 f"{' hung up' if self.hung_up else ''}{' ' + self.failure if self.failure else ''}>")
-
-    def _move(self, event):
-        self.state = INTAKE.move(self.state, event)
 
     def start(self):
         self.timer = self.reactor.call_at(self.envelope.connect_deadline, self._expired)
@@ -171,7 +163,7 @@ class Intake(Registration):
 
     def _after_proxy_header(self):
         if self.listener.tls is not None:
-            self._move("handshake")
+            self.state = self.state.moves["handshake"]
             # A new object on the same descriptor: the registration, by descriptor, carries on.
             self.client = self.listener.tls.default.wrap_socket(
                 self.client, server_side=True, do_handshake_on_connect=False)
@@ -181,7 +173,7 @@ class Intake(Registration):
         else:
             # A client that has not finished its hello in half the connect
             # timeout (or speaks only after the server) goes to the fallback.
-            self._move("hello")
+            self.state = self.state.moves["hello"]
             envelope = self.envelope
             wait = (envelope.connect_deadline - envelope.accepted_at) / 2
             self.hello_timer = self.reactor.call_at(envelope.accepted_at + wait, self._hello_late)
@@ -239,7 +231,7 @@ class Intake(Registration):
         else:
             self.fail(cause)
             return
-        self._move("route")
+        self.state = self.state.moves["route"]
         self._stop()
         self.envelope.dst_name = name
         listener.dial(self, self.client, self.envelope)
@@ -258,6 +250,6 @@ class Intake(Registration):
         self.fail("timeout")
 
     def fail(self, cause):
-        self._move("fail")
+        self.state = self.state.moves["fail"]
         self._stop()
         self.listener.dial_failed(self, cause)

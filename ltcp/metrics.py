@@ -97,7 +97,7 @@ def _destination(balancer, listed):
         "endpoints": [{
             "address": e.address,
             "weight": e.weight,
-            "state": e.state.value,
+            "state": e.state.name,
             "open": e.active,
             "pending": e.pending,
             "consecutive_failures": e.failures,

@@ -106,6 +106,7 @@ class Listener:
         self.config = config
         self.binder = binder
         self.buffer = buffer
+        self.view = memoryview(buffer)  # made once, not per stream
         self.label = label
         self.sock = None
         self.address = None  # (ip, port) actually bound

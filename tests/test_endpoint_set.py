@@ -123,7 +123,7 @@ test_endpoint_set_invariants = EndpointSetMachine.TestCase
 
 def test_illegal_moves_are_refused():
     endpoint = Endpoint("127.0.0.1", 1)
-    with pytest.raises(IllegalMove, match="no move 'revive' from available"):
+    with pytest.raises(IllegalMove, match="Endpoint: no move .revive. from available"):
         endpoint.move("revive")
     endpoint.move("retire")
     with pytest.raises(IllegalMove):

@@ -261,7 +261,7 @@ def test_a_bug_in_a_stream_callback_ends_that_stream_once_and_releases_it(proxie
     elif phase == "intake":
         inject(monkeypatch, Intake, "_read_proxy_header", lambda intake: True)
     else:
-        inject(monkeypatch, Connect, "_connected", lambda connect, mask: True)
+        inject(monkeypatch, Connect, "on_event", lambda connect, mask: True)
     victim = proxy.connect()
     victim.sendall(header + b"BOOM")
     assert closed_without_data(victim)

@@ -249,6 +249,25 @@ class Proxy:
             self.admin.close()
 
 
+class Deliveries:
+    """Collects what an interpreter delivers for one name, and lets a test wait for it."""
+
+    def __init__(self):
+        self.updates = []
+        self.changed = threading.Condition()
+
+    def __call__(self, addresses):
+        with self.changed:
+            self.updates.append(addresses)
+            self.changed.notify_all()
+
+    def wait(self, count=1, timeout=5):
+        """The ``count``-th delivery, once it has come."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.updates) >= count, timeout), self.updates
+            return self.updates[count - 1]
+
+
 class SilentDiscovery:
     """Discovery that has not answered yet (namerd saying "pending")."""
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from ltcp.config import Address
 from ltcp.interpreter import fs as fs_module
 from ltcp.interpreter.fs import FsInterpreter, name_to_path, parse_addresses
-from netutil import named
+from netutil import Deliveries, named
 
 
 def test_parse_lines_weights_comments():
@@ -85,24 +85,6 @@ def test_watch_delivers_changes_and_refuses_escapes(tmp_path, caplog):
     finally:
         interpreter.close()
     assert not interpreter._thread.is_alive()
-
-
-class Deliveries:
-    """Collects what an interpreter delivers for one name, and lets a test wait for it."""
-
-    def __init__(self):
-        self.updates = []
-        self.changed = threading.Condition()
-
-    def __call__(self, addresses):
-        with self.changed:
-            self.updates.append(addresses)
-            self.changed.notify_all()
-
-    def wait(self, count=1, timeout=5):
-        with self.changed:
-            assert self.changed.wait_for(lambda: len(self.updates) >= count, timeout), self.updates
-            return self.updates[count - 1]
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from ltcp import config
 from ltcp.config import Address
 from ltcp.interpreter import KINDS, FsInterpreter, NamerdInterpreter, StaticInterpreter
 from ltcp.testing.namerd import NamerdServer
-from netutil import wait_for
+from netutil import Deliveries, wait_for
 
 A, B = [Address("127.0.0.1", 1001)], [Address("127.0.0.1", 1002, 3.0)]
 
@@ -84,22 +84,6 @@ def test_every_configured_kind_has_an_interpreter_and_a_contract_test():
     assert all(KINDS[kind].CONFIG is config.INTERPRETERS[kind] for kind in KINDS)
 
 
-class Deliveries:
-    def __init__(self):
-        self.seen = []
-        self.changed = threading.Condition()
-
-    def __call__(self, addresses):
-        with self.changed:
-            self.seen.append(addresses)
-            self.changed.notify_all()
-
-    def wait(self, count):
-        with self.changed:
-            assert self.changed.wait_for(lambda: len(self.seen) >= count, 5), self.seen
-            return self.seen[count - 1]
-
-
 @pytest.fixture
 def kind(request, tmp_path):
     source = SOURCES[request.param](tmp_path)
@@ -142,7 +126,7 @@ def test_changes_are_followed_and_unwatched_names_forgotten(kind):
     source.set("/svc/gone", B)
     source.set("/svc/web", B)
     assert web.wait(2) == B  # by then the unwatched name's change has had its chance too
-    assert gone.seen == [A]
+    assert gone.updates == [A]
 
 
 @kinds("fails")
@@ -158,4 +142,4 @@ def test_a_failure_keeps_the_last_good_set(kind):
     wait_for(lambda: interpreter.stats.snapshot()["requests"] != outcomes, message="the failure seen")
     interpreter.watch("/svc/probe", probe)  # a later lookup, after the failure was seen
     probe.wait(1)
-    assert web.seen == [A]
+    assert web.updates == [A]

@@ -144,9 +144,10 @@ class Balancer:
     def attempt_ended(self, endpoint, cause=None, detail=""):
         """A connect to ``endpoint`` ended: in success (``cause`` None), failure, or ``CANCELLED`` by its stream."""
         endpoint.end_connect()
-        if cause is None:
+        if cause is None:  # (no settling: the stream about to run on it is not counted yet)
             self.set.connect_succeeded(endpoint)
-        elif cause is not CANCELLED:
+            return
+        if cause is not CANCELLED:
             self.connect_failures[cause] += 1
             if cause not in LOCAL_CAUSES and self.set.connect_failed(endpoint):  # ours say nothing of it
                 penalty = self.settings.fail_fast.failure_penalty_secs
@@ -224,6 +225,8 @@ class Balancer:
             self.budget.release_pooled()
             self.reactor.unregister(sock)
             sock.close()
+            if endpoint.state is RETIRED:
+                self.set.settle(endpoint)
             return
         self.pool.append(PooledConnection(self, endpoint, sock))  # takes over the WRITE registration
 
@@ -340,12 +343,14 @@ class Dial(Registration):
     Ends in exactly one of ``owner.established(dial, endpoint, sock, events)``
     or ``owner.dial_failed(dial, cause)``, the two moves out of its lifecycle
     (``DIAL``); the client socket is handed over registered for ``events``.
+    (Should the owner raise while taking the stream over, a bug, the dial
+    reports ``dial_failed(dial, "bug")`` from the established state.)
     """
 
-    __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt", "state", "timer",
+    __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt", "state", "timer", "expiring",
                  "tries", "failure", "reactor", "fd", "events")
 
-    def __init__(self, balancer, client, envelope, owner):
+    def __init__(self, balancer, client, envelope, owner: DialOwner):
         self.balancer = balancer
         self.client = client
         self.envelope = envelope
@@ -354,6 +359,7 @@ class Dial(Registration):
         self.attempt = None
         self.state = NEW
         self.timer = None
+        self.expiring = False  # the timer is for the stream's deadline (not an attempt's, not a pause's end)
         self.tries = 0
         self.failure = ""  # the last attempt's failure, for the log
         self.reactor = balancer.reactor
@@ -378,11 +384,13 @@ class Dial(Registration):
         """(Re)arm the one timer: at ``when``, or at the stream's deadline if that comes first."""
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.reactor.call_at(min(when, self.envelope.connect_deadline), self._woken)
+        deadline = self.envelope.connect_deadline
+        self.expiring = when >= deadline  # decided now: when it fires, the loop's clock may lag behind
+        self.timer = self.reactor.call_at(min(when, deadline), self._woken)
 
     def _woken(self):
         self.timer = None
-        if self.reactor.now >= self.envelope.connect_deadline:
+        if self.expiring:
             self.fail("timeout")
         elif self.state is CONNECTING:  # the attempt took longer than the client's connectTimeoutMs
             self.attempt.cancel()
@@ -422,16 +430,16 @@ class Dial(Registration):
         if endpoint is None:
             self.fail("no_endpoints")
             return
-        self.state = self.state.moves["connect"]
-        self.endpoint = endpoint
-        self.tries += 1
-        endpoint.begin_connect()
-        reactor = self.reactor
-        self._wake_at(reactor.now + balancer.settings.connect_timeout_ms / 1000)
         preface = None
         if balancer.proxy_header is not None:
             envelope = self.envelope
             preface = balancer.proxy_header(envelope.source, envelope.destination or self.client.getsockname()[:2])
+        self.state = self.state.moves["connect"]
+        self.endpoint = endpoint
+        self.tries += 1
+        reactor = self.reactor
+        self._wake_at(reactor.now + balancer.settings.connect_timeout_ms / 1000)
+        endpoint.begin_connect()
         self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, None, self._connected, preface,
                                balancer.tls)
 
@@ -490,6 +498,7 @@ class Dial(Registration):
             self.attempt.cancel()
             self.attempt = None
             self.balancer.attempt_ended(self.endpoint, CANCELLED)
+            self.failure = f"{self.endpoint.address}: cut off"
         self.owner.dial_failed(self, cause)
 
     def crashed(self, exc):

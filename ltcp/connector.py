@@ -1,8 +1,7 @@
-"""One nonblocking connection attempt to one endpoint, bounded by a timeout."""
+"""One nonblocking connection attempt to one endpoint (timed by itself or by its caller)."""
 
 import errno
 import socket
-import ssl
 
 from . import tls as _tls
 from .lifecycle import Lifecycle, State
@@ -94,6 +93,8 @@ class Connect(Registration):
             self.done(None, failure_cause(err), _errno_name(err))
 
     def on_event(self, mask):
+        if self.state is DONE:
+            return  # handed over still registered: its new owner takes the descriptor before it can fire
         if self.state is HANDSHAKING:
             self._handshake()
             return
@@ -121,11 +122,8 @@ class Connect(Registration):
     def _handshake(self):
         try:
             waiting = _tls.handshake(self.sock)
-        except ssl.SSLError as exc:
-            self._fail("tls", exc.reason or str(exc))
-            return
-        except OSError as exc:
-            self._fail("tls", _errno_name(exc.errno))
+        except OSError as exc:  # (ssl.SSLError included)
+            self._fail("tls", _tls.describe_error(exc))
             return
         if waiting:
             self.want(waiting)

@@ -13,7 +13,6 @@ bytes somewhere, and WRITE while bytes are pending for it.  A leg that wants
 nothing is unregistered, so a hung-up socket cannot wake the loop in vain.
 """
 
-import errno
 import fcntl
 import os
 import socket
@@ -23,6 +22,7 @@ from typing import Protocol
 
 from .lifecycle import Lifecycle, State
 from .loop import READ, WRITE, Registration
+from .tls import describe_error
 
 __all__ = ["Duplex", "DuplexOwner", "Tally", "READING", "WRITING"]
 
@@ -340,7 +340,7 @@ class Duplex:
     __slots__ = ("reactor", "client", "upstream", "owner", "balancer", "endpoint", "envelope", "buffer", "view",
                  "started", "last_active", "idle_timer", "life_timer", "closed", "reason", "detail")
 
-    def __init__(self, owner, dial, upstream_sock, upstream_events, buffer):
+    def __init__(self, owner: DuplexOwner, dial, upstream_sock, upstream_events, buffer):
         """Take over ``dial``'s client (still registered for ``dial.events``) and its upstream socket.
 
         ``buffer`` is the shared transfer buffer, and ``owner.view`` a memoryview of it.
@@ -384,7 +384,7 @@ class Duplex:
     def abort(self, exc=None):
         """An error on either socket: reset both so neither end mistakes it for a clean end."""
         if exc is not None:
-            self.detail = errno.errorcode.get(exc.errno, "") or str(exc)
+            self.detail = describe_error(exc)
         self.close("error", reset=True)
 
     def crashed(self, exc):

@@ -18,7 +18,6 @@ at once.  The whole intake runs inside the server's connect deadline.
 """
 
 import socket
-import ssl
 
 from . import proxyproto, tls
 from .lifecycle import Lifecycle, State
@@ -186,12 +185,8 @@ class Intake(Registration):
     def _handshake(self):
         try:
             waiting = tls.handshake(self.client)
-        except ssl.SSLError as exc:
-            self.failure = exc.reason or str(exc)
-            self.fail("tls")
-            return
-        except OSError as exc:
-            self.failure = exc.strerror or str(exc)
+        except OSError as exc:  # (ssl.SSLError included)
+            self.failure = tls.describe_error(exc)
             self.fail("tls")
             return
         if waiting:

@@ -12,6 +12,7 @@ across TCP segments), stops at ``MAX_HELLO_BYTES``, and reports one of:
 """
 
 import base64
+import errno
 import ipaddress
 import os
 import ssl
@@ -22,9 +23,9 @@ from typing import NamedTuple, Optional
 from .loop import READ, WRITE
 from .names import is_dns_name
 
-__all__ = ["ClientHello", "handshake", "parse_client_hello", "normalize_server_name", "routing_name", "server_context",
-           "client_context", "material_problems", "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED",
-           "HELLO"]
+__all__ = ["ClientHello", "describe_error", "handshake", "parse_client_hello", "normalize_server_name",
+           "routing_name", "server_context", "client_context", "material_problems", "TlsMaterialError",
+           "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
 
 NEED_MORE, NOT_TLS, MALFORMED, HELLO = "need_more", "not_tls", "malformed", "hello"
 MAX_HELLO_BYTES = 16 * 1024  # the whole ClientHello handshake message, across records
@@ -166,6 +167,13 @@ def normalize_server_name(name):
     if name.endswith("."):
         name = name[:-1]
     return name if is_dns_name(name) else None
+
+
+def describe_error(exc):
+    """A short name for what failed: a TLS reason (``CERTIFICATE_VERIFY_FAILED``) or an errno name."""
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return errno.errorcode.get(exc.errno or 0) or str(exc)
 
 
 def handshake(sock):

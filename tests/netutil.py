@@ -17,6 +17,7 @@ import yaml
 from ltcp.admin import AdminServer
 from ltcp.app import App
 from ltcp.config import loads
+from ltcp.interpreter.stats import DiscoveryStats
 
 
 def wait_for(condition, timeout=10.0, interval=0.005, message="condition"):
@@ -271,6 +272,17 @@ class Deliveries:
 class SilentDiscovery:
     """Discovery that has not answered yet (namerd saying "pending")."""
 
+    KIND = "silent"
+
+    def __init__(self):
+        self.stats = DiscoveryStats()
+
+    def start(self):
+        pass
+
+    def close(self):
+        pass
+
     def watch(self, name, deliver):
         pass
 
@@ -299,14 +311,15 @@ def settled(app):
             pooled += len(balancer.pool) + balancer.pool_connecting
             if balancer.dials or balancer.waiters:
                 problems.append(repr(balancer))
-            for endpoint in list(balancer.endpoints.values()) + list(balancer.retired.values()):
-                if endpoint.active or endpoint.pending > balancer.pool_connecting:
-                    problems.append(repr(endpoint))
+            endpoints = list(balancer.endpoints.values()) + list(balancer.retired.values())
+            problems.extend(repr(endpoint) for endpoint in endpoints if endpoint.active)
+            if sum(endpoint.pending for endpoint in endpoints) != balancer.pool_connecting:
+                problems.append(f"{balancer!r}: connects pending on endpoints, {balancer.pool_connecting} for its pool")
     if app.budget.pooled != pooled:
         problems.append(f"budget: {app.budget.pooled} pooled, {pooled} in pools")
     registered = len(app.reactor._handlers)
     expected = 1 + sum(1 for listener in app.listeners if listener.listening) + pooled
-    if registered > expected:
+    if registered != expected:
         problems.append(f"reactor: {registered} registrations, {expected} expected")
     return problems
 

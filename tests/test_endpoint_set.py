@@ -19,7 +19,6 @@ MAX_FAILURES = 2
 class EndpointSetMachine(RuleBasedStateMachine):
     """Drives an EndpointSet as a balancer would, and checks it after every step."""
 
-
     def __init__(self):
         super().__init__()
         self.set = EndpointSet(MAX_FAILURES)
@@ -53,14 +52,14 @@ class EndpointSetMachine(RuleBasedStateMachine):
     @rule(data=st.data(), succeeds=st.booleans())
     def a_connect_ends(self, data, succeeds):
         endpoint = self.connecting.pop(data.draw(st.integers(0, len(self.connecting) - 1)))
-        if succeeds:
+        endpoint.end_connect()  # the balancer's order: the connect is over before its stream opens
+        if succeeds:  # no settling in between: the stream is about to run on it
             self.set.connect_succeeded(endpoint)
             endpoint.acquire()
             self.open.append(endpoint)
         else:
             self.set.connect_failed(endpoint)
-        endpoint.end_connect()
-        self.set.settle(endpoint)
+            self.set.settle(endpoint)
         if endpoint.state is RETIRED:
             assert (endpoint.sockaddr in self.set.retired) == (endpoint.load > 0)
 
@@ -80,8 +79,8 @@ class EndpointSetMachine(RuleBasedStateMachine):
         endpoint = data.draw(st.sampled_from(sorted(self.set.endpoints.values(), key=lambda e: e.port)))
         endpoint.begin_connect()
         was = endpoint.state
-        ejected = self.set.connect_failed(endpoint)
         endpoint.end_connect()
+        ejected = self.set.connect_failed(endpoint)
         self.set.settle(endpoint)
         assert ejected == (was is AVAILABLE and endpoint.failures >= MAX_FAILURES)
 
@@ -100,6 +99,14 @@ class EndpointSetMachine(RuleBasedStateMachine):
         for endpoint in self.set.retired.values():
             assert endpoint.state is RETIRED and endpoint.load > 0
         assert self.set.ejected <= set(self.set.endpoints.values())
+
+    @invariant()
+    def nothing_with_load_is_lost(self):
+        """An endpoint something runs on stays reachable, so its counts can still come back down."""
+        for endpoint in self.known:
+            if endpoint.load:
+                assert (self.set.endpoints.get(endpoint.sockaddr) is endpoint
+                        or self.set.retired.get(endpoint.sockaddr) is endpoint)
 
     @invariant()
     def the_picker_offers_only_usable_endpoints_unless_all_failed(self):

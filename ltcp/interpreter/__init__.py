@@ -41,7 +41,9 @@ class Interpreter(Protocol):
 
 
 # Every kind, by name. A new kind is an interpreter class with KIND, CONFIG and
-# from_config(), its CONFIG dataclass in ltcp.config, and a line here.
+# from_config(), a line here, its config dataclass in ltcp.config and a line in
+# ltcp.config.INTERPRETERS (config stays below the interpreters in the layering;
+# tests/test_interpreters.py checks that the two tables name the same kinds).
 KINDS = {cls.KIND: cls for cls in (StaticInterpreter, FsInterpreter, NamerdInterpreter)}
 
 

@@ -125,7 +125,8 @@ def routers_json(data):
 # -- merge: several snapshots (one per worker reactor) into one; pure -------------------
 
 _KEYS = {"routers": "label", "servers": "address", "destinations": "name", "endpoints": "address"}
-_LATEST = {"last_update"}  # merged as the latest; every other number is summed
+_LARGEST = {"last_update", "consecutive_failures"}  # the latest time, the longest failure streak
+_SHARED = {"weight"}  # one value every reactor agrees on: kept, not summed
 _WORST = ("failed", "retired", "available")  # an endpoint's state, merged as the worst any reactor saw
 
 
@@ -134,17 +135,27 @@ def merge(snapshots):
 
     Routers are matched by label, servers by address, destinations by name and
     endpoints by address, so N reactors' views of one instance add up exactly.
+    Facts about the endpoints themselves (weight, state, how many there are) are
+    not multiplied by the number of reactors that saw them.
     """
-    merged = None
-    for data in snapshots:
-        merged = data if merged is None else _merge_value(merged, data, None)
+    snapshots = list(snapshots)
+    if not snapshots:
+        raise ValueError("merge needs at least one snapshot")
+    merged = snapshots[0]
+    for data in snapshots[1:]:
+        merged = _merge_value(merged, data, None)
     return merged
 
 
 def _merge_value(a, b, key):
+    if a is None or b is None:
+        return b if a is None else a
+    if key == "endpoint_states":
+        return _merge_states(a, b)
     if isinstance(a, dict):
-        return {k: _merge_value(a[k], b[k], k) if k in a and k in b else a.get(k, b.get(k))
-                for k in {**a, **b}}
+        merged = {k: _merge_value(a[k], b[k], k) if k in a and k in b else a.get(k, b.get(k))
+                  for k in {**a, **b}}
+        return _recount(merged) if "endpoint_states" in merged else merged
     if isinstance(a, list):
         by = _KEYS.get(key)
         found = {item[by]: item for item in a}
@@ -153,11 +164,30 @@ def _merge_value(a, b, key):
         return list(found.values())
     if isinstance(a, Histogram):
         return a.merged(b)
-    if isinstance(a, bool) or a is None or b is None:
+    if isinstance(a, bool):
         return a or b
     if isinstance(a, str):
         return min(a, b, key=_WORST.index) if key == "state" else a
-    return max(a, b) if key in _LATEST else a + b
+    if key in _SHARED:
+        return a
+    return max(a, b) if key in _LARGEST else a + b
+
+
+def _merge_states(a, b):
+    """Endpoints by state when not all are listed: the worst of the reactors' counts."""
+    total = max(sum(a.values()), sum(b.values()))
+    failed = max(a["failed"], b["failed"])
+    retired = min(max(a["retired"], b["retired"]), total - failed)
+    return {"available": total - failed - retired, "failed": failed, "retired": retired}
+
+
+def _recount(destination):
+    """With every endpoint listed, count their merged states, so list and counts agree."""
+    endpoints = destination["endpoints"]
+    if len(endpoints) == sum(destination["endpoint_states"].values()):
+        destination["endpoint_states"] = {state: sum(e["state"] == state for e in endpoints)
+                                          for state in ("available", "failed", "retired")}
+    return destination
 
 
 # -- render: a snapshot as Prometheus metric families; pure --------------------------------

@@ -465,7 +465,7 @@ def test_routers_json_lists_a_bounded_number_of_endpoints_and_counts_them_all(pr
 
 
 def test_merged_snapshots_add_up_exactly(proxies, backends):
-    """What the process-model supervisor will do with its workers' snapshots: sum them."""
+    """What the process-model supervisor will do with its workers' snapshots: sum the counts."""
     backend = backends(echo)
     proxy = proxies(drain_config(backend.addr, grace=5), admin=True)
     for _ in range(3):
@@ -480,8 +480,8 @@ def test_merged_snapshots_add_up_exactly(proxies, backends):
               for family in ltcp_metrics.render(ltcp_metrics.merge([one, one])) for s in family.samples}
     assert merged.keys() == single.keys()
     for key, count in single.items():
-        if key[0] == "ltcp_discovery_last_update_timestamp_seconds":
-            assert merged[key] == count  # the latest of the two, not a sum
+        if key[0] in ("ltcp_discovery_last_update_timestamp_seconds", "ltcp_endpoints"):
+            assert merged[key] == count, key  # the latest time; the same endpoints, not twice as many
         elif key[0] != "ltcp_draining":
             assert merged[key] == 2 * count, key
     web = (("router", "r"), ("server", proxy.listener.display_address))

@@ -2,11 +2,14 @@
 
     GET  /metrics        Prometheus text exposition
     GET  /routers.json   routers, servers, destinations and endpoints, live
+    POST /reload         re-read the configuration file (as SIGHUP does)
     POST /shutdown       graceful drain (answers at once)
     POST /abort          exit 1 immediately
 
 It runs on control-plane threads (``httpd``) and reaches data-plane state only
-through a reactor round trip (``metrics.on_reactor``).  A page is rendered at
+through its ``view``: the supervisor's (which asks every worker for a
+snapshot over its control channel and merges them) or ``ReactorView``'s (a
+reactor round trip in this process).  A page is rendered at
 most once per ``CACHE_SECS``, however many clients ask, so scrapes and open
 dashboards cost the data plane a few snapshots a second at most.
 
@@ -30,9 +33,11 @@ import urllib.parse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .httpd import HttpServer, Response, plain
-from .metrics import MAX_LISTED_ENDPOINTS, LtcpCollector, ProcessCollector, on_reactor, routers_json, snapshot
+from .names import display_address
+from .metrics import LtcpCollector, ProcessCollector, on_reactor
+from .snapshot import MAX_LISTED_ENDPOINTS, routers_json, snapshot
 
-__all__ = ["AdminServer", "exposure_warning", "refusal"]
+__all__ = ["AdminServer", "ReactorView", "exposure_warning", "refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +116,44 @@ class _Cached:
             return self._body
 
 
-class AdminServer:
-    def __init__(self, app, config):
+class ReactorView:
+    """What the admin server shows of one App running in this process (tests, embedding)."""
+
+    def __init__(self, app):
         self.app = app
+
+    def snapshot(self, listed=0):
+        return on_reactor(self.app.reactor, lambda: snapshot(self.app, listed))
+
+    def routers(self):
+        return routers_json(self.snapshot(MAX_LISTED_ENDPOINTS))
+
+    def families(self):
+        return []
+
+    def drain(self):
+        self.app.request_drain()
+
+    def abort(self):
+        exit_now()
+
+    def reload(self):
+        """Only a supervisor can reload; the reason it cannot, for the client."""
+        return False, "this process has no supervisor to reload it"
+
+
+class AdminServer:
+    def __init__(self, view, config):
+        self.view = view
         self.ip = config.ip
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(LtcpCollector(app))
+        self.registry.register(LtcpCollector(view))
         self.registry.register(ProcessCollector())  # process_*: the names dashboards expect
         self._metrics = _Cached(lambda: generate_latest(self.registry))
-        self._routers = _Cached(
-            lambda: json.dumps(routers_json(on_reactor(app.reactor, lambda: snapshot(app, MAX_LISTED_ENDPOINTS))),
-                               indent=2).encode() + b"\n")
+        self._routers = _Cached(lambda: json.dumps(view.routers(), indent=2).encode() + b"\n")
         self._routes = {"/metrics": ("GET", self._get_metrics), "/routers.json": ("GET", self._get_routers),
-                        "/shutdown": ("POST", self._shutdown), "/abort": ("POST", self._abort)}
+                        "/reload": ("POST", self._reload), "/shutdown": ("POST", self._shutdown),
+                        "/abort": ("POST", self._abort)}
         self._http = HttpServer((config.ip, config.port), self.handle, name="admin")
         self.address = self._http.address
         warning = exposure_warning(config.ip)
@@ -132,8 +162,7 @@ class AdminServer:
 
     @property
     def display_address(self):
-        ip, port = self.address
-        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return display_address(self.address)
 
     def start(self):
         self._http.start()
@@ -165,16 +194,22 @@ class AdminServer:
     def _get_routers(self):
         return Response(200, self._routers.get(), content_type="application/json")
 
+    def _reload(self):
+        log.info("reload requested through the admin server")
+        ok, message = self.view.reload()
+        return plain(200 if ok else 409, message)
+
     def _shutdown(self):
         log.info("shutdown requested through the admin server")
-        self.app.request_drain()
+        self.view.drain()
         return plain(200, "draining")
 
     def _abort(self):
         log.warning("abort requested through the admin server: exiting now")
-        return Response(200, b"aborting\n", after=_exit_now)
+        return Response(200, b"aborting\n", after=self.view.abort)
 
 
-def _exit_now():
+def exit_now(status=1):
+    """End this process at once (after the answer has gone out)."""
     logging.shutdown()
-    os._exit(1)
+    os._exit(status)

@@ -1,38 +1,42 @@
-"""Running a configuration: routers on one reactor, signals, shutdown."""
+"""Running a configuration's routers on one reactor, and draining them.
+
+A worker process runs one App, its discovery answered by the supervisor; the
+tests run one in-process, with discovery on threads of their own.
+"""
 
 import gc
 import logging
-import os
 import resource
-import signal
 
-from . import httpd
-from .admin import AdminServer
-from .config import NamerdConfig
-from .interpreter.namerd import MAX_STREAMS, POLL_WORKERS
 from .loop import Reactor
 from .router import Router
 from .server import StreamBudget
-from .tls import TlsMaterialError
 
-__all__ = ["App", "serve"]
+__all__ = ["App", "tune_garbage_collection"]
 
 log = logging.getLogger(__name__)
 
-RESERVED_DESCRIPTORS = 32  # stdio, epoll, wakeup pipe, logs, a margin
-ADMIN_DESCRIPTORS = httpd.MAX_CONNECTIONS + httpd.MAX_QUEUED + httpd.HANDLER_THREADS
-NAMERD_THREADS = MAX_STREAMS + POLL_WORKERS  # a connection each at most
+RESERVED_DESCRIPTORS = 32  # stdio, epoll, wakeup pipe, the control channel, logs, a margin
 
 
-def reserved_descriptors(config):
-    """Descriptors left to everything but streams: listeners, the admin server's clients, discovery's requests."""
-    discovery = sum(NAMERD_THREADS if isinstance(r.interpreter, NamerdConfig) else 1
-                    for r in config.routers)
+def reserved_descriptors(config, control_plane):
+    """Descriptors left to everything but streams: listeners, and the control plane's when it shares the process."""
     listeners = sum(len(r.servers) for r in config.routers)
-    return RESERVED_DESCRIPTORS + ADMIN_DESCRIPTORS + discovery + listeners
+    return RESERVED_DESCRIPTORS + listeners + (control_plane_descriptors(config) if control_plane else 0)
 
 
-def stream_budget(config):
+def control_plane_descriptors(config):
+    """The admin server's clients and discovery's requests, at most."""
+    from . import httpd
+    from .config import NamerdConfig
+    from .interpreter.namerd import MAX_STREAMS, POLL_WORKERS
+    admin = httpd.MAX_CONNECTIONS + httpd.MAX_QUEUED + httpd.HANDLER_THREADS
+    discovery = sum(MAX_STREAMS + POLL_WORKERS if isinstance(r.interpreter, NamerdConfig) else 1
+                    for r in config.routers)
+    return admin + discovery
+
+
+def stream_budget(config, control_plane=True):
     """How many streams, and pooled connections, fit in the descriptor limit (raised to the hard limit first).
 
     When any client keeps pre-established connections, a quarter of the
@@ -46,7 +50,7 @@ def stream_budget(config):
             soft = hard
         except (ValueError, OSError):
             pass
-    available = soft - reserved_descriptors(config)
+    available = soft - reserved_descriptors(config, control_plane)
     pooling = any(r.client.min_connections or any(c.overrides.get("min_connections") for c in r.client.configs)
                   for r in config.routers)
     pool = max(0, available // 4) if pooling else 0
@@ -62,17 +66,25 @@ class App:
     ``start()`` binds the listeners (so ports chosen by the system are known
     before ``run()``), ``run()`` blocks on the reactor until a drain finishes
     or ``stop()``; ``request_drain()`` and ``stop()`` may be called from any thread.
+
+    ``interpreters`` (by router label) answer discovery; without them each
+    router runs its own in this process.  ``sockets`` are listening sockets
+    already open, by ``router.listener_key``.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, interpreters=None, sockets=None):
         self.config = config
         self.reactor = Reactor()
         self.buffer = bytearray(config.buffer_size_bytes)
         self.closed = False
         self.draining = False
         self.grace_timer = None
-        self.budget = stream_budget(config)
-        self.routers = [Router(self.reactor, router, self.buffer, self.budget) for router in config.routers]
+        self.budget = stream_budget(config, control_plane=interpreters is None)
+        if interpreters is None:
+            from .interpreter import build
+            interpreters = {router.label: build(router.interpreter) for router in config.routers}
+        self.routers = [Router(self.reactor, router, self.buffer, self.budget, interpreters[router.label], sockets)
+                        for router in config.routers]
 
     @property
     def listeners(self):
@@ -136,67 +148,13 @@ class App:
             self.reactor.close()
 
 
-# Signals an operator or a service manager may send that ltcp gives no meaning
-# yet: without a handler each would end the process at once, cutting every stream.
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
-
-
-def _install_signal_handlers(app):
-    """SIGTERM and SIGINT drain (a second SIGINT exits at once); the rest are logged and ignored.
-
-    Handlers run on the main thread between two bytecodes of the reactor, so
-    they only queue work for it; the reactor does the logging.
-    """
-    interrupted = []
-
-    def drain(signum, frame):
-        if signum == signal.SIGINT and interrupted:
-            os._exit(130)  # a second Ctrl-C: stop waiting for streams
-        interrupted.append(signum)
-        app.request_drain()
-
-    def ignore(signum, frame):
-        app.reactor.call_soon_threadsafe(
-            log.warning, "received %s: it has no meaning for ltcp yet; ignored", signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, drain)
-    signal.signal(signal.SIGINT, drain)
-    for signum in IGNORED_SIGNALS:
-        signal.signal(signum, ignore)
-
-
 # Streams are freed by reference counting and make no cyclic garbage, so young
 # collections can be rare; a burst of allocations (a discovery answer with
 # tens of thousands of endpoints) then causes no full collection at all.
 GC_THRESHOLDS = (10_000, 10, 10)
 
 
-def _tune_garbage_collection():
+def tune_garbage_collection():
     """Rarer young collections, and the startup heap (modules, configuration) never scanned again."""
     gc.set_threshold(*GC_THRESHOLDS)
     gc.freeze()
-
-
-def serve(config):
-    """Serve until drained (SIGTERM, SIGINT, /shutdown); the process exit status."""
-    try:
-        app = App(config)
-    except TlsMaterialError as exc:  # a file changed since it was checked
-        log.error("cannot start: %s", exc)
-        return 2
-    try:
-        app.start()
-        admin = AdminServer(app, config.admin)
-    except OSError as exc:
-        app.close()
-        log.error("cannot start: %s", exc.strerror or exc)
-        return 2
-    _install_signal_handlers(app)
-    _tune_garbage_collection()
-    admin.start()
-    try:
-        app.run()
-    finally:
-        admin.close()
-    log.info("stopped")
-    return 0

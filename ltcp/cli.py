@@ -10,6 +10,7 @@ from .config import ConfigError, load
 from .tls import material_problems
 
 LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # workers log alike
 
 
 def _parser():
@@ -45,8 +46,7 @@ def main(argv=None):
     if args.log_level not in LEVELS:
         print(f"ltcp: LTCP_LOG must be one of {', '.join(LEVELS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     name = "<stdin>" if args.config == "-" else args.config
     try:
         config = load(args.config)
@@ -58,5 +58,5 @@ def main(argv=None):
     if args.check:
         print(f"ok: {summary(config)}")
         return 0
-    from .app import serve
-    return serve(config)
+    from .supervisor import serve
+    return serve(config, args.config, args.log_level)

@@ -22,8 +22,6 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
-import yaml
-
 from .names import canonical_ip, is_dns_name, parse_port
 
 __all__ = [
@@ -136,6 +134,18 @@ def seconds(at_least=None, above=None, hi=DAY_SECS):
 
 def milliseconds(hi=DAY_SECS * 1000):
     return integer(1, hi)
+
+
+MAX_WORKERS = 1024
+
+
+def worker_count(value, path, ctx):
+    """``workers``: a count, or ``auto`` for one per CPU this process may run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    return ctx.error(path, f"must be an integer 1..{MAX_WORKERS} or auto, not {brief(value)}")
 
 
 def boolean(value, path, ctx):
@@ -540,6 +550,7 @@ class Config:
     routers: Tuple[RouterConfig, ...] = _spec(list_of(section(RouterConfig), nonempty=True))
     admin: AdminConfig = _spec(section(AdminConfig), AdminConfig())
     buffer_size_bytes: int = _spec(integer(1024, 64 * 1024 * 1024), 16384)
+    workers: int = _spec(worker_count, 1)
 
 
 # -- whole-document checks -----------------------------------------------------
@@ -586,66 +597,6 @@ def _bind_address(text_value):
 
 # -- loading -------------------------------------------------------------------
 
-class _LimitedLoader(yaml.SafeLoader):
-    """Safe YAML loading that refuses documents nested too deeply or expanding too far.
-
-    Aliases make a small file stand for a huge value (the "billion laughs"):
-    each node's size counts what its aliases expand to, and loading stops as
-    soon as the document would exceed ``MAX_NODES``.
-    """
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._depth = 0
-        self._sizes = {}  # id(node) -> expanded size; nodes stay alive until loading ends
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            target = self.anchors.get(self.peek_event().anchor)
-            if target is not None and id(target) not in self._sizes:  # an alias inside its own anchor
-                self._refuse("an alias refers to a value that contains it")
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                self._refuse(f"nested more than {MAX_DEPTH} levels deep")
-            node = super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-        if id(node) not in self._sizes:
-            self._sizes[id(node)] = self._size(node)
-        if self._sizes[id(node)] > MAX_NODES:
-            self._refuse(f"expands to more than {MAX_NODES} values (YAML aliases)")
-        return node
-
-    def _size(self, node):
-        if isinstance(node, yaml.ScalarNode):
-            if node.tag in (_INT_TAG, _FLOAT_TAG) and len(node.value) > MAX_NUMBER_CHARS:
-                self._refuse(f"a number longer than {MAX_NUMBER_CHARS} characters", node.start_mark)
-            return 1
-        if isinstance(node, yaml.SequenceNode):
-            return 1 + sum(self._sizes[id(child)] for child in node.value)
-        return 1 + sum(self._sizes[id(key)] + self._sizes[id(value)] for key, value in node.value)
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
-                if key_node.value in seen:
-                    self._refuse(f"duplicate key {brief(key_node.value)}", key_node.start_mark)
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep)
-
-    def _refuse(self, problem, mark=None):
-        raise _Refused(None, None, problem, mark or self.peek_event().start_mark)
-
-
-class _Refused(yaml.MarkedYAMLError):
-    """Well-formed YAML that ltcp will not load (too deep, too big): not a syntax error."""
-
-
-_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-
-
 def _json_number(text_value):
     if len(text_value) > MAX_NUMBER_CHARS:
         raise ValueError(f"a number longer than {MAX_NUMBER_CHARS} characters")
@@ -682,15 +633,14 @@ def loads(source_text, source="<config>", base_dir="."):
             if not _json_depth_ok(document):
                 raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
         else:
-            document = yaml.load(source_text, Loader=_LimitedLoader)
+            from . import yamlsafe  # here, not at the top: workers never parse YAML
+            document = yamlsafe.parse(source_text, source, MAX_DEPTH, MAX_NODES, MAX_NUMBER_CHARS)
     except json.JSONDecodeError as exc:
         raise ConfigError([f"{source}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"], source) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([_yaml_message(source, exc)], source) from None
     except RecursionError:
         raise ConfigError([f"{source}: nested more than {MAX_DEPTH} levels deep"], source) from None
-    except ValueError as exc:  # a JSON number too long, or YAML's own conversion refusing one
-        raise ConfigError([f"{source}: {exc}"], source) from None
+    except ValueError as exc:  # YamlProblem, a JSON number too long, or YAML's own conversion refusing one
+        raise ConfigError([getattr(exc, "message", None) or f"{source}: {exc}"], source) from None
     if document is None:
         raise ConfigError([f"{source}: the configuration is empty"], source)
     ctx = _Context(base_dir)
@@ -720,11 +670,3 @@ def load(path):
         raise ConfigError([f"{source}: not UTF-8 text (byte {exc.start})"], source) from None
     base_dir = os.getcwd() if path == "-" else os.path.dirname(os.path.abspath(path))
     return loads(source_text, source, base_dir)
-
-
-def _yaml_message(source, exc):
-    mark = getattr(exc, "problem_mark", None)
-    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-    problem = getattr(exc, "problem", None) or str(exc)
-    kind = "refused" if isinstance(exc, _Refused) else "YAML syntax error"
-    return f"{where}: {kind}: {problem}"

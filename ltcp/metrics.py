@@ -7,17 +7,13 @@ on the admin thread.  Nothing here runs on the data-plane hot path.
 """
 
 import concurrent.futures
-import itertools
 import os
 import resource
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .histogram import Histogram
 
-
-__all__ = ["MAX_LISTED_ENDPOINTS", "snapshot", "merge", "render", "on_reactor", "LtcpCollector",
-           "ProcessCollector", "routers_json"]
+__all__ = ["render", "on_reactor", "supervisor_families", "LtcpCollector", "ProcessCollector"]
 
 
 def on_reactor(reactor, fn, timeout=5.0):
@@ -36,158 +32,6 @@ def on_reactor(reactor, fn, timeout=5.0):
         return future.result(timeout)
     finally:
         future.cancel()
-
-
-MAX_LISTED_ENDPOINTS = 1000  # per destination in /routers.json; all are counted
-
-
-def snapshot(app, listed=0):
-    """Plain data describing every router; call on the reactor thread.
-
-    Endpoints are counted by state; up to ``listed`` of each destination are
-    also described one by one (what /routers.json shows), so a scrape of
-    /metrics builds nothing per endpoint.
-    """
-    return {
-        "routers": [_router(router, listed) for router in app.routers],
-        "reactor_lag": app.reactor.wheel.lag.copy(),
-        "draining": app.draining,
-    }
-
-
-def _router(router, listed):
-    return {
-        "label": router.label,
-        "interpreter": router.interpreter_kind,
-        "servers": [_server(listener) for listener in router.listeners],
-        "destinations": [_destination(b, listed) for b in router.binder.balancers.values()],
-        "route_cache": {"hits": router.binder.hits, "creations": router.binder.creations,
-                        "evictions": router.binder.evictions},
-        "discovery": router.interpreter.stats.snapshot(),
-    }
-
-
-def _server(listener):
-    return {
-        "address": listener.display_address if listener.address else None,
-        "dst_name": listener.config.dst_name,
-        "listening": listener.listening,
-        "active": listener.active,
-        "accepted": listener.accepted,
-        "closed": listener.finished,
-        "received_bytes": listener.received.value,
-        "sent_bytes": listener.sent.value,
-        "failures": {**listener.failures, **{k: v for k, v in listener.endings.items() if k != "done"}},
-        "sni_fallbacks": dict(listener.fallbacks),
-        "connect_latency": listener.connect_latency.copy(),
-        "stream_duration": listener.stream_duration.copy(),
-    }
-
-
-def _destination(balancer, listed):
-    endpoints = itertools.chain(balancer.endpoints.values(), balancer.retired.values())
-    return {
-        "name": balancer.name,
-        "resolved": balancer.resolved,
-        "last_update": balancer.last_update,
-        "waiters": len(balancer.waiters),
-        "pooled": len(balancer.pool),
-        "connect_failures": dict(balancer.connect_failures),
-        "endpoint_states": balancer.set.counts(),
-        "endpoints": [{
-            "address": e.address,
-            "weight": e.weight,
-            "state": e.state.name,
-            "open": e.active,
-            "pending": e.pending,
-            "consecutive_failures": e.failures,
-            "connects": e.connects,
-            "connect_failures": e.connect_failures,
-        } for e in itertools.islice(endpoints, listed)],
-    }
-
-
-def routers_json(data):
-    """The snapshot as /routers.json shows it (histograms left to /metrics)."""
-    return {
-        "draining": data["draining"],
-        "routers": [{
-            "label": r["label"],
-            "interpreter": r["interpreter"],
-            "servers": [{k: v for k, v in s.items() if k not in ("connect_latency", "stream_duration")}
-                        for s in r["servers"]],
-            "destinations": r["destinations"],
-            "route_cache": r["route_cache"],
-        } for r in data["routers"]],
-    }
-
-
-# -- merge: several snapshots (one per worker reactor) into one; pure -------------------
-
-_KEYS = {"routers": "label", "servers": "address", "destinations": "name", "endpoints": "address"}
-_LARGEST = {"last_update", "consecutive_failures"}  # the latest time, the longest failure streak
-_SHARED = {"weight"}  # one value every reactor agrees on: kept, not summed
-_WORST = ("failed", "retired", "available")  # an endpoint's state, merged as the worst any reactor saw
-
-
-def merge(snapshots):
-    """One snapshot for several reactors: counts summed, histograms merged, flags or'ed.
-
-    Routers are matched by label, servers by address, destinations by name and
-    endpoints by address, so N reactors' views of one instance add up exactly.
-    Facts about the endpoints themselves (weight, state, how many there are) are
-    not multiplied by the number of reactors that saw them.
-    """
-    snapshots = list(snapshots)
-    if not snapshots:
-        raise ValueError("merge needs at least one snapshot")
-    merged = snapshots[0]
-    for data in snapshots[1:]:
-        merged = _merge_value(merged, data, None)
-    return merged
-
-
-def _merge_value(a, b, key):
-    if a is None or b is None:
-        return b if a is None else a
-    if key == "endpoint_states":
-        return _merge_states(a, b)
-    if isinstance(a, dict):
-        merged = {k: _merge_value(a[k], b[k], k) if k in a and k in b else a.get(k, b.get(k))
-                  for k in {**a, **b}}
-        return _recount(merged) if "endpoint_states" in merged else merged
-    if isinstance(a, list):
-        by = _KEYS.get(key)
-        found = {item[by]: item for item in a}
-        for item in b:
-            found[item[by]] = _merge_value(found[item[by]], item, None) if item[by] in found else item
-        return list(found.values())
-    if isinstance(a, Histogram):
-        return a.merged(b)
-    if isinstance(a, bool):
-        return a or b
-    if isinstance(a, str):
-        return min(a, b, key=_WORST.index) if key == "state" else a
-    if key in _SHARED:
-        return a
-    return max(a, b) if key in _LARGEST else a + b
-
-
-def _merge_states(a, b):
-    """Endpoints by state when not all are listed: the worst of the reactors' counts."""
-    total = max(sum(a.values()), sum(b.values()))
-    failed = max(a["failed"], b["failed"])
-    retired = min(max(a["retired"], b["retired"]), total - failed)
-    return {"available": total - failed - retired, "failed": failed, "retired": retired}
-
-
-def _recount(destination):
-    """With every endpoint listed, count their merged states, so list and counts agree."""
-    endpoints = destination["endpoints"]
-    if len(endpoints) == sum(destination["endpoint_states"].values()):
-        destination["endpoint_states"] = {state: sum(e["state"] == state for e in endpoints)
-                                          for state in ("available", "failed", "retired")}
-    return destination
 
 
 # -- render: a snapshot as Prometheus metric families; pure --------------------------------
@@ -272,17 +116,36 @@ def _add_histogram(family, values, histogram):
     family.add_metric(values, buckets, histogram.sum)
 
 
-class LtcpCollector:
-    """A prometheus_client collector: snapshot (on the reactor), then render."""
+def supervisor_families(state):
+    """The process model's own families: workers by state, restarts, reloads."""
+    workers = GaugeMetricFamily("ltcp_workers", "Worker processes, by state", labels=["state"])
+    for name in ("starting", "serving", "draining"):
+        workers.add_metric([name], state["workers"].count(name))
+    reloads = CounterMetricFamily("ltcp_config_reloads", "Configuration reloads (and upgrades), by outcome",
+                                  labels=["outcome"])
+    for outcome, count in sorted(state["reloads"].items()):
+        reloads.add_metric([outcome], count)
+    return [
+        workers,
+        CounterMetricFamily("ltcp_worker_restarts", "Workers started again after exiting unexpectedly",
+                            value=state["restarts"]),
+        reloads,
+        GaugeMetricFamily("ltcp_config_last_reload_success_timestamp_seconds",
+                          "When the configuration being served was loaded", value=state["last_reload_success"]),
+    ]
 
-    def __init__(self, app):
-        self.app = app
+
+class LtcpCollector:
+    """A prometheus_client collector: the admin view's snapshot, rendered, and the view's own families."""
+
+    def __init__(self, view):
+        self.view = view
 
     def describe(self):
         return []  # families are only known at scrape time; skip registration-time collection
 
     def collect(self):
-        return render(on_reactor(self.app.reactor, lambda: snapshot(self.app)))
+        return render(self.view.snapshot()) + self.view.families()
 
 
 class ProcessCollector:

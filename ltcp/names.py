@@ -4,7 +4,7 @@ discovery and TLS, with nothing to import but the standard library."""
 import re
 import socket
 
-__all__ = ["canonical_ip", "is_dns_name", "parse_port"]
+__all__ = ["canonical_ip", "display_address", "is_dns_name", "parse_port"]
 
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 
@@ -35,3 +35,9 @@ def parse_port(text):
     if text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) <= 65535:
         return int(text)
     return None
+
+
+def display_address(address):
+    """``ip:port``, with brackets around an IPv6 address."""
+    ip, port = address[:2]
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"

@@ -1,23 +1,26 @@
-"""A router: its interpreter, its route cache and its listeners."""
+"""A router: its discovery, its route cache and its listeners."""
 
-from . import interpreter as interpreters
 from .binder import Binder
+from .reload import listener_key
 from .server import Listener
 
 __all__ = ["Router"]
 
 
 class Router:
-    def __init__(self, reactor, config, buffer, budget):
+    def __init__(self, reactor, config, buffer, budget, interpreter, sockets=None):
+        """``sockets``: listening sockets already open, by ``reload.listener_key``; the rest are opened at start."""
+        sockets = sockets or {}
         self.label = config.label
         self.interpreter_kind = config.interpreter.kind
-        self.interpreter = interpreters.build(config.interpreter)
-        self.binder = Binder(reactor, self.interpreter, config.client, budget, self.label)
-        self.listeners = [Listener(reactor, server, self.binder, buffer, config.label, budget)
-                          for server in config.servers]
+        self.interpreter = interpreter
+        self.binder = Binder(reactor, interpreter, config.client, budget, self.label)
+        self.listeners = [Listener(reactor, server, self.binder, buffer, config.label, budget,
+                                   sockets.get(listener_key(config.label, i, server)))
+                          for i, server in enumerate(config.servers)]
 
     def start(self):
-        """Bind every listener (OSError if one cannot), then start discovery."""
+        """Listen on every server (OSError if one cannot), then start discovery."""
         for listener in self.listeners:
             listener.start()
         self.interpreter.start()

@@ -8,6 +8,7 @@ when the process runs out of file descriptors.
 import collections
 import errno
 import logging
+import select
 import socket
 
 from . import tls
@@ -16,8 +17,9 @@ from .duplex import Duplex, Tally
 from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from .intake import Intake
 from .loop import READ
+from .names import display_address
 
-__all__ = ["Envelope", "Listener", "StreamBudget"]
+__all__ = ["Envelope", "Listener", "StreamBudget", "listen"]
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +99,26 @@ class StreamBudget:
         self.pooled -= 1
 
 
+def listen(config):
+    """A listening socket for one server's address (OSError naming the address if it cannot be had)."""
+    family = socket.AF_INET6 if ":" in config.ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit TCP_NODELAY on Linux: one setsockopt here, none per client.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((config.ip, config.port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {config.address}: {exc.strerror}") from None
+    return sock
+
+
 class Listener:
     """One configured server: a listening socket and the streams it accepted."""
 
-    def __init__(self, reactor, config, binder, buffer, label, budget):
+    def __init__(self, reactor, config, binder, buffer, label, budget, sock=None):
         self.reactor = reactor
         self.budget = budget
         self.config = config
@@ -108,7 +126,7 @@ class Listener:
         self.buffer = buffer
         self.view = memoryview(buffer)  # made once, not per stream
         self.label = label
-        self.sock = None
+        self.sock = sock  # a listening socket opened by the supervisor, or None: start() opens one
         self.address = None  # (ip, port) actually bound
         self.listening = False
         self.closed = False
@@ -132,32 +150,23 @@ class Listener:
         self._intake = bool(config.proxy_protocol or config.tls or "{sni}" in config.dst_name)
 
     def start(self):
-        config = self.config
-        family = socket.AF_INET6 if ":" in config.ip else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # Accepted sockets inherit TCP_NODELAY on Linux: one setsockopt here, none per client.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind((config.ip, config.port))
-            sock.listen(BACKLOG)
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot listen on {config.address}: {exc.strerror}") from None
-        sock.setblocking(False)
-        self.sock = sock
-        self.address = sock.getsockname()[:2]
+        opened = self.sock is None
+        if opened:
+            self.sock = listen(self.config)
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()[:2]
         self._listen()
-        log.info("router %s listening on %s for %s", self.label, self.display_address, config.dst_name)
+        if opened:  # (a supervisor says it once for all its workers)
+            log.info("router %s listening on %s for %s", self.label, self.display_address, self.config.dst_name)
 
     @property
     def display_address(self):
-        ip, port = self.address
-        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return display_address(self.address)
 
     def _listen(self):
         if not self.listening and not self.closed:
-            self.reactor.register(self.sock, READ, self._acceptable)
+            # Workers share the socket: each readiness wakes one of them, not all.
+            self.reactor.register(self.sock, READ | select.EPOLLEXCLUSIVE, self._acceptable)
             self.listening = True
 
     def _pause(self):

@@ -14,7 +14,7 @@ import time
 
 import yaml
 
-from ltcp.admin import AdminServer
+from ltcp.admin import AdminServer, ReactorView
 from ltcp.app import App
 from ltcp.config import loads
 from ltcp.interpreter.stats import DiscoveryStats
@@ -206,7 +206,7 @@ class Proxy:
         self.app.start()
         self.admin = None
         if admin:
-            self.admin = AdminServer(self.app, config.admin)
+            self.admin = AdminServer(ReactorView(self.app), config.admin)
             self.admin.start()
         self.thread = threading.Thread(target=self.app.run, name="reactor", daemon=True)
         self.thread.start()
@@ -342,14 +342,19 @@ def static_config(names, **server):
 class LtcpProcess:
     """``python -m ltcp -`` in a subprocess, configured through stdin, its log collected."""
 
-    def __init__(self, document, nofile=None):
+    def __init__(self, document, nofile=None, path=None):
+        """``path``: write the configuration there and name it on the command line (it can be reloaded)."""
         def limit():
             if nofile:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "-"], stdin=subprocess.PIPE,
+        if path:
+            with open(path, "w") as f:
+                yaml.safe_dump(document, f)
+        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", str(path or "-")], stdin=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, preexec_fn=limit)
-        self.proc.stdin.write(yaml.safe_dump(document))
+        if not path:
+            self.proc.stdin.write(yaml.safe_dump(document))
         self.proc.stdin.close()
         self.lines = []
         while not any("admin server on" in line for line in self.lines):
@@ -357,8 +362,10 @@ class LtcpProcess:
             assert line, "".join(self.lines)
             self.lines.append(line)
         self.ports = [int(port) for port in re.findall(r"listening on 127\.0\.0\.1:(\d+)", self.log)]
+        self.workers = [int(pid) for pid in re.findall(r"worker (\d+) \(generation \d+\) serving", self.log)]
         self.port = self.ports[0]
         self.admin = re.search(r"admin server on (http://[\d.:]+)/", self.log).group(1)
+        self.path = path
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
 
@@ -370,10 +377,11 @@ class LtcpProcess:
         return socket.create_connection(("127.0.0.1", self.ports[index]), timeout=10)
 
     def cpu_over(self, seconds):
-        """CPU seconds the process used during a window of ``seconds``."""
-        before = cpu_seconds(self.proc.pid)
+        """CPU seconds the supervisor and its first workers used together during a window of ``seconds``."""
+        pids = [self.proc.pid, *self.workers]
+        before = sum(cpu_seconds(pid) for pid in pids)
         time.sleep(seconds)  # a window to measure over, not a wait for a condition
-        return cpu_seconds(self.proc.pid) - before
+        return sum(cpu_seconds(pid) for pid in pids) - before
 
     def stop(self):
         if self.proc.poll() is None:

@@ -14,7 +14,9 @@ import pytest
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
+from ltcp import admin as ltcp_admin
 from ltcp import metrics as ltcp_metrics
+from ltcp import snapshot as ltcp_snapshot
 
 from netutil import LtcpProcess, echo, named, recv_all, recv_exactly, refused_port, wait_for
 
@@ -369,8 +371,8 @@ def test_scrapes_share_snapshots_and_never_walk_the_streams(proxies, backends, m
 
     proxy.call(lambda: setattr(proxy.listener, "streams", Unwalkable(proxy.listener.streams)))
     snapshots = []
-    taken = ltcp_metrics.snapshot
-    monkeypatch.setattr(ltcp_metrics, "snapshot", lambda app: snapshots.append(1) or taken(app))
+    taken = ltcp_admin.snapshot
+    monkeypatch.setattr(ltcp_admin, "snapshot", lambda app, listed: snapshots.append(1) or taken(app, listed))
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(lambda _: scrape(proxy.admin_url), range(20)))
     assert len(snapshots) <= 2, f"{len(snapshots)} snapshots for 20 concurrent scrapes"
@@ -473,11 +475,11 @@ def test_merged_snapshots_add_up_exactly(proxies, backends):
             c.sendall(b"x" * 100)
             assert recv_exactly(c, 100) == b"x" * 100
     wait_for(lambda: proxy.listener.finished == 3)
-    one = proxy.call(ltcp_metrics.snapshot, proxy.app)  # as if two workers had seen the same
+    one = proxy.call(ltcp_snapshot.snapshot, proxy.app)  # as if two workers had seen the same
     single = {(s.name, tuple(sorted(s.labels.items()))): s.value
               for family in ltcp_metrics.render(one) for s in family.samples}
     merged = {(s.name, tuple(sorted(s.labels.items()))): s.value
-              for family in ltcp_metrics.render(ltcp_metrics.merge([one, one])) for s in family.samples}
+              for family in ltcp_metrics.render(ltcp_snapshot.merge([one, one])) for s in family.samples}
     assert merged.keys() == single.keys()
     for key, count in single.items():
         if key[0] in ("ltcp_discovery_last_update_timestamp_seconds", "ltcp_endpoints"):

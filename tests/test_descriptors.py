@@ -37,8 +37,9 @@ def running(backends):
 
 
 def test_streams_stop_at_the_descriptor_budget_and_resume(running):
-    # (262 - 32 reserved - 164 for admin clients - 1 for discovery - 1 listener) // 2 = 32 streams
-    ltcp = running(nofile=262)
+    # A worker's budget: (97 - 32 reserved - 1 listener) // 2 = 32 streams (admin and discovery
+    # live in the supervisor, and need none of the worker's descriptors).
+    ltcp = running(nofile=97)
     assert "at most 32 concurrent streams" in ltcp.log
     clients = [ltcp.connect() for _ in range(50)]
     try:
@@ -63,15 +64,16 @@ def test_emfile_pauses_accepting_without_spinning_and_recovers(running):
     first = ltcp.connect()
     assert served(first)
     # Squeeze the running process: only a few descriptors left.
-    in_use = len(os.listdir(f"/proc/{ltcp.proc.pid}/fd"))
-    limits = resource.prlimit(ltcp.proc.pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(ltcp.proc.pid, resource.RLIMIT_NOFILE, (in_use + 3, limits[1]))
+    (worker,) = ltcp.workers
+    in_use = len(os.listdir(f"/proc/{worker}/fd"))
+    limits = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (in_use + 3, limits[1]))
     clients = [ltcp.connect() for _ in range(20)]
     try:
         wait_for(lambda: "out of descriptors" in ltcp.log, timeout=10, message="the EMFILE warning")
         assert ltcp.cpu_over(1.0) < 0.2, "ltcp spins while out of descriptors"
         assert served(first, b"still here")  # an established stream keeps working
-        resource.prlimit(ltcp.proc.pid, resource.RLIMIT_NOFILE, limits)
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, limits)
         # Streams refused while short were closed; everything after is served.
         for c in clients:
             try:

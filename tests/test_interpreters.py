@@ -7,7 +7,10 @@ import pytest
 
 from ltcp import config
 from ltcp.config import Address
-from ltcp.interpreter import KINDS, FsInterpreter, NamerdInterpreter, StaticInterpreter
+from ltcp import interpreter
+from ltcp.interpreter.fs import FsInterpreter
+from ltcp.interpreter.namerd import NamerdInterpreter
+from ltcp.interpreter.static import StaticInterpreter
 from ltcp.testing.namerd import NamerdServer
 from netutil import Deliveries, wait_for
 
@@ -80,8 +83,9 @@ SOURCES = {"io.l5d.static": StaticSource, "io.l5d.fs": FsSource, "io.l5d.namerd.
 
 
 def test_every_configured_kind_has_an_interpreter_and_a_contract_test():
-    assert set(KINDS) == set(config.INTERPRETERS) == set(SOURCES)
-    assert all(KINDS[kind].CONFIG is config.INTERPRETERS[kind] for kind in KINDS)
+    classes = interpreter.kinds()
+    assert set(classes) == set(config.INTERPRETERS) == set(SOURCES)
+    assert all(cls.KIND == kind and cls.CONFIG is config.INTERPRETERS[kind] for kind, cls in classes.items())
 
 
 @pytest.fixture

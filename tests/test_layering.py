@@ -3,6 +3,8 @@ import nothing above them (so they can be tested, fuzzed and reused without sock
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +15,11 @@ BOTTOM = {
     "ltcp.lifecycle": set(),
     "ltcp.wheel": {"ltcp.histogram"},
     "ltcp.histogram": set(),
-    "ltcp.config": {"ltcp.names"},
+    "ltcp.config": {"ltcp.names", "ltcp.yamlsafe"},
+    "ltcp.yamlsafe": set(),
+    "ltcp.reload": set(),
+    "ltcp.snapshot": {"ltcp.histogram"},
+    "ltcp.fanout": set(),
     "ltcp.endpoint": {"ltcp.lifecycle"},
     "ltcp.proxyproto": {"ltcp.names"},
     "ltcp.httpd": set(),
@@ -69,3 +75,12 @@ def test_there_are_no_import_cycles():
 @pytest.mark.parametrize("module", sorted(BOTTOM))
 def test_the_bottom_layer_stays_at_the_bottom(module):
     assert GRAPH[module] <= BOTTOM[module], GRAPH[module] - BOTTOM[module]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_loads_none_of_the_control_planes_libraries():
+    """Workers receive parsed configurations and discovery answers: yaml, urllib3 and prometheus_client stay out."""
+    probe = ("import sys, ltcp.worker; "
+             "print(sorted(m for m in ('yaml', 'urllib3', 'prometheus_client', 'http.server') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ltcp.metrics import merge
+from ltcp.snapshot import merge
 
 STATES = ("available", "failed", "retired")
 

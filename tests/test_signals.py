@@ -1,4 +1,4 @@
-"""Signals without a meaning yet are logged and ignored: none may cut open streams."""
+"""Signals an operator may send: none of them may cut open streams."""
 
 import signal
 
@@ -6,9 +6,18 @@ import pytest
 
 from netutil import LtcpProcess, echo, recv_exactly, wait_for
 
+# What the supervisor logs for each; the configuration comes from standard input,
+# so a reload or an upgrade (which must re-read it) is refused and nothing changes.
+LOGGED = {
+    signal.SIGHUP: "reload failed: still serving generation 1",
+    signal.SIGUSR1: "received SIGUSR1: passed on to 1 workers (log reopening)",
+    signal.SIGUSR2: "reload failed: still serving generation 1",
+    signal.SIGQUIT: "received SIGQUIT: it has no meaning for ltcp yet; ignored",
+}
 
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT])
-def test_signal_is_logged_and_streams_carry_on(backends, signum):
+
+@pytest.mark.parametrize("signum", list(LOGGED))
+def test_signal_is_handled_and_streams_carry_on(backends, signum):
     backend = backends(echo)
     ltcp = LtcpProcess({"admin": {"port": 0}, "routers": [{
         "label": "r", "interpreter": {"kind": "io.l5d.static", "names": {"/svc/a": [backend.addr]}},
@@ -18,9 +27,7 @@ def test_signal_is_logged_and_streams_carry_on(backends, signum):
         held.sendall(b"before")
         assert recv_exactly(held, 6) == b"before"
         ltcp.proc.send_signal(signum)
-        name = signal.Signals(signum).name
-        wait_for(lambda: f"received {name}: it has no meaning for ltcp yet; ignored" in ltcp.log,
-                 message=f"{name} logged")
+        wait_for(lambda: LOGGED[signum] in ltcp.log, message=f"{signal.Signals(signum).name} handled")
         held.sendall(b"after")
         assert recv_exactly(held, 5) == b"after"
         with ltcp.connect() as fresh:

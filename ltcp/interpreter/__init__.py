@@ -14,15 +14,13 @@ Every interpreter offers the same four calls, and a ``stats`` object
 an interpreter never touches data-plane state itself.
 """
 
+import importlib
 from typing import Callable, List, Optional, Protocol
 
 from ..config import Address
-from .fs import FsInterpreter
-from .namerd import NamerdInterpreter
-from .static import StaticInterpreter
 from .stats import DiscoveryStats
 
-__all__ = ["Interpreter", "KINDS", "build"]
+__all__ = ["Interpreter", "MODULES", "build", "kinds"]
 
 
 class Interpreter(Protocol):
@@ -40,13 +38,26 @@ class Interpreter(Protocol):
     def close(self) -> None: ...
 
 
-# Every kind, by name. A new kind is an interpreter class with KIND, CONFIG and
-# from_config(), a line here, its config dataclass in ltcp.config and a line in
-# ltcp.config.INTERPRETERS (config stays below the interpreters in the layering;
-# tests/test_interpreters.py checks that the two tables name the same kinds).
-KINDS = {cls.KIND: cls for cls in (StaticInterpreter, FsInterpreter, NamerdInterpreter)}
+# Every kind, by name: the module and class that implement it.  A new kind is an
+# interpreter class with KIND, CONFIG and from_config(), a line here, its config
+# dataclass in ltcp.config and a line in ltcp.config.INTERPRETERS (config stays
+# below the interpreters in the layering; tests/test_interpreters.py checks that
+# the tables agree).  Imported on first use, so that a worker, which runs no
+# discovery, never loads urllib3.
+MODULES = {
+    "io.l5d.static": ("static", "StaticInterpreter"),
+    "io.l5d.fs": ("fs", "FsInterpreter"),
+    "io.l5d.namerd.http": ("namerd", "NamerdInterpreter"),
+}
+
+
+def kinds():
+    """Every interpreter class, by kind."""
+    return {kind: getattr(importlib.import_module(f".{module}", __name__), name)
+            for kind, (module, name) in MODULES.items()}
 
 
 def build(interpreter_config):
     """The interpreter object for one router's ``interpreter`` section."""
-    return KINDS[interpreter_config.kind].from_config(interpreter_config)
+    module, name = MODULES[interpreter_config.kind]
+    return getattr(importlib.import_module(f".{module}", __name__), name).from_config(interpreter_config)

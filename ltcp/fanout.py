@@ -1,0 +1,82 @@
+"""One discovery watch per name for the whole instance, shared by every worker that routes to it.
+
+A ``Hub`` stands in front of one router's interpreter in the supervisor.
+Workers subscribe to the names their route caches hold; the first
+subscription starts the watch, the last unsubscription ends it, and a worker
+that subscribes to a name already answered gets the last answer at once.
+Subscribers are anything with ``send(message)`` (a worker's control link).
+"""
+
+import functools
+import threading
+
+__all__ = ["Hub"]
+
+
+class Hub:
+    def __init__(self, label, interpreter):
+        self.label = label
+        self.interpreter = interpreter
+        self._lock = threading.Lock()
+        self._subscribers = {}  # name -> set of subscribers
+        self._answers = {}  # name -> the last addresses delivered (None: resolves to nothing)
+        self.started = False
+
+    def start(self):
+        self.started = True
+        self.interpreter.start()
+
+    def subscribe(self, subscriber, name):
+        with self._lock:
+            subscribers = self._subscribers.get(name)
+            first = subscribers is None
+            if first:
+                subscribers = self._subscribers[name] = set()
+            subscribers.add(subscriber)
+            answered = name in self._answers
+            answer = self._answers.get(name)
+        if first:
+            self.interpreter.watch(name, functools.partial(self._deliver, name))
+        elif answered:
+            subscriber.send(("update", self.label, name, answer))
+
+    def unsubscribe(self, subscriber, name):
+        with self._lock:
+            subscribers = self._subscribers.get(name)
+            if subscribers is None or subscriber not in subscribers:
+                return
+            subscribers.discard(subscriber)
+            last = not subscribers
+            if last:
+                del self._subscribers[name]
+                self._answers.pop(name, None)
+        if last:
+            self.interpreter.unwatch(name)
+
+    def drop(self, subscriber):
+        """A worker is gone: end its subscriptions."""
+        with self._lock:
+            names = [name for name, subscribers in self._subscribers.items() if subscriber in subscribers]
+        for name in names:
+            self.unsubscribe(subscriber, name)
+
+    def _deliver(self, name, addresses):
+        """The interpreter's answer for ``name`` (on a discovery thread, or inside ``watch``)."""
+        with self._lock:
+            subscribers = self._subscribers.get(name)
+            if subscribers is None:  # unwatched meanwhile
+                return
+            self._answers[name] = addresses
+            subscribers = list(subscribers)
+        message = ("update", self.label, name, addresses)
+        for subscriber in subscribers:
+            subscriber.send(message)
+
+    @property
+    def watched(self):
+        """How many names are watched (once each, however many workers route to them)."""
+        with self._lock:
+            return len(self._subscribers)
+
+    def close(self):
+        self.interpreter.close()

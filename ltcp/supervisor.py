@@ -1,0 +1,680 @@
+"""The supervisor: configuration, listening sockets, discovery, admin and signals; workers do the rest.
+
+``python -m ltcp cfg.yaml`` runs this process, the one a service manager
+sees.  It opens every listening socket, runs one discovery watch per name
+for all workers (``fanout.Hub``), serves the admin port, and starts,
+watches, restarts and drains workers.  It never touches a proxied byte.
+
+Workers are fresh interpreters (``python -m ltcp.worker``) started with
+``subprocess``: the child runs no Python code between fork and exec, so a
+lock one of the supervisor's threads held at that moment cannot deadlock it.
+They inherit the listening sockets and share each one; the kernel wakes one
+waiting worker per connection (``EPOLLEXCLUSIVE``).
+
+Generations: each configuration the supervisor serves is a generation of
+workers.  A reload starts the next generation on the same sockets and,
+once every new worker is ready, tells the old ones to drain; an upgrade
+re-executes the supervisor with its sockets and its workers' channels kept
+open, and the new code does the same.  Nothing that reached a listening
+socket is reset by either.
+"""
+
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from .admin import AdminServer, exit_now
+from .config import ConfigError, load
+from .control import Framer, encode
+from .fanout import Hub
+from .interpreter import build
+from .metrics import supervisor_families
+from .names import display_address
+from .reload import listener_key, listeners, plan
+from .server import listen
+from .snapshot import MAX_LISTED_ENDPOINTS, merge, routers_json
+from .tls import material_problems
+
+__all__ = ["Supervisor", "serve"]
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0  # seconds for a new generation's workers to be serving
+SNAPSHOT_TIMEOUT = 5.0
+STABLE_SECS = 10.0  # a worker that ran this long had no start-up trouble: its next restart is immediate
+MAX_RESTART_DELAY = 30.0
+KILL_MARGIN = 5.0  # seconds past graceSecs before a draining worker that has not exited is killed
+UPGRADE_ENV = "LTCP_UPGRADE"  # what an upgraded supervisor inherits (listeners, old workers), as JSON
+
+
+def restart_delay(crashes):
+    """Seconds before restarting a worker that died ``crashes`` times in a row, each soon after starting."""
+    return 0.0 if crashes <= 1 else min(MAX_RESTART_DELAY, 0.5 * 2 ** (crashes - 2))
+
+
+class Link:
+    """The supervisor's end of one worker's control channel.
+
+    A reader thread hands each message to ``on_message`` and, at the end,
+    calls ``on_closed``; a writer thread sends what ``send`` queued, so a
+    worker slow to read holds up nobody else.
+    """
+
+    def __init__(self, sock, name, on_message, on_closed):
+        self.sock = sock
+        self.name = name
+        self.on_message = on_message
+        self.on_closed = on_closed
+        self._queue = queue.SimpleQueue()
+
+    def start(self):
+        threading.Thread(target=self._read, name=f"{self.name}-read", daemon=True).start()
+        threading.Thread(target=self._write, name=f"{self.name}-write", daemon=True).start()
+
+    def send(self, message):
+        self._queue.put(encode(message))
+
+    def close(self):
+        """Close the channel: the worker reads EOF, and drains."""
+        self._queue.put(None)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _write(self):
+        while (frame := self._queue.get()) is not None:
+            try:
+                self.sock.sendall(frame)
+            except OSError:
+                return
+
+    def _read(self):
+        framer = Framer()
+        try:
+            while data := self.sock.recv(1 << 20):
+                for message in framer.feed(data):
+                    self.on_message(message)
+        except ConnectionResetError:
+            pass  # the worker was killed, or closed its end with our messages unread
+        except (OSError, ValueError) as exc:
+            log.warning("%s: control channel failed: %s", self.name, exc)
+        except Exception:
+            log.exception("%s: control message failed", self.name)
+        finally:
+            self._queue.put(None)
+            self.sock.close()  # first: a finished worker waits for it before exiting
+            self.on_closed()
+
+
+class WorkerProcess:
+    """One worker as the supervisor sees it."""
+
+    def __init__(self, slot, generation, pid):
+        self.slot = slot
+        self.generation = generation
+        self.pid = pid
+        self.started = time.monotonic()
+        self.state = "starting"  # -> serving -> draining; "exited" once reaped
+        self.ready = threading.Event()
+        self.link = None  # None for a worker inherited from before an upgrade: it is only waited for
+        self.replies = {}  # snapshot token -> Future
+        self.final = None  # its last snapshot, sent when it finished draining
+        self.exit_code = None  # once reaped: as subprocess gives it (negative: killed by that signal)
+
+    def describe(self):
+        return {"pid": self.pid, "generation": self.generation, "state": self.state}
+
+
+class Generation:
+    """The workers serving one configuration, and the discovery they subscribe to."""
+
+    def __init__(self, number, config, hubs):
+        self.number = number
+        self.config = config
+        self.hubs = hubs  # router label -> Hub
+        self.workers = {}  # slot -> WorkerProcess, while it runs
+
+
+class Supervisor:
+    def __init__(self, config, path, log_level):
+        self.path = path  # re-read on reload; "-" (standard input) cannot be
+        self.log_level = log_level
+        self.events = queue.SimpleQueue()  # work for the main thread, from signals, links and the admin server
+        self.lock = threading.Lock()  # generations, workers and totals, shared with the admin threads
+        self.sockets = {}  # listener key -> listening socket
+        self.generations = []  # live ones, oldest first
+        self.current = Generation(0, config, {})
+        self.stopping = False
+        self.restarts = 0
+        self.crashes = {}  # slot -> deaths in a row, each soon after a start
+        self.restart_at = {}  # slot -> monotonic time its replacement is due
+        self.kill_at = {}  # draining WorkerProcess -> monotonic time it must have exited by
+        self.reloads = {"success": 0, "failure": 0}
+        self.last_reload_success = time.time()
+        self.departed = None  # the final snapshots of finished workers, merged: their counts stay counted
+        self.tokens = itertools.count()
+        self.admin = None
+        self.inherited_workers = []  # (pid, channel fd, generation) from the supervisor before an upgrade
+        self.admin_port = 0  # the admin port before an upgrade
+
+    # -- starting ----------------------------------------------------------
+
+    def start(self, inherited=None):
+        """Open (or inherit) the sockets, start discovery and the first workers, then the admin server.
+
+        Raises OSError or RuntimeError when it cannot; nothing is left running then.
+        """
+        config = self.current.config
+        if inherited:
+            self._inherit(inherited)
+        try:
+            self._open_listeners(config, self._announce)
+            self.current = self._generation(config, hubs={}, number=self._next_number())
+            problem = self._start_workers(self.current)
+            if problem:
+                raise RuntimeError(problem)
+            self.admin = AdminServer(self, self._admin_config(config))
+        except BaseException:
+            self._stop_everything()
+            raise
+        self.admin.start()
+        self._orphan_inherited_workers()
+
+    def _next_number(self):
+        previous = [g for _, _, g in self.inherited_workers]
+        return max([self.current.number, *previous]) + 1
+
+    def _announce(self, router, server, sock):
+        address = display_address(sock.getsockname())
+        log.info("router %s listening on %s for %s", router.label, address, server.dst_name)
+
+    def _open_listeners(self, config, announce=None):
+        """Open the sockets ``config`` needs that are not open yet; the keys opened (all or none)."""
+        opened = []
+        try:
+            for router in config.routers:
+                for index, server in enumerate(router.servers):
+                    key = listener_key(router.label, index, server)
+                    if key not in self.sockets:
+                        self.sockets[key] = listen(server)
+                        opened.append(key)
+                    if announce:
+                        announce(router, server, self.sockets[key])
+        except OSError:
+            for key in opened:
+                self.sockets.pop(key).close()
+            raise
+        return opened
+
+    def _generation(self, config, hubs, number):
+        """A generation for ``config``, reusing ``hubs`` by label and starting discovery for the rest."""
+        hubs = {router.label: hubs.get(router.label) or Hub(router.label, build(router.interpreter))
+                for router in config.routers}
+        for hub in hubs.values():
+            if not hub.started:
+                hub.start()
+        generation = Generation(number, config, hubs)
+        with self.lock:
+            self.generations.append(generation)
+        return generation
+
+    def _start_workers(self, generation):
+        """Start every worker of ``generation`` and wait until all serve; a problem, or None."""
+        for slot in range(generation.config.workers):
+            self._spawn(generation, slot)
+        deadline = time.monotonic() + READY_TIMEOUT
+        for worker in list(generation.workers.values()):
+            while not worker.ready.wait(0.05):
+                if worker.exit_code is not None:
+                    return f"worker {worker.pid} {_status(worker.exit_code)} while starting"
+                if time.monotonic() > deadline:
+                    return f"worker {worker.pid} was not ready within {READY_TIMEOUT:g}s"
+        return None
+
+    def _spawn(self, generation, slot):
+        parent, child = socket.socketpair()
+        fds = {key: self.sockets[key].fileno() for key in listeners(generation.config)}
+        proc = subprocess.Popen([sys.executable, "-m", "ltcp.worker", str(child.fileno()), self.log_level],
+                                pass_fds=[child.fileno(), *fds.values()], stdin=subprocess.DEVNULL)
+        child.close()
+        worker = WorkerProcess(slot, generation.number, proc.pid)
+        worker.link = Link(parent, f"worker-{proc.pid}", lambda message: self._received(generation, worker, message),
+                           lambda: self._closed(generation, worker, proc.wait))
+        with self.lock:
+            generation.workers[slot] = worker
+        worker.link.send(("start", generation.config, fds, generation.number))
+        worker.link.start()
+        log.info("worker %d started (generation %d, slot %d)", proc.pid, generation.number, slot)
+        return worker
+
+    # -- messages from workers (on their link's reader thread) ----------
+
+    def _received(self, generation, worker, message):
+        kind = message[0]
+        if kind == "ready":
+            worker.state = "serving" if worker.state == "starting" else worker.state
+            worker.ready.set()
+        elif kind == "subscribe":
+            generation.hubs[message[1]].subscribe(worker.link, message[2])
+        elif kind == "unsubscribe":
+            generation.hubs[message[1]].unsubscribe(worker.link, message[2])
+        elif kind == "snapshot":
+            future = worker.replies.pop(message[1], None)
+            if future is not None:
+                future.set_result(message[2])
+        elif kind == "final":
+            worker.final = message[1]
+        else:
+            log.warning("worker %d: unknown message %r ignored", worker.pid, kind)
+
+    def _closed(self, generation, worker, wait):
+        """The worker's channel closed: end its subscriptions, reap it, tell the main thread."""
+        for hub in generation.hubs.values():
+            hub.drop(worker.link)
+        for future in list(worker.replies.values()):
+            future.cancel()
+        worker.exit_code = wait()
+        self.events.put(("exited", generation, worker))
+
+    # -- the main thread --------------------------------------------------
+
+    def run(self):
+        """Handle events until every worker has finished after a shutdown; the exit status."""
+        handlers = {"exited": self._exited, "signal": self._signalled, "reload": self._reload_requested,
+                    "drain": lambda: self.shutdown("the admin server asked")}
+        while not (self.stopping and not self._live_workers()):
+            due = min([*self.restart_at.values(), *self.kill_at.values()], default=None)
+            timeout = None if due is None else max(0.0, due - time.monotonic())
+            try:
+                kind, *args = self.events.get(timeout=timeout)
+            except queue.Empty:
+                kind = None
+            if kind is not None:
+                handlers[kind](*args)
+            self._restart_due()
+            self._kill_overdue()
+        self._stop_everything()
+        log.info("stopped")
+        return 0
+
+    def _live_workers(self):
+        with self.lock:
+            return [w for g in self.generations for w in g.workers.values()]
+
+    def _exited(self, generation, worker):
+        status = worker.exit_code
+        with self.lock:
+            if generation.workers.get(worker.slot) is worker:
+                del generation.workers[worker.slot]
+            if worker.final is not None:
+                self.departed = _totals([self.departed, worker.final] if self.departed else [worker.final])
+        expected = worker.state == "draining" or self.stopping
+        worker.state = "exited"
+        self.kill_at.pop(worker, None)
+        if expected:
+            log.info("worker %d finished (%s)", worker.pid, _status(status))
+        elif generation is self.current:
+            lived = time.monotonic() - worker.started
+            crashes = self.crashes.get(worker.slot, 0) + 1 if lived < STABLE_SECS else 1
+            self.crashes[worker.slot] = crashes
+            delay = restart_delay(crashes)
+            log.error("worker %d exited unexpectedly (%s); restarting it%s", worker.pid, _status(status),
+                      f" in {delay:g}s" if delay else "")
+            self.restart_at[worker.slot] = time.monotonic() + delay
+        self._retire_finished()
+
+    def _restart_due(self):
+        now = time.monotonic()
+        for slot, due in list(self.restart_at.items()):
+            if due <= now:
+                del self.restart_at[slot]
+                if not self.stopping and slot not in self.current.workers and slot < self.current.config.workers:
+                    self.restarts += 1
+                    self._spawn(self.current, slot)
+
+    def _kill_overdue(self):
+        now = time.monotonic()
+        for worker, due in list(self.kill_at.items()):
+            if worker.exit_code is not None:
+                del self.kill_at[worker]
+            elif due <= now:
+                del self.kill_at[worker]
+                log.warning("worker %d still running %gs after its grace period: killing it", worker.pid, KILL_MARGIN)
+                _kill(worker.pid, signal.SIGKILL)
+
+    def _retire_finished(self):
+        """Generations other than the current one whose workers are all gone: stop their discovery."""
+        with self.lock:
+            finished = [g for g in self.generations if g is not self.current and not g.workers]
+            self.generations = [g for g in self.generations if g not in finished]
+            in_use = {id(hub) for g in self.generations for hub in g.hubs.values()}
+        for generation in finished:
+            for hub in generation.hubs.values():
+                if id(hub) not in in_use:
+                    hub.close()
+
+    # -- signals ----------------------------------------------------------
+
+    def install_signal_handlers(self):
+        """Handlers only queue the signal: the main thread acts on it between two events."""
+        interrupted = []
+
+        def handle(signum, frame):
+            if signum == signal.SIGINT and interrupted:
+                self.abort(130)  # a second Ctrl-C: stop waiting for streams
+            if signum == signal.SIGINT:
+                interrupted.append(signum)
+            self.events.put(("signal", signum))
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                       signal.SIGQUIT):
+            signal.signal(signum, handle)
+
+    def _signalled(self, signum):
+        name = signal.Signals(signum).name
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.shutdown(f"received {name}")
+        elif signum == signal.SIGHUP:
+            log.info("received SIGHUP: reloading %s", self.path)
+            self._reload()
+        elif signum == signal.SIGUSR2:
+            log.info("received SIGUSR2: upgrading to the ltcp now installed")
+            self.upgrade()
+        elif signum == signal.SIGUSR1:
+            workers = self._live_workers()
+            for worker in workers:
+                _kill(worker.pid, signal.SIGUSR1)
+            log.info("received SIGUSR1: passed on to %d workers (log reopening)", len(workers))
+        else:
+            log.warning("received %s: it has no meaning for ltcp yet; ignored", name)
+
+    # -- shutdown ---------------------------------------------------------
+
+    def shutdown(self, why):
+        """Every worker drains (graceSecs); the supervisor exits when the last one has."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.restart_at.clear()
+        workers = self._live_workers()
+        log.info("%s: draining %d workers, up to %gs", why, len(workers), self.current.config.admin.grace_secs)
+        for worker in workers:
+            self._drain(worker)
+        self._close_sockets(keep=())  # new clients are refused once the workers stop accepting
+
+    def _drain(self, worker):
+        worker.state = "draining"
+        self.kill_at[worker] = time.monotonic() + self.current.config.admin.grace_secs + KILL_MARGIN
+        if worker.link is not None:
+            worker.link.send(("drain",))
+        else:
+            _kill(worker.pid, signal.SIGTERM)
+
+    def abort(self, status=1):
+        """End at once: every worker killed."""
+        for worker in self._live_workers():
+            _kill(worker.pid, signal.SIGKILL)
+        exit_now(status)
+
+    def _stop_everything(self):
+        if self.admin is not None:
+            self.admin.close()
+        for worker in self._live_workers():
+            _kill(worker.pid, signal.SIGKILL)
+        with self.lock:
+            hubs = {id(hub): hub for g in self.generations for hub in g.hubs.values()}
+            self.generations = []
+        for hub in hubs.values():
+            hub.close()
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+
+    # -- reload -----------------------------------------------------------
+
+    def reload(self):
+        """From another thread (the admin server): reload on the main thread, and wait; (ok, message)."""
+        done = concurrent.futures.Future()
+        self.events.put(("reload", done))
+        return done.result(READY_TIMEOUT + 30)
+
+    def _reload_requested(self, done):
+        done.set_result(self._reload())
+
+    def _reload(self):
+        """Re-read the configuration; serve it with new workers, drain the old. (ok, message)."""
+        if self.stopping:
+            return self._reload_failed(["shutting down"])
+        if self.path == "-":
+            return self._reload_failed(["the configuration came from standard input: there is no file to re-read"])
+        try:
+            config = load(self.path)
+        except ConfigError as exc:
+            return self._reload_failed(exc.errors)
+        problems = material_problems(config)
+        if problems:
+            return self._reload_failed(problems)
+        old = self.current
+        steps = plan(old.config, config)
+        try:
+            opened = self._open_listeners(config)
+        except OSError as exc:
+            return self._reload_failed([str(exc.strerror or exc)])
+        for key in opened:
+            log.info("reload: listening on %s", display_address(self.sockets[key].getsockname()))
+        generation = self._generation(config, {label: old.hubs[label] for label in steps.discovery},
+                                      self._next_number())
+        problem = self._start_workers(generation)
+        if problem:
+            for worker in list(generation.workers.values()):
+                self._drain(worker)
+            self._close_sockets(keep=listeners(old.config))
+            return self._reload_failed([problem])
+        with self.lock:
+            self.current = generation
+        self.restart_at.clear()
+        self.crashes.clear()
+        for worker in list(old.workers.values()):
+            self._drain(worker)
+        for key in steps.close:
+            log.info("reload: no longer listening on %s", display_address(self.sockets[key].getsockname()))
+        self._close_sockets(keep=listeners(config))
+        self._retire_finished()
+        self.reloads["success"] += 1
+        self.last_reload_success = time.time()
+        message = (f"generation {generation.number} serving with {len(generation.workers)} workers; "
+                   f"generation {old.number} draining")
+        log.info("reload: %s", message)
+        return True, message
+
+    def _reload_failed(self, problems):
+        for problem in problems:
+            log.error("reload refused: %s", problem)
+        self.reloads["failure"] += 1
+        log.error("reload failed: still serving generation %d", self.current.number)
+        return False, "reload failed: " + "; ".join(problems)
+
+    def _close_sockets(self, keep):
+        """Close the supervisor's copy of every socket not in ``keep``; the last worker using one closes it."""
+        for key in [key for key in self.sockets if key not in keep]:
+            self.sockets.pop(key).close()
+
+    # -- upgrade ----------------------------------------------------------
+
+    def upgrade(self):
+        """Re-execute the supervisor with the ltcp now installed, keeping sockets and workers."""
+        if self.path == "-":
+            return self._reload_failed(["the configuration came from standard input: an upgrade must re-read it"])
+        check = subprocess.run([sys.executable, "-m", "ltcp", "--check", self.path], capture_output=True,
+                               text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if check.returncode != 0:
+            lines = (check.stderr or check.stdout).strip().splitlines() or [f"exit status {check.returncode}"]
+            return self._reload_failed([f"upgrade refused: the installed ltcp says: {line}" for line in lines[-5:]])
+        workers = self._live_workers()
+        state = {"listeners": [[list(key), sock.fileno()] for key, sock in self.sockets.items()],
+                 "workers": [[w.pid, w.link.sock.fileno() if w.link else -1, w.generation] for w in workers],
+                 "reloads": self.reloads, "restarts": self.restarts, "admin_port": self.admin.address[1]}
+        descriptors = [fd for _, fd in state["listeners"]] + [fd for _, fd, _ in state["workers"] if fd >= 0]
+        for fd in descriptors:
+            os.set_inheritable(fd, True)
+        self.admin.close()
+        argv = [sys.executable, "-m", "ltcp", *sys.argv[1:]]
+        log.info("upgrade: executing %s with %d listening sockets and %d workers", " ".join(argv),
+                 len(self.sockets), len(workers))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        try:
+            os.execve(sys.executable, argv, {**os.environ, UPGRADE_ENV: json.dumps(state)})
+        except OSError as exc:
+            for fd in descriptors:
+                os.set_inheritable(fd, False)
+            self.admin = AdminServer(self, self._admin_config(self.current.config))
+            self.admin.start()
+            return self._reload_failed([f"upgrade failed: cannot execute {sys.executable}: {exc.strerror}"])
+
+    def _admin_config(self, config):
+        """The admin section, with the port the supervisor before an upgrade had when it was chosen by the system."""
+        if config.admin.port == 0 and self.admin_port:
+            return dataclasses.replace(config.admin, port=self.admin_port)
+        return config.admin
+
+    def _inherit(self, state):
+        """Take over what the supervisor before an upgrade left open."""
+        for key, fd in state["listeners"]:
+            self.sockets[tuple(key)] = socket.socket(fileno=fd)
+        self.inherited_workers = [tuple(w) for w in state["workers"]]
+        self.reloads = dict(state["reloads"])
+        self.restarts = state["restarts"]
+        self.admin_port = state["admin_port"]
+
+    def _orphan_inherited_workers(self):
+        """The new workers serve: close the old ones' channels (they drain) and wait for them to exit."""
+        if not self.inherited_workers:
+            return
+        old = Generation(max(g for _, _, g in self.inherited_workers), None, {})
+        for slot, (pid, fd, generation) in enumerate(self.inherited_workers):
+            worker = WorkerProcess(slot, generation, pid)
+            worker.state = "draining"
+            old.workers[slot] = worker
+            reap = functools.partial(_wait_for_child, pid)
+            threading.Thread(target=self._closed, args=(old, worker, reap), name=f"worker-{pid}-wait",
+                             daemon=True).start()
+            if fd >= 0:
+                os.close(fd)
+            else:
+                _kill(pid, signal.SIGTERM)
+        with self.lock:
+            self.generations.insert(0, old)
+        log.info("upgrade: %d workers of the previous ltcp draining", len(self.inherited_workers))
+        self.inherited_workers = []
+
+    # -- what the admin server shows (on its threads) ---------------------
+
+    def snapshot(self, listed=0):
+        """Every serving worker's snapshot merged, plus what finished workers counted."""
+        with self.lock:
+            workers = [w for w in (w for g in self.generations for w in g.workers.values())
+                       if w.link is not None and w.state != "starting"]
+            departed = self.departed
+            hubs = dict(self.current.hubs)
+        asked = []
+        for worker in workers:
+            token, future = next(self.tokens), concurrent.futures.Future()
+            worker.replies[token] = future
+            worker.link.send(("snapshot", token, listed))
+            asked.append(future)
+        deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+        answers = []
+        for future in asked:
+            try:
+                answers.append(future.result(max(0.0, deadline - time.monotonic())))
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                pass
+        if not answers:
+            raise concurrent.futures.TimeoutError("no worker answered")
+        counts = [_stream_counts(answer) for answer in answers]
+        data = merge(answers + ([departed] if departed else []))
+        for router in data["routers"]:
+            hub = hubs.get(router["label"])
+            if hub is not None:
+                router["discovery"] = hub.interpreter.stats.snapshot()
+        data["draining"] = self.stopping
+        data["workers"] = [{**w.describe(), **n} for w, n in zip(workers, counts)]
+        return data
+
+    def routers(self):
+        data = self.snapshot(MAX_LISTED_ENDPOINTS)
+        return {**routers_json(data), "generation": self.current.number, "workers": data["workers"]}
+
+    def families(self):
+        with self.lock:
+            states = [w.state for w in self._all_workers_locked()]
+        return supervisor_families({"workers": states, "restarts": self.restarts, "reloads": dict(self.reloads),
+                                    "last_reload_success": self.last_reload_success})
+
+    def _all_workers_locked(self):
+        return [w for g in self.generations for w in g.workers.values()]
+
+    def drain(self):
+        self.events.put(("drain",))
+
+    def __repr__(self):
+        return f"<Supervisor generation={self.current.number} workers={len(self._live_workers())}>"
+
+
+def _stream_counts(data):
+    """One worker's streams: open now, and accepted since it started."""
+    servers = [server for router in data["routers"] for server in router["servers"]]
+    return {"streams": sum(s["active"] for s in servers), "accepted": sum(s["accepted"] for s in servers)}
+
+
+def _totals(snapshots):
+    """What finished workers counted: their servers and route caches, not their (stale) destinations."""
+    merged = merge(snapshots)
+    for router in merged["routers"]:
+        router["destinations"] = []
+        for server in router["servers"]:
+            server["active"] = 0
+            server["listening"] = False
+    return merged
+
+
+def _status(code):
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+
+def _wait_for_child(pid):
+    """Wait for a worker started before an upgrade (no Popen object knows it); its exit code."""
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _kill(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def serve(config, path, log_level):
+    """Run the supervisor until it has drained; the process exit status."""
+    inherited = os.environ.pop(UPGRADE_ENV, None)
+    supervisor = Supervisor(config, path, log_level)
+    try:
+        supervisor.start(json.loads(inherited) if inherited else None)
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot start: %s", getattr(exc, "strerror", None) or exc)
+        return 2
+    supervisor.install_signal_handlers()
+    return supervisor.run()

@@ -1,0 +1,129 @@
+"""A worker process: one reactor, no other thread, serving listening sockets the supervisor opened.
+
+Started by the supervisor as ``python -m ltcp.worker FD LEVEL`` (a fresh
+interpreter, so no lock a supervisor thread held can be inherited), it
+reads its configuration from the control channel on descriptor FD, serves
+until told to drain (or until the channel closes: the supervisor is gone),
+then sends a last snapshot, so the instance's counters keep its streams.
+
+It never imports yaml, urllib3 or prometheus_client.
+"""
+
+import logging
+import os
+import signal
+import socket
+import sys
+
+from .app import App, tune_garbage_collection
+from .cli import LOG_FORMAT
+from .control import Channel, Framer, RemoteDiscovery, encode
+from .snapshot import snapshot
+from .tls import TlsMaterialError
+
+__all__ = ["Worker", "main"]
+
+log = logging.getLogger("ltcp.worker")  # (not __name__: run as a script, that is __main__)
+
+FINAL_SNAPSHOT_TIMEOUT = 2.0
+
+
+class Worker:
+    def __init__(self, config, sock, framer, sockets, generation):
+        self.generation = generation
+        self.remote = {router.label: RemoteDiscovery(router.label, self.send) for router in config.routers}
+        self.app = App(config, interpreters=self.remote, sockets=sockets)
+        self.channel = Channel(self.app.reactor, sock, self._received, self._orphaned, framer)
+
+    def send(self, message):
+        self.channel.send(message)
+
+    def run(self):
+        """Serve until drained; the exit status."""
+        app = self.app
+        app.start()
+        self.send(("ready", os.getpid()))
+        log.info("worker %d (generation %d) serving", os.getpid(), self.generation)
+        tune_garbage_collection()
+        app.run()
+        self._say_goodbye()
+        log.info("worker %d finished", os.getpid())
+        return 0
+
+    def _received(self, message):
+        kind = message[0]
+        if kind == "update":
+            _, label, name, addresses = message
+            self.remote[label].deliver(name, addresses)
+        elif kind == "snapshot":
+            _, token, listed = message
+            self.send(("snapshot", token, snapshot(self.app, listed)))
+        elif kind == "drain":
+            self.app.drain()
+        else:
+            log.warning("control channel: unknown message %r ignored", kind)
+
+    def _orphaned(self):
+        log.warning("the supervisor is gone: draining")
+        self.app.drain()
+
+    def _say_goodbye(self):
+        """A last snapshot for the supervisor's totals; then wait for it to close its end.
+
+        Closing first, with messages unread, would make the supervisor's next
+        read fail and lose the snapshot.
+        """
+        channel, sock = self.channel, self.channel.sock
+        if channel.closed:
+            return
+        try:
+            sock.setblocking(True)
+            sock.settimeout(FINAL_SNAPSHOT_TIMEOUT)
+            sock.sendall(bytes(channel.outgoing) + encode(("final", snapshot(self.app))))
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass  # the supervisor is gone or stuck: its totals lose this worker's streams
+        sock.close()
+
+
+# Meant for the supervisor, which tells the workers what to do (a terminal's Ctrl-C
+# reaches the whole process group); SIGUSR1 reopens logs, and there are none to reopen yet.
+SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
+
+
+def _receive_start(sock, framer):
+    """Block for the first message, ("start", config, sockets by key -> fd, generation); and any after it."""
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            raise SystemExit("ltcp worker: the supervisor closed the channel before starting it")
+        messages = framer.feed(data)
+        if messages:
+            return messages[0], messages[1:]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    fd, level = int(argv[0]), argv[1]
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    for signum in SUPERVISOR_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sock, framer = socket.socket(fileno=fd), Framer()
+    (_, config, fds, generation), early = _receive_start(sock, framer)
+    sockets = {key: socket.socket(fileno=number) for key, number in fds.items()}
+    try:
+        worker = Worker(config, sock, framer, sockets, generation)
+    except TlsMaterialError as exc:  # a certificate changed on disk since the supervisor checked it
+        log.error("worker cannot start: %s", exc)
+        return 2
+    # A service manager may signal every process of the service: SIGTERM drains here too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: worker.app.request_drain())
+    for message in early:
+        worker._received(message)
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

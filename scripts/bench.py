@@ -1,6 +1,10 @@
 """Benchmark ltcp against HAProxy, a plain asyncio proxy and a direct connection, in one run.
 
-    python scripts/bench.py [--quick] [--repeat N] [--rows direct,ltcp,haproxy,asyncio]
+    python scripts/bench.py [--quick] [--repeat N] [--rows direct,ltcp,haproxy,ltcp2,haproxy2,asyncio]
+
+Rows: ``ltcp`` runs one worker and ``haproxy`` one thread; ``ltcp2`` runs
+``workers: 2`` and is compared with ``haproxy2`` (``nbthread 2``).  CPU and
+memory figures add up every process of a row (ltcp's supervisor and workers).
 
 Everything runs on 127.0.0.1 and is started by this script: the backends (a
 sink and an echo server of our own, plus nginx and an iperf3 server when they
@@ -27,7 +31,7 @@ Workloads:
              (target: within 1.2x)
 
 Each figure is the median of --repeat runs (3, or 1 with --quick).  Ratios are
-to HAProxy (and to direct for throughput).  Install the peers with
+to HAProxy with as many threads as the row has workers.  Install the peers with
 ``apt-get install haproxy nginx-light iperf3 wrk``.
 """
 
@@ -185,12 +189,26 @@ http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 600s;
 # -- rows ------------------------------------------------------------------------------
 
 class Row:
-    """A way of reaching the backends: ``ports`` maps each backend to the port to use."""
+    """A way of reaching the backends: ``ports`` maps each backend to the port to use.
+
+    ``peer`` names the row its ratios are taken against (HAProxy with as many threads).
+    """
 
     proc = None
+    peer = "haproxy"
 
     def pid(self):
         return self.proc.pid if self.proc else None
+
+    def pids(self):
+        """The proxy's processes: its own and its children's (ltcp's workers)."""
+        if self.proc is None:
+            return []
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [self.proc.pid, *map(int, f.read().split())]
+        except OSError:
+            return [self.proc.pid]
 
     def close(self):
         if self.proc is not None:
@@ -210,11 +228,13 @@ class Direct(Row):
 
 class Ltcp(Row):
     name = "ltcp"
+    workers = 1
 
     def __init__(self, backends, workdir):
         self.ports = {role: free_port() for role in backends.ports}
         self.admin_port = free_port()
         config = {
+            "workers": self.workers,
             "admin": {"port": self.admin_port},
             "routers": [{
                 "label": "bench",
@@ -224,7 +244,7 @@ class Ltcp(Row):
                             for role in backends.ports],
             }],
         }
-        path = os.path.join(workdir, "ltcp.yaml")
+        path = os.path.join(workdir, f"{self.name}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f)
         self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "--log-level", "warning", path])
@@ -232,23 +252,36 @@ class Ltcp(Row):
             wait_listening(port)
 
 
+class Ltcp2(Ltcp):
+    name = "ltcp2"
+    workers = 2
+    peer = "haproxy2"
+
+
 class Haproxy(Row):
     name = "haproxy"
+    threads = 1
+    peer = None
 
     def __init__(self, backends, workdir):
         self.ports = {role: free_port() for role in backends.ports}
-        lines = ["global", "  nbthread 1", "  maxconn 9000",
+        lines = ["global", f"  nbthread {self.threads}", "  maxconn 9000",
                  "defaults", "  mode tcp", "  timeout connect 5s", "  timeout client 600s",
                  "  timeout server 600s", "  maxconn 9000"]
         for role, port in backends.ports.items():
             lines += [f"listen {role}", f"  bind 127.0.0.1:{self.ports[role]}",
                       f"  server s 127.0.0.1:{port}"]
-        path = os.path.join(workdir, "haproxy.cfg")
+        path = os.path.join(workdir, f"{self.name}.cfg")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL)
         for port in self.ports.values():
             wait_listening(port)
+
+
+class Haproxy2(Haproxy):
+    name = "haproxy2"
+    threads = 2
 
 
 class Asyncio(Row):
@@ -263,7 +296,8 @@ class Asyncio(Row):
             wait_listening(port)
 
 
-ROWS = {"direct": Direct, "ltcp": Ltcp, "haproxy": Haproxy, "asyncio": Asyncio}
+ROWS = {"direct": Direct, "ltcp": Ltcp, "haproxy": Haproxy, "ltcp2": Ltcp2, "haproxy2": Haproxy2,
+        "asyncio": Asyncio}
 
 
 # -- workloads ---------------------------------------------------------------------------
@@ -271,9 +305,9 @@ ROWS = {"direct": Direct, "ltcp": Ltcp, "haproxy": Haproxy, "asyncio": Asyncio}
 def bulk(row, backends, duration):
     """(MB/s of one stream, CPU seconds the proxy spent per GB moved)."""
     pid = row.pid()
-    cpu_before = _cpu_seconds(pid) if pid else 0.0
+    cpu_before = _cpu_seconds(row) if pid else 0.0
     rate = _bulk_rate(row, backends, duration)
-    cpu = (_cpu_seconds(pid) - cpu_before) / (rate * duration / 1000) if pid else 0.0
+    cpu = (_cpu_seconds(row) - cpu_before) / (rate * duration / 1000) if pid else 0.0
     return rate, cpu
 
 
@@ -333,9 +367,9 @@ def connrate(row, backends, duration):
 def _with_cpu(row, fn, backends, duration):
     """(requests per second, the proxy's CPU microseconds per request): a figure other machines can compare."""
     pid = row.pid()
-    before = _cpu_seconds(pid) if pid else 0.0
+    before = _cpu_seconds(row) if pid else 0.0
     rate = fn(row, backends, duration)
-    return rate, (_cpu_seconds(pid) - before) / (rate * duration) * 1e6 if pid else None
+    return rate, (_cpu_seconds(row) - before) / (rate * duration) * 1e6 if pid else None
 
 
 def latency(row, backends, duration):
@@ -418,14 +452,21 @@ def _connect_clients(port, parallel, duration):
     return done / elapsed
 
 
-def _rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+def _rss_kb(row):
+    """Resident memory of every process of the row (ltcp: supervisor and workers)."""
+    total = 0
+    for pid in row.pids():
+        with open(f"/proc/{pid}/status") as f:
+            total += int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+    return total
 
 
-def _cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(row):
+    total = 0.0
+    for pid in row.pids():
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _open_idle(row, count):
@@ -454,14 +495,14 @@ def idle(row, backends, duration):
     pid = row.pid()
     if pid is None:
         return None
-    before = _rss_kb(pid)
+    before = _rss_kb(row)
     socks = _open_idle(row, IDLE_CONNECTIONS)
     try:
         time.sleep(1.0)  # let the proxy settle before measuring
-        after = _rss_kb(pid)
-        cpu_before = _cpu_seconds(pid)
+        after = _rss_kb(row)
+        cpu_before = _cpu_seconds(row)
         time.sleep(duration)
-        cpu = (_cpu_seconds(pid) - cpu_before) / duration * 100
+        cpu = (_cpu_seconds(row) - cpu_before) / duration * 100
     finally:
         _close_all(socks)
     return after / 1024, (after - before) / IDLE_CONNECTIONS, cpu
@@ -571,14 +612,15 @@ def print_table(results):
                 continue
             shown = (f"{value[0]:,.0f}/{value[1]:,.0f}" if isinstance(value, tuple)
                      else f"{value:,.2f}" if value < 10 else f"{value:,.1f}")
-            against = base.get(metric) if base and n != reference else None
+            peer = results.get(ROWS[n].peer) if n in ROWS and ROWS[n].peer else base
+            against = peer.get(metric) if peer and n != reference else None
             if against:
                 ratio = value[1] / against[1] if isinstance(value, tuple) else value / against
                 shown += f" ({ratio:.2f}x)"
             cells.append(f"{shown:>{width}}")
         print(f"{metric:<20}" + "".join(cells))
     if base:
-        print(f"ratios in brackets are to {reference} (latency: p99)")
+        print(f"ratios in brackets are to {reference}, or to haproxy2 for ltcp2 (latency: p99)")
     scraped = results.get("ltcp", {}).get("p99 us, 20 scrapes/s")
     if scraped:
         print(f"scrape cost: ltcp p99 {scraped[0]:,.0f} us without, {scraped[1]:,.0f} us with 20 scrapes/s "

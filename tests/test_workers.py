@@ -430,3 +430,42 @@ def test_sigterm_drains_every_worker(instances, backends, workers):
     held.close()
     assert ltcp.proc.wait(10) == 0
     assert not any(alive(pid) for pid in ltcp.workers)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_discovery_kind_and_intake_feature_works_through_workers(instances, backends, certificates,
+                                                                      tmp_path, workers):
+    """fs, namerd, SNI routing over terminated TLS, and PROXY headers, each through the supervisor's workers."""
+    identity, _, tls_client, _ = certificates
+    backend = backends(echo)
+    (tmp_path / "disco").mkdir()
+    (tmp_path / "disco" / "a").write_text(f"127.0.0.1 {backend.port}\n")
+    namerd = NamerdServer().start()
+    namerd.set("/svc/a", [backend.addr])
+    static = {"kind": "io.l5d.static", "names": {"/svc/a": [backend.addr], "/svc/web.example.com": [backend.addr]}}
+    config = {"workers": workers, "admin": {"port": 0}, "routers": [
+        {"label": "fs", "interpreter": {"kind": "io.l5d.fs", "rootDir": str(tmp_path / "disco")},
+         "servers": [{"port": 0, "dstName": "/svc/a"}]},
+        {"label": "namerd", "interpreter": {"kind": "io.l5d.namerd.http", "baseUrl": namerd.url},
+         "servers": [{"port": 0, "dstName": "/svc/a"}]},
+        {"label": "sni", "interpreter": static,
+         "servers": [{"port": 0, "dstName": "/svc/{sni}", "tls": {"defaultIdentity": identity}}]},
+        {"label": "proxy", "interpreter": static,
+         "servers": [{"port": 0, "dstName": "/svc/a", "proxyProtocol": "accept"}]},
+    ]}
+    try:
+        ltcp = instances(config)
+        fs_port, namerd_port, sni_port, proxy_port = ltcp.ports
+        for _ in range(4):
+            assert ping(fs_port) and ping(namerd_port)
+            assert ping(sni_port, context=tls_client, server_name="web.example.com")
+            with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as c:
+                c.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 1111 2222\r\nhello")
+                assert recv_exactly(c, 5) == b"hello"
+        samples = metrics(ltcp)
+        for label, port in (("fs", fs_port), ("namerd", namerd_port), ("sni", sni_port), ("proxy", proxy_port)):
+            assert samples[("ltcp_accepted_total", (("router", label), ("server", f"127.0.0.1:{port}")))] == 4
+        assert namerd.requests("/svc/a") == 1
+        assert len(routers(ltcp)["workers"]) == workers
+    finally:
+        namerd.close()

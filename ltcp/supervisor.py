@@ -585,8 +585,10 @@ class Supervisor:
     def snapshot(self, listed=0):
         """Every serving worker's snapshot merged, plus what finished workers counted."""
         with self.lock:
-            workers = [w for w in (w for g in self.generations for w in g.workers.values())
-                       if w.link is not None and w.state != "starting"]
+            running = [w for g in self.generations for w in g.workers.values() if w.link is not None]
+            workers = [w for w in running if w.state != "starting" and w.final is None]
+            # Finished but not yet reaped: counted from their final snapshot, never twice, never not at all.
+            finals = [w.final for w in running if w.final is not None]
             departed = self.departed
             hubs = dict(self.current.hubs)
         asked = []
@@ -605,7 +607,7 @@ class Supervisor:
         if not answers:
             raise concurrent.futures.TimeoutError("no worker answered")
         counts = [_stream_counts(answer) for answer in answers]
-        data = merge(answers + ([departed] if departed else []))
+        data = merge(answers + [_totals([final]) for final in finals] + ([departed] if departed else []))
         for router in data["routers"]:
             hub = hubs.get(router["label"])
             if hub is not None:

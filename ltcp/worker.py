@@ -42,8 +42,8 @@ class Worker:
         """Serve until drained; the exit status."""
         app = self.app
         app.start()
+        log.info("worker %d (generation %d) serving", os.getpid(), self.generation)  # (before the supervisor knows)
         self.send(("ready", os.getpid()))
-        log.info("worker %d (generation %d) serving", os.getpid(), self.generation)
         tune_garbage_collection()
         app.run()
         self._say_goodbye()

@@ -66,6 +66,7 @@ IDLE_CONNECTIONS = 4000
 
 def _serve(sink_sock, echo_sock):
     """A byte-counting sink (answers the count at EOF) and an echo server."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the parent's handler would print a traceback at close)
     sel = selectors.DefaultSelector()
     buf = bytearray(CHUNK)
     counts = {}

@@ -113,10 +113,10 @@ class EndpointSet:
     def collect(self, addresses, fresh):
         """Add ``addresses`` to a set being built, reusing the endpoints already known."""
         endpoints, retired = self.endpoints, self.retired
-        for address in addresses:
-            key = (address.ip, address.port)
-            endpoint = endpoints.get(key) or retired.get(key) or Endpoint(address.ip, address.port)
-            endpoint.weight = address.weight
+        for ip, port, weight in addresses:  # config.Address, or plain tuples from the supervisor
+            key = (ip, port)
+            endpoint = endpoints.get(key) or retired.get(key) or Endpoint(ip, port)
+            endpoint.weight = weight
             fresh[key] = endpoint
 
     def replace(self, fresh):

@@ -4,7 +4,9 @@ A ``Hub`` stands in front of one router's interpreter in the supervisor.
 Workers subscribe to the names their route caches hold; the first
 subscription starts the watch, the last unsubscription ends it, and a worker
 that subscribes to a name already answered gets the last answer at once.
-Subscribers are anything with ``send(message)`` (a worker's control link).
+Subscribers are anything with ``send(message)`` (a worker's control link);
+``prepare`` turns an update into what is sent, once for all of them (the
+supervisor encodes it into a frame there).
 """
 
 import functools
@@ -14,12 +16,13 @@ __all__ = ["Hub"]
 
 
 class Hub:
-    def __init__(self, label, interpreter):
+    def __init__(self, label, interpreter, prepare=lambda message: message):
         self.label = label
         self.interpreter = interpreter
+        self._prepare = prepare
         self._lock = threading.Lock()
         self._subscribers = {}  # name -> set of subscribers
-        self._answers = {}  # name -> the last addresses delivered (None: resolves to nothing)
+        self._answers = {}  # name -> the last update sent, as prepared
         self.started = False
 
     def start(self):
@@ -33,12 +36,11 @@ class Hub:
             if first:
                 subscribers = self._subscribers[name] = set()
             subscribers.add(subscriber)
-            answered = name in self._answers
-            answer = self._answers.get(name)
+            answer = self._answers.get(name)  # prepared already
         if first:
             self.interpreter.watch(name, functools.partial(self._deliver, name))
-        elif answered:
-            subscriber.send(("update", self.label, name, answer))
+        elif answer is not None:
+            subscriber.send(answer)
 
     def unsubscribe(self, subscriber, name):
         with self._lock:
@@ -62,13 +64,13 @@ class Hub:
 
     def _deliver(self, name, addresses):
         """The interpreter's answer for ``name`` (on a discovery thread, or inside ``watch``)."""
+        message = self._prepare(("update", self.label, name, addresses))
         with self._lock:
             subscribers = self._subscribers.get(name)
             if subscribers is None:  # unwatched meanwhile
                 return
-            self._answers[name] = addresses
+            self._answers[name] = message
             subscribers = list(subscribers)
-        message = ("update", self.label, name, addresses)
         for subscriber in subscribers:
             subscriber.send(message)
 

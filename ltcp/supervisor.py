@@ -36,7 +36,7 @@ import time
 
 from .admin import AdminServer, exit_now
 from .config import ConfigError, load
-from .control import Framer, encode
+from .control import Framer, encode, update_frame
 from .fanout import Hub
 from .interpreter import build
 from .metrics import supervisor_families
@@ -83,7 +83,8 @@ class Link:
         threading.Thread(target=self._write, name=f"{self.name}-write", daemon=True).start()
 
     def send(self, message):
-        self._queue.put(encode(message))
+        """Queue a message, or a frame already encoded (``bytes``)."""
+        self._queue.put(message if isinstance(message, bytes) else encode(message))
 
     def close(self):
         """Close the channel: the worker reads EOF, and drains."""
@@ -220,7 +221,7 @@ class Supervisor:
 
     def _generation(self, config, hubs, number):
         """A generation for ``config``, reusing ``hubs`` by label and starting discovery for the rest."""
-        hubs = {router.label: hubs.get(router.label) or Hub(router.label, build(router.interpreter))
+        hubs = {router.label: hubs.get(router.label) or Hub(router.label, build(router.interpreter), update_frame)
                 for router in config.routers}
         for hub in hubs.values():
             if not hub.started:

@@ -40,8 +40,10 @@ def test_a_reset_mid_stream_names_its_errno(proxies, backends, caplog):
             except ConnectionResetError:
                 pass
         wait_for(lambda: proxy.listener.endings["error"] == 1)
-    assert any(re.match(r"test /svc/a: stream from .* to 127\.0\.0\.1:\d+ ended: error \(ECONNRESET\)$",
-                        r.getMessage()) for r in caplog.records), [r.getMessage() for r in caplog.records]
+        # (counted, then logged, on the reactor thread: wait for the line too)
+        wait_for(lambda: any(re.match(r"test /svc/a: stream from .* to 127\.0\.0\.1:\d+ ended: error \(ECONNRESET\)$",
+                                      r.getMessage()) for r in list(caplog.records)),
+                 message="the ending logged with its errno")
 
 
 def test_reprs_show_descriptor_and_state(proxies, backends):

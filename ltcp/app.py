@@ -55,7 +55,7 @@ def stream_budget(config, control_plane=True):
                   for r in config.routers)
     pool = max(0, available // 4) if pooling else 0
     streams = max(1, (available - pool) // 2)
-    log.info("descriptor limit %d: at most %d concurrent streams in all%s", soft, streams,
+    log.info("descriptor limit %d: at most %d concurrent streams in this process%s", soft, streams,
              f" and {pool} pre-established connections" if pool else "")
     return StreamBudget(streams, pool)
 

@@ -8,9 +8,9 @@ import sys
 from . import __version__
 from .config import ConfigError, load
 from .tls import material_problems
+from .worker import LOG_FORMAT  # (and so --check proves that what every worker runs loads)
 
 LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # workers log alike
 
 
 def _parser():
@@ -55,8 +55,8 @@ def main(argv=None):
     problems = material_problems(config)
     if problems:
         return _refuse(name, problems)
+    from .supervisor import serve  # (under --check too: an upgrade's check proves the new code loads)
     if args.check:
         print(f"ok: {summary(config)}")
         return 0
-    from .supervisor import serve
     return serve(config, args.config, args.log_level)

@@ -20,7 +20,8 @@ class Hub:
         self.label = label
         self.interpreter = interpreter
         self._prepare = prepare
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # subscribers and answers (discovery threads deliver under it)
+        self._watching = threading.Lock()  # orders watch and unwatch: no stale unwatch after a new watch
         self._subscribers = {}  # name -> set of subscribers
         self._answers = {}  # name -> the last update sent, as prepared
         self.started = False
@@ -30,30 +31,32 @@ class Hub:
         self.interpreter.start()
 
     def subscribe(self, subscriber, name):
-        with self._lock:
-            subscribers = self._subscribers.get(name)
-            first = subscribers is None
+        with self._watching:
+            with self._lock:
+                subscribers = self._subscribers.get(name)
+                first = subscribers is None
+                if first:
+                    subscribers = self._subscribers[name] = set()
+                subscribers.add(subscriber)
+                answer = self._answers.get(name)  # prepared already
             if first:
-                subscribers = self._subscribers[name] = set()
-            subscribers.add(subscriber)
-            answer = self._answers.get(name)  # prepared already
-        if first:
-            self.interpreter.watch(name, functools.partial(self._deliver, name))
-        elif answer is not None:
+                self.interpreter.watch(name, functools.partial(self._deliver, name))
+        if answer is not None:
             subscriber.send(answer)
 
     def unsubscribe(self, subscriber, name):
-        with self._lock:
-            subscribers = self._subscribers.get(name)
-            if subscribers is None or subscriber not in subscribers:
-                return
-            subscribers.discard(subscriber)
-            last = not subscribers
+        with self._watching:
+            with self._lock:
+                subscribers = self._subscribers.get(name)
+                if subscribers is None or subscriber not in subscribers:
+                    return
+                subscribers.discard(subscriber)
+                last = not subscribers
+                if last:
+                    del self._subscribers[name]
+                    self._answers.pop(name, None)
             if last:
-                del self._subscribers[name]
-                self._answers.pop(name, None)
-        if last:
-            self.interpreter.unwatch(name)
+                self.interpreter.unwatch(name)
 
     def drop(self, subscriber):
         """A worker is gone: end its subscriptions."""

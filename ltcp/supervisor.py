@@ -19,14 +19,16 @@ open, and the new code does the same.  Nothing that reached a listening
 socket is reset by either.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
 import itertools
-import json
+import pickle
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -55,12 +57,46 @@ SNAPSHOT_TIMEOUT = 5.0
 STABLE_SECS = 10.0  # a worker that ran this long had no start-up trouble: its next restart is immediate
 MAX_RESTART_DELAY = 30.0
 KILL_MARGIN = 5.0  # seconds past graceSecs before a draining worker that has not exited is killed
-UPGRADE_ENV = "LTCP_UPGRADE"  # what an upgraded supervisor inherits (listeners, old workers), as JSON
+UPGRADE_ENV = "LTCP_UPGRADE"  # the descriptor of what an upgraded supervisor inherits (listeners, old workers)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
 
 
 def restart_delay(crashes):
     """Seconds before restarting a worker that died ``crashes`` times in a row, each soon after starting."""
     return 0.0 if crashes <= 1 else min(MAX_RESTART_DELAY, 0.5 * 2 ** (crashes - 2))
+
+
+class Events:
+    """The main thread's work queue, which signals wake too.
+
+    A signal may land on any thread, and its Python handler runs only when
+    the main thread next runs bytecode: so the main thread waits in
+    ``select`` on a pipe that ``signal.set_wakeup_fd`` also writes to, never
+    in a lock no signal interrupts.
+    """
+
+    def __init__(self):
+        self._items = collections.deque()
+        self._read, self.wakeup_fd = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self.wakeup_fd, False)
+
+    def put(self, item):
+        self._items.append(item)
+        try:
+            os.write(self.wakeup_fd, b"\0")
+        except BlockingIOError:
+            pass  # full of wakeups already
+
+    def get(self, timeout):
+        """The next item, waiting up to ``timeout`` seconds (None: for ever); None if there is none."""
+        if not self._items:
+            select.select([self._read], [], [], timeout)
+        try:
+            os.read(self._read, 4096)
+        except BlockingIOError:
+            pass
+        return self._items.popleft() if self._items else None
 
 
 class Link:
@@ -129,9 +165,11 @@ class WorkerProcess:
         self.started = time.monotonic()
         self.state = "starting"  # -> serving -> draining; "exited" once reaped
         self.ready = threading.Event()
-        self.link = None  # None for a worker inherited from before an upgrade: it is only waited for
+        self.link = None  # None for a worker inherited through an upgrade: it is only waited for
+        self.channel = None  # such a worker's channel descriptor, held open until it must drain
         self.replies = {}  # snapshot token -> Future
         self.final = None  # its last snapshot, sent when it finished draining
+        self.last = None  # the latest snapshot it answered (stands in if it fails to answer, or is killed)
         self.exit_code = None  # once reaped: as subprocess gives it (negative: killed by that signal)
 
     def describe(self):
@@ -146,14 +184,17 @@ class Generation:
         self.config = config
         self.hubs = hubs  # router label -> Hub
         self.workers = {}  # slot -> WorkerProcess, while it runs
+        self.restartable = True  # False for workers inherited through an upgrade, and failed starts
 
 
 class Supervisor:
     def __init__(self, config, path, log_level):
         self.path = path  # re-read on reload; "-" (standard input) cannot be
         self.log_level = log_level
-        self.events = queue.SimpleQueue()  # work for the main thread, from signals, links and the admin server
-        self.lock = threading.Lock()  # generations, workers and totals, shared with the admin threads
+        self.events = Events()  # work for the main thread, from signals, links and the admin server
+        # Generations, workers and totals, shared with the admin threads; reentrant, since a
+        # second Ctrl-C's handler (abort) may run while the main thread holds it.
+        self.lock = threading.RLock()
         self.sockets = {}  # listener key -> listening socket
         self.generations = []  # live ones, oldest first
         self.current = Generation(0, config, {})
@@ -167,7 +208,6 @@ class Supervisor:
         self.departed = None  # the final snapshots of finished workers, merged: their counts stay counted
         self.tokens = itertools.count()
         self.admin = None
-        self.inherited_workers = []  # (pid, channel fd, generation) from the supervisor before an upgrade
         self.admin_port = 0  # the admin port before an upgrade
 
     # -- starting ----------------------------------------------------------
@@ -175,27 +215,35 @@ class Supervisor:
     def start(self, inherited=None):
         """Open (or inherit) the sockets, start discovery and the first workers, then the admin server.
 
-        Raises OSError or RuntimeError when it cannot; nothing is left running then.
+        Raises OSError or RuntimeError when it cannot; nothing is left running then.  After an
+        upgrade (``inherited``), new code that cannot serve leaves the previous workers serving.
         """
         config = self.current.config
-        if inherited:
-            self._inherit(inherited)
+        previous = self._inherit(inherited) if inherited else None
         try:
             self._open_listeners(config, self._announce)
-            self.current = self._generation(config, hubs={}, number=self._next_number())
-            problem = self._start_workers(self.current)
+            generation = self._generation(config, hubs={}, number=self._next_number())
+            problem = self._start_workers(generation)
             if problem:
+                self._abandon(generation)
                 raise RuntimeError(problem)
+            self.current = generation
             self.admin = AdminServer(self, self._admin_config(config))
-        except BaseException:
-            self._stop_everything()
-            raise
+        except (OSError, RuntimeError) as exc:
+            if previous is None:
+                self._stop_everything()
+                raise
+            self.current = previous
+            self._reload_failed([f"upgrade failed: {getattr(exc, 'strerror', None) or exc}; the previous "
+                                 "workers keep serving (fix the problem, then send SIGHUP or SIGUSR2)"])
+            self.admin = AdminServer(self, self._admin_config(config))
         self.admin.start()
-        self._orphan_inherited_workers()
+        if previous is not None and self.current is not previous:
+            self._hand_over(previous, config)
 
     def _next_number(self):
-        previous = [g for _, _, g in self.inherited_workers]
-        return max([self.current.number, *previous]) + 1
+        with self.lock:
+            return max(g.number for g in [self.current, *self.generations]) + 1
 
     def _announce(self, router, server, sock):
         address = display_address(sock.getsockname())
@@ -298,14 +346,14 @@ class Supervisor:
         while not (self.stopping and not self._live_workers()):
             due = min([*self.restart_at.values(), *self.kill_at.values()], default=None)
             timeout = None if due is None else max(0.0, due - time.monotonic())
+            kind, *args = self.events.get(timeout) or (None,)
             try:
-                kind, *args = self.events.get(timeout=timeout)
-            except queue.Empty:
-                kind = None
-            if kind is not None:
-                handlers[kind](*args)
-            self._restart_due()
-            self._kill_overdue()
+                if kind is not None:
+                    handlers[kind](*args)
+                self._restart_due()
+                self._kill_overdue()
+            except Exception:  # (a worker that cannot be started, say: the supervisor carries on)
+                log.exception("supervisor: handling %s failed", kind or "timers")
         self._stop_everything()
         log.info("stopped")
         return 0
@@ -319,14 +367,15 @@ class Supervisor:
         with self.lock:
             if generation.workers.get(worker.slot) is worker:
                 del generation.workers[worker.slot]
-            if worker.final is not None:
-                self.departed = _totals([self.departed, worker.final] if self.departed else [worker.final])
+            counted = worker.final or worker.last  # killed: what it had counted at the last scrape
+            if counted is not None:
+                self.departed = _totals([self.departed, counted] if self.departed else [counted])
         expected = worker.state == "draining" or self.stopping
         worker.state = "exited"
         self.kill_at.pop(worker, None)
         if expected:
             log.info("worker %d finished (%s)", worker.pid, _status(status))
-        elif generation is self.current:
+        elif generation is self.current and generation.restartable:
             lived = time.monotonic() - worker.started
             crashes = self.crashes.get(worker.slot, 0) + 1 if lived < STABLE_SECS else 1
             self.crashes[worker.slot] = crashes
@@ -342,8 +391,13 @@ class Supervisor:
             if due <= now:
                 del self.restart_at[slot]
                 if not self.stopping and slot not in self.current.workers and slot < self.current.config.workers:
-                    self.restarts += 1
-                    self._spawn(self.current, slot)
+                    try:
+                        self._spawn(self.current, slot)
+                    except OSError as exc:  # out of processes or descriptors: try again shortly
+                        log.error("cannot start a worker: %s; trying again in %gs", exc, MAX_RESTART_DELAY / 30)
+                        self.restart_at[slot] = now + MAX_RESTART_DELAY / 30
+                    else:
+                        self.restarts += 1
 
     def _kill_overdue(self):
         now = time.monotonic()
@@ -379,8 +433,7 @@ class Supervisor:
                 interrupted.append(signum)
             self.events.put(("signal", signum))
 
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
-                       signal.SIGQUIT):
+        for signum in HANDLED_SIGNALS:
             signal.signal(signum, handle)
 
     def _signalled(self, signum):
@@ -420,8 +473,9 @@ class Supervisor:
         self.kill_at[worker] = time.monotonic() + self.current.config.admin.grace_secs + KILL_MARGIN
         if worker.link is not None:
             worker.link.send(("drain",))
-        else:
-            _kill(worker.pid, signal.SIGTERM)
+        elif worker.channel is not None:  # inherited through an upgrade: closing its channel drains it
+            os.close(worker.channel)
+            worker.channel = None
 
     def abort(self, status=1):
         """End at once: every worker killed."""
@@ -452,12 +506,17 @@ class Supervisor:
         return done.result(READY_TIMEOUT + 30)
 
     def _reload_requested(self, done):
-        done.set_result(self._reload())
+        try:
+            done.set_result(self._reload())
+        except BaseException as exc:
+            done.set_result((False, f"reload failed: {exc}"))
+            raise
 
     def _reload(self):
         """Re-read the configuration; serve it with new workers, drain the old. (ok, message)."""
         if self.stopping:
-            return self._reload_failed(["shutting down"])
+            log.warning("reload ignored: shutting down")
+            return False, "shutting down"
         if self.path == "-":
             return self._reload_failed(["the configuration came from standard input: there is no file to re-read"])
         try:
@@ -479,8 +538,7 @@ class Supervisor:
                                       self._next_number())
         problem = self._start_workers(generation)
         if problem:
-            for worker in list(generation.workers.values()):
-                self._drain(worker)
+            self._abandon(generation)
             self._close_sockets(keep=listeners(old.config))
             return self._reload_failed([problem])
         with self.lock:
@@ -500,6 +558,12 @@ class Supervisor:
         log.info("reload: %s", message)
         return True, message
 
+    def _abandon(self, generation):
+        """A generation that failed to start: whatever workers did start drain (they may hold streams)."""
+        generation.restartable = False
+        for worker in list(generation.workers.values()):
+            self._drain(worker)
+
     def _reload_failed(self, problems):
         for problem in problems:
             log.error("reload refused: %s", problem)
@@ -516,6 +580,9 @@ class Supervisor:
 
     def upgrade(self):
         """Re-execute the supervisor with the ltcp now installed, keeping sockets and workers."""
+        if self.stopping:
+            log.warning("upgrade ignored: shutting down")
+            return False, "shutting down"
         if self.path == "-":
             return self._reload_failed(["the configuration came from standard input: an upgrade must re-read it"])
         check = subprocess.run([sys.executable, "-m", "ltcp", "--check", self.path], capture_output=True,
@@ -523,12 +590,24 @@ class Supervisor:
         if check.returncode != 0:
             lines = (check.stderr or check.stdout).strip().splitlines() or [f"exit status {check.returncode}"]
             return self._reload_failed([f"upgrade refused: the installed ltcp says: {line}" for line in lines[-5:]])
-        workers = self._live_workers()
-        state = {"listeners": [[list(key), sock.fileno()] for key, sock in self.sockets.items()],
-                 "workers": [[w.pid, w.link.sock.fileno() if w.link else -1, w.generation] for w in workers],
-                 "reloads": self.reloads, "restarts": self.restarts, "admin_port": self.admin.address[1]}
-        descriptors = [fd for _, fd in state["listeners"]] + [fd for _, fd, _ in state["workers"] if fd >= 0]
-        for fd in descriptors:
+        try:  # open new addresses now, while a failure still leaves everything as it is
+            self._open_listeners(load(self.path))
+        except ConfigError:
+            pass  # written for the new code: it opens what it needs
+        except OSError as exc:
+            return self._reload_failed([f"upgrade refused: {exc.strerror}"])
+        try:
+            counted = self.snapshot()
+        except concurrent.futures.TimeoutError:
+            counted = self.departed
+        workers = [w for w in self._live_workers() if w.exit_code is None]
+        state = {"listeners": {key: sock.fileno() for key, sock in self.sockets.items()},
+                 "workers": [(w.pid, w.link.sock.fileno() if w.link else -1, w.generation) for w in workers],
+                 "reloads": self.reloads, "restarts": self.restarts, "admin_port": self.admin.address[1],
+                 "departed": _totals([counted]) if counted else None}
+        handed = [*state["listeners"].values(), *(fd for _, fd, _ in state["workers"] if fd >= 0)]
+        carrier = _carry(state)  # a memfd: no size limit, unlike the environment
+        for fd in handed:
             os.set_inheritable(fd, True)
         self.admin.close()
         argv = [sys.executable, "-m", "ltcp", *sys.argv[1:]]
@@ -536,14 +615,28 @@ class Supervisor:
                  len(self.sockets), len(workers))
         for handler in logging.getLogger().handlers:
             handler.flush()
+        # Signals wait, blocked, until the new code has its handlers (the mask survives exec);
+        # those already queued here are raised again, to be pending for it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        self._pass_on_queued_signals()
         try:
-            os.execve(sys.executable, argv, {**os.environ, UPGRADE_ENV: json.dumps(state)})
+            os.execve(sys.executable, argv, {**os.environ, UPGRADE_ENV: str(carrier)})
         except OSError as exc:
-            for fd in descriptors:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            os.close(carrier)
+            for fd in handed:
                 os.set_inheritable(fd, False)
             self.admin = AdminServer(self, self._admin_config(self.current.config))
             self.admin.start()
             return self._reload_failed([f"upgrade failed: cannot execute {sys.executable}: {exc.strerror}"])
+
+    def _pass_on_queued_signals(self):
+        while event := self.events.get(0):
+            kind, *args = event
+            if kind == "signal":
+                os.kill(os.getpid(), args[0])
+            elif kind == "reload":
+                args[0].set_result((False, "an upgrade is under way: ask again in a moment"))
 
     def _admin_config(self, config):
         """The admin section, with the port the supervisor before an upgrade had when it was chosen by the system."""
@@ -552,34 +645,35 @@ class Supervisor:
         return config.admin
 
     def _inherit(self, state):
-        """Take over what the supervisor before an upgrade left open."""
-        for key, fd in state["listeners"]:
-            self.sockets[tuple(key)] = socket.socket(fileno=fd)
-        self.inherited_workers = [tuple(w) for w in state["workers"]]
+        """Take over what the supervisor before an upgrade left open; its workers, as a generation."""
+        for key, fd in state["listeners"].items():
+            self.sockets[key] = socket.socket(fileno=fd)
         self.reloads = dict(state["reloads"])
         self.restarts = state["restarts"]
         self.admin_port = state["admin_port"]
-
-    def _orphan_inherited_workers(self):
-        """The new workers serve: close the old ones' channels (they drain) and wait for them to exit."""
-        if not self.inherited_workers:
-            return
-        old = Generation(max(g for _, _, g in self.inherited_workers), None, {})
-        for slot, (pid, fd, generation) in enumerate(self.inherited_workers):
-            worker = WorkerProcess(slot, generation, pid)
-            worker.state = "draining"
-            old.workers[slot] = worker
-            reap = functools.partial(_wait_for_child, pid)
-            threading.Thread(target=self._closed, args=(old, worker, reap), name=f"worker-{pid}-wait",
-                             daemon=True).start()
-            if fd >= 0:
-                os.close(fd)
-            else:
-                _kill(pid, signal.SIGTERM)
+        self.departed = state["departed"]
+        previous = Generation(max((g for _, _, g in state["workers"]), default=0), self.current.config, {})
+        previous.restartable = False
+        for slot, (pid, fd, number) in enumerate(state["workers"]):
+            worker = WorkerProcess(slot, number, pid)
+            worker.state = "serving"
+            worker.channel = fd
+            previous.workers[slot] = worker
+            threading.Thread(target=self._closed, args=(previous, worker, functools.partial(_wait_for_child, pid)),
+                             name=f"worker-{pid}-wait", daemon=True).start()
         with self.lock:
-            self.generations.insert(0, old)
-        log.info("upgrade: %d workers of the previous ltcp draining", len(self.inherited_workers))
-        self.inherited_workers = []
+            self.generations.append(previous)
+        return previous
+
+    def _hand_over(self, previous, config):
+        """The new workers serve: the previous ones drain (their channel closes), and old sockets go."""
+        for worker in list(previous.workers.values()):
+            self._drain(worker)
+        self._close_sockets(keep=listeners(config))
+        self.reloads["success"] += 1
+        self.last_reload_success = time.time()
+        log.info("upgrade: generation %d serving; %d workers of the previous ltcp draining",
+                 self.current.number, len(previous.workers))
 
     # -- what the admin server shows (on its threads) ---------------------
 
@@ -597,14 +691,19 @@ class Supervisor:
             token, future = next(self.tokens), concurrent.futures.Future()
             worker.replies[token] = future
             worker.link.send(("snapshot", token, listed))
-            asked.append(future)
+            asked.append((worker, token, future))
         deadline = time.monotonic() + SNAPSHOT_TIMEOUT
-        answers = []
-        for future in asked:
+        answers, answered = [], []
+        for worker, token, future in asked:
             try:
-                answers.append(future.result(max(0.0, deadline - time.monotonic())))
+                worker.last = future.result(max(0.0, deadline - time.monotonic()))
             except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-                pass
+                worker.replies.pop(token, None)
+                log.warning("worker %d did not answer a snapshot within %gs: showing its last one",
+                            worker.pid, SNAPSHOT_TIMEOUT)
+            if worker.last is not None:  # a stuck worker's counts are stale, not gone
+                answers.append(worker.last)
+                answered.append(worker)
         if not answers:
             raise concurrent.futures.TimeoutError("no worker answered")
         counts = [_stream_counts(answer) for answer in answers]
@@ -614,7 +713,7 @@ class Supervisor:
             if hub is not None:
                 router["discovery"] = hub.interpreter.stats.snapshot()
         data["draining"] = self.stopping
-        data["workers"] = [{**w.describe(), **n} for w, n in zip(workers, counts)]
+        data["workers"] = [{**w.describe(), **n} for w, n in zip(answered, counts)]
         return data
 
     def routers(self):
@@ -660,7 +759,10 @@ def _status(code):
 
 def _wait_for_child(pid):
     """Wait for a worker started before an upgrade (no Popen object knows it); its exit code."""
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except ChildProcessError:  # reaped already (it ended while the upgrade began)
+        return 0
 
 
 def _kill(pid, signum):
@@ -672,12 +774,31 @@ def _kill(pid, signum):
 
 def serve(config, path, log_level):
     """Run the supervisor until it has drained; the process exit status."""
-    inherited = os.environ.pop(UPGRADE_ENV, None)
     supervisor = Supervisor(config, path, log_level)
+    signal.set_wakeup_fd(supervisor.events.wakeup_fd, warn_on_full_buffer=False)
+    supervisor.install_signal_handlers()  # first: until then a SIGHUP would end the process
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # (blocked across an upgrade's exec)
     try:
-        supervisor.start(json.loads(inherited) if inherited else None)
+        supervisor.start(_inherited_state())
     except (OSError, RuntimeError) as exc:
         log.error("cannot start: %s", getattr(exc, "strerror", None) or exc)
         return 2
-    supervisor.install_signal_handlers()
     return supervisor.run()
+
+
+def _carry(state):
+    """The upgrade state in an anonymous file the new code inherits; its descriptor."""
+    fd = os.memfd_create("ltcp-upgrade", 0)
+    os.write(fd, pickle.dumps(state))
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.set_inheritable(fd, True)
+    return fd
+
+
+def _inherited_state():
+    """What the supervisor before an upgrade carried over, or None for a plain start."""
+    carrier = os.environ.pop(UPGRADE_ENV, None)
+    if carrier is None:
+        return None
+    with os.fdopen(int(carrier), "rb") as f:
+        return pickle.load(f)

@@ -16,7 +16,6 @@ import socket
 import sys
 
 from .app import App, tune_garbage_collection
-from .cli import LOG_FORMAT
 from .control import Channel, Framer, RemoteDiscovery, encode
 from .snapshot import snapshot
 from .tls import TlsMaterialError
@@ -26,6 +25,7 @@ __all__ = ["Worker", "main"]
 log = logging.getLogger("ltcp.worker")  # (not __name__: run as a script, that is __main__)
 
 FINAL_SNAPSHOT_TIMEOUT = 2.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # the supervisor's too
 
 
 class Worker:
@@ -64,7 +64,7 @@ class Worker:
             log.warning("control channel: unknown message %r ignored", kind)
 
     def _orphaned(self):
-        log.warning("the supervisor is gone: draining")
+        log.warning("the supervisor closed the control channel (an upgrade, or it is gone): draining")
         self.app.drain()
 
     def _say_goodbye(self):

@@ -6,6 +6,7 @@ real clients, signals and admin requests.
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -67,11 +68,13 @@ def rewrite(ltcp, config):
 
 
 def reload_via_sighup(ltcp, expect):
-    before = ltcp.log.count("reload: generation")
+    def outcomes():
+        return ltcp.log.count("reload: generation"), ltcp.log.count("reload failed")
+
+    succeeded, failed = outcomes()
     ltcp.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: ltcp.log.count("reload: generation") > before or "reload failed" in ltcp.log[-2000:],
-             timeout=40, message="the reload to finish")
-    assert ("reload: generation" in ltcp.log[-3000:]) == expect, ltcp.log[-3000:]
+    wait_for(lambda: outcomes() != (succeeded, failed), timeout=40, message="the reload to finish")
+    assert outcomes() == ((succeeded + 1, failed) if expect else (succeeded, failed + 1)), ltcp.log[-3000:]
 
 
 def ping(port, payload=b"ping", context=None, server_name=None):
@@ -222,7 +225,7 @@ def test_a_bad_configuration_is_refused_line_by_line_and_the_old_one_keeps_servi
     samples = metrics(ltcp)
     assert samples[("ltcp_config_reloads_total", (("outcome", "failure"),))] == 1
     assert samples[("ltcp_config_reloads_total", (("outcome", "success"),))] == 0
-    assert serving(ltcp) == ltcp.workers  # nothing restarted
+    assert serving(ltcp) == sorted(ltcp.workers)  # nothing restarted
     held.sendall(b"b")
     assert recv_exactly(held, 1) == b"b"
     assert ping(ltcp.port)
@@ -384,7 +387,7 @@ def test_when_the_supervisor_dies_its_workers_drain_and_exit(instances, backends
     assert recv_exactly(held, 1) == b"a"
     ltcp.proc.kill()
     ltcp.proc.wait(10)
-    wait_for(lambda: "the supervisor is gone: draining" in ltcp.log, message="workers to notice")
+    wait_for(lambda: ltcp.log.count("the supervisor closed the control channel") == 2, message="workers to notice")
     held.sendall(b"b")  # the stream carries on while it drains
     assert recv_exactly(held, 1) == b"b"
     with pytest.raises(OSError):
@@ -400,9 +403,14 @@ def test_an_upgrade_re_executes_the_supervisor_without_dropping_a_connection(ins
     streams = [LongStream(ltcp.port) for _ in range(4)]
     wait_for(lambda: load.done > 20, message="load to run")
     supervisor = ltcp.proc.pid
+    accepted = ("ltcp_accepted_total", (("router", "r"), ("server", f"127.0.0.1:{ltcp.port}")))
+    before = metrics(ltcp)[accepted]
     ltcp.proc.send_signal(signal.SIGUSR2)
-    wait_for(lambda: "upgrade: 2 workers of the previous ltcp draining" in ltcp.log, timeout=60,
+    wait_for(lambda: "received SIGUSR2" in ltcp.log, message="the upgrade to begin")
+    ltcp.proc.send_signal(signal.SIGHUP)  # during the check or the exec: kept for the new code
+    wait_for(lambda: "upgrade: generation 2 serving; 2 workers of the previous ltcp draining" in ltcp.log, timeout=60,
              message="the new supervisor to serve")
+    wait_for(lambda: "reload: generation 3 serving" in ltcp.log, timeout=60, message="the SIGHUP, then")
     assert "upgrade: executing" in ltcp.log
     count = load.done
     wait_for(lambda: load.done > count + 50, timeout=20, message="load to go on")
@@ -415,6 +423,30 @@ def test_an_upgrade_re_executes_the_supervisor_without_dropping_a_connection(ins
     assert ltcp.proc.pid == supervisor and ltcp.proc.poll() is None
     new_workers = serving(ltcp)
     assert len(new_workers) == 2 and not set(new_workers) & set(ltcp.workers)
+    assert metrics(ltcp)[accepted] >= before  # counts carried over: a counter never goes back
+    assert metrics(ltcp)[("ltcp_config_reloads_total", (("outcome", "success"),))] == 2
+
+
+def test_an_upgrade_that_cannot_listen_is_refused_before_anything_changes(instances, backends):
+    backend = backends(echo)
+    ltcp = instances(document(backend, workers=2))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        rewrite(ltcp, document(backend, workers=2, servers=[
+            {"port": 0, "dstName": "/svc/a"}, {"port": taken.getsockname()[1], "dstName": "/svc/a"}]))
+        ltcp.proc.send_signal(signal.SIGUSR2)
+        ltcp.proc.send_signal(signal.SIGHUP)  # at once: a reload, refused for the same reason
+        wait_for(lambda: ltcp.log.count("reload failed") == 2, timeout=60, message="both refusals")
+    finally:
+        taken.close()
+    assert re.search(r"upgrade refused: cannot listen on 127\.0\.0\.1:\d+: Address already in use", ltcp.log)
+    assert "upgrade: executing" not in ltcp.log
+    assert serving(ltcp) == sorted(ltcp.workers) and ping(ltcp.port)
+    assert metrics(ltcp)[("ltcp_config_reloads_total", (("outcome", "failure"),))] == 2
+    reload_via_sighup(ltcp, expect=True)  # the address is free now
+    assert ping(ltcp.port) and ping(ltcp.ports[0])
 
 
 @pytest.mark.parametrize("workers", [1, 2])

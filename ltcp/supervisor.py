@@ -69,13 +69,15 @@ def restart_delay(crashes):
 class Events:
     """The main thread's work queue, which signals wake too.
 
-    A signal may land on any thread, and its Python handler runs only when
-    the main thread next runs bytecode: so the main thread waits in
-    ``select`` on a pipe that ``signal.set_wakeup_fd`` also writes to, never
-    in a lock no signal interrupts.
+    Every thread of the supervisor blocks the signals it handles, except the
+    main thread while it waits here: so a signal is taken exactly there (never
+    by a thread that would leave its handler pending), stays pending while the
+    main thread is busy, and survives an upgrade's exec.  ``select`` also
+    watches a pipe that ``signal.set_wakeup_fd`` writes to.
     """
 
-    def __init__(self):
+    def __init__(self, signals=()):
+        self._signals = signals
         self._items = collections.deque()
         self._read, self.wakeup_fd = os.pipe()
         os.set_blocking(self._read, False)
@@ -91,12 +93,23 @@ class Events:
     def get(self, timeout):
         """The next item, waiting up to ``timeout`` seconds (None: for ever); None if there is none."""
         if not self._items:
-            select.select([self._read], [], [], timeout)
+            blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signals)
+            try:
+                select.select([self._read], [], [], timeout)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # (handlers of signals taken run here)
         try:
             os.read(self._read, 4096)
         except BlockingIOError:
             pass
         return self._items.popleft() if self._items else None
+
+    def take_all(self):
+        """Every item queued, without waiting (nor taking signals)."""
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
 
 
 class Link:
@@ -191,7 +204,7 @@ class Supervisor:
     def __init__(self, config, path, log_level):
         self.path = path  # re-read on reload; "-" (standard input) cannot be
         self.log_level = log_level
-        self.events = Events()  # work for the main thread, from signals, links and the admin server
+        self.events = Events(HANDLED_SIGNALS)  # work for the main thread, from signals, links and admin
         # Generations, workers and totals, shared with the admin threads; reentrant, since a
         # second Ctrl-C's handler (abort) may run while the main thread holds it.
         self.lock = threading.RLock()
@@ -615,14 +628,12 @@ class Supervisor:
                  len(self.sockets), len(workers))
         for handler in logging.getLogger().handlers:
             handler.flush()
-        # Signals wait, blocked, until the new code has its handlers (the mask survives exec);
-        # those already queued here are raised again, to be pending for it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        # Signals arriving now stay pending (every thread blocks them) and survive the exec;
+        # those already taken and queued are raised again, for the new code.
         self._pass_on_queued_signals()
         try:
             os.execve(sys.executable, argv, {**os.environ, UPGRADE_ENV: str(carrier)})
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             os.close(carrier)
             for fd in handed:
                 os.set_inheritable(fd, False)
@@ -631,8 +642,7 @@ class Supervisor:
             return self._reload_failed([f"upgrade failed: cannot execute {sys.executable}: {exc.strerror}"])
 
     def _pass_on_queued_signals(self):
-        while event := self.events.get(0):
-            kind, *args = event
+        for kind, *args in self.events.take_all():
             if kind == "signal":
                 os.kill(os.getpid(), args[0])
             elif kind == "reload":
@@ -774,10 +784,11 @@ def _kill(pid, signum):
 
 def serve(config, path, log_level):
     """Run the supervisor until it has drained; the process exit status."""
+    # Blocked before any thread starts, so every thread inherits the mask (see Events).
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     supervisor = Supervisor(config, path, log_level)
     signal.set_wakeup_fd(supervisor.events.wakeup_fd, warn_on_full_buffer=False)
-    supervisor.install_signal_handlers()  # first: until then a SIGHUP would end the process
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # (blocked across an upgrade's exec)
+    supervisor.install_signal_handlers()
     try:
         supervisor.start(_inherited_state())
     except (OSError, RuntimeError) as exc:

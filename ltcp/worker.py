@@ -110,6 +110,7 @@ def main(argv=None):
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
     for signum in SUPERVISOR_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the supervisor's mask is inherited: a worker has one thread
     sock, framer = socket.socket(fileno=fd), Framer()
     (_, config, fds, generation), early = _receive_start(sock, framer)
     sockets = {key: socket.socket(fileno=number) for key, number in fds.items()}

@@ -525,13 +525,20 @@ class Supervisor:
             done.set_result((False, f"reload failed: {exc}"))
             raise
 
-    def _reload(self):
-        """Re-read the configuration; serve it with new workers, drain the old. (ok, message)."""
+    def _not_now(self, action):
+        """Why a reload or an upgrade cannot begin, as its outcome (ok, message); None when it can."""
         if self.stopping:
-            log.warning("reload ignored: shutting down")
+            log.warning("%s ignored: shutting down", action)
             return False, "shutting down"
         if self.path == "-":
             return self._reload_failed(["the configuration came from standard input: there is no file to re-read"])
+        return None
+
+    def _reload(self):
+        """Re-read the configuration; serve it with new workers, drain the old. (ok, message)."""
+        refused = self._not_now("reload")
+        if refused:
+            return refused
         try:
             config = load(self.path)
         except ConfigError as exc:
@@ -593,11 +600,9 @@ class Supervisor:
 
     def upgrade(self):
         """Re-execute the supervisor with the ltcp now installed, keeping sockets and workers."""
-        if self.stopping:
-            log.warning("upgrade ignored: shutting down")
-            return False, "shutting down"
-        if self.path == "-":
-            return self._reload_failed(["the configuration came from standard input: an upgrade must re-read it"])
+        refused = self._not_now("upgrade")
+        if refused:
+            return refused
         check = subprocess.run([sys.executable, "-m", "ltcp", "--check", self.path], capture_output=True,
                                text=True, timeout=120, stdin=subprocess.DEVNULL)
         if check.returncode != 0:

@@ -39,10 +39,10 @@ class Hub:
                     subscribers = self._subscribers[name] = set()
                 subscribers.add(subscriber)
                 answer = self._answers.get(name)  # prepared already
+                if answer is not None:  # under the lock: a newer answer cannot overtake it
+                    subscriber.send(answer)
             if first:
                 self.interpreter.watch(name, functools.partial(self._deliver, name))
-        if answer is not None:
-            subscriber.send(answer)
 
     def unsubscribe(self, subscriber, name):
         with self._watching:
@@ -73,9 +73,8 @@ class Hub:
             if subscribers is None:  # unwatched meanwhile
                 return
             self._answers[name] = message
-            subscribers = list(subscribers)
-        for subscriber in subscribers:
-            subscriber.send(message)
+            for subscriber in subscribers:  # (send only queues: cheap under the lock, and in order)
+                subscriber.send(message)
 
     @property
     def watched(self):

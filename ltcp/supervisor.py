@@ -294,8 +294,11 @@ class Supervisor:
 
     def _start_workers(self, generation):
         """Start every worker of ``generation`` and wait until all serve; a problem, or None."""
-        for slot in range(generation.config.workers):
-            self._spawn(generation, slot)
+        try:
+            for slot in range(generation.config.workers):
+                self._spawn(generation, slot)
+        except OSError as exc:  # out of processes or descriptors
+            return f"cannot start a worker: {exc.strerror or exc}"
         deadline = time.monotonic() + READY_TIMEOUT
         for worker in list(generation.workers.values()):
             while not worker.ready.wait(0.05):
@@ -487,7 +490,8 @@ class Supervisor:
         if worker.link is not None:
             worker.link.send(("drain",))
         elif worker.channel is not None:  # inherited through an upgrade: closing its channel drains it
-            os.close(worker.channel)
+            if worker.channel >= 0:
+                os.close(worker.channel)
             worker.channel = None
 
     def abort(self, status=1):
@@ -554,8 +558,8 @@ class Supervisor:
             return self._reload_failed([str(exc.strerror or exc)])
         for key in opened:
             log.info("reload: listening on %s", display_address(self.sockets[key].getsockname()))
-        generation = self._generation(config, {label: old.hubs[label] for label in steps.discovery},
-                                      self._next_number())
+        kept = {label: hub for label, hub in old.hubs.items() if label in steps.discovery}
+        generation = self._generation(config, kept, self._next_number())
         problem = self._start_workers(generation)
         if problem:
             self._abandon(generation)
@@ -620,9 +624,9 @@ class Supervisor:
             counted = self.departed
         workers = [w for w in self._live_workers() if w.exit_code is None]
         state = {"listeners": {key: sock.fileno() for key, sock in self.sockets.items()},
-                 "workers": [(w.pid, w.link.sock.fileno() if w.link else -1, w.generation) for w in workers],
+                 "workers": [(w.pid, _channel_fd(w), w.generation) for w in workers],
                  "reloads": self.reloads, "restarts": self.restarts, "admin_port": self.admin.address[1],
-                 "departed": _totals([counted]) if counted else None}
+                 "departed": _totals([counted]) if counted else None, "config": self.current.config}
         handed = [*state["listeners"].values(), *(fd for _, fd, _ in state["workers"] if fd >= 0)]
         carrier = _carry(state)  # a memfd: no size limit, unlike the environment
         for fd in handed:
@@ -635,10 +639,13 @@ class Supervisor:
             handler.flush()
         # Signals arriving now stay pending (every thread blocks them) and survive the exec;
         # those already taken and queued are raised again, for the new code.
-        self._pass_on_queued_signals()
+        kept = self._pass_on_queued_events()
+        self.admin_port = self.admin.address[1]
         try:
             os.execve(sys.executable, argv, {**os.environ, UPGRADE_ENV: str(carrier)})
         except OSError as exc:
+            for event in kept:
+                self.events.put(event)
             os.close(carrier)
             for fd in handed:
                 os.set_inheritable(fd, False)
@@ -646,12 +653,22 @@ class Supervisor:
             self.admin.start()
             return self._reload_failed([f"upgrade failed: cannot execute {sys.executable}: {exc.strerror}"])
 
-    def _pass_on_queued_signals(self):
-        for kind, *args in self.events.take_all():
-            if kind == "signal":
-                os.kill(os.getpid(), args[0])
+    def _pass_on_queued_events(self):
+        """Before the exec: queued signals and shutdowns become pending signals for the new code.
+
+        The rest (workers that exited, which the new code finds reaped) is
+        returned, to be queued again if the exec fails.
+        """
+        kept = []
+        for event in self.events.take_all():
+            kind, *args = event
+            if kind in ("signal", "drain"):
+                os.kill(os.getpid(), args[0] if kind == "signal" else signal.SIGTERM)
             elif kind == "reload":
                 args[0].set_result((False, "an upgrade is under way: ask again in a moment"))
+            else:
+                kept.append(event)
+        return kept
 
     def _admin_config(self, config):
         """The admin section, with the port the supervisor before an upgrade had when it was chosen by the system."""
@@ -667,7 +684,7 @@ class Supervisor:
         self.restarts = state["restarts"]
         self.admin_port = state["admin_port"]
         self.departed = state["departed"]
-        previous = Generation(max((g for _, _, g in state["workers"]), default=0), self.current.config, {})
+        previous = Generation(max((g for _, _, g in state["workers"]), default=0), state["config"], {})
         previous.restartable = False
         for slot, (pid, fd, number) in enumerate(state["workers"]):
             worker = WorkerProcess(slot, number, pid)
@@ -749,6 +766,13 @@ class Supervisor:
 
     def __repr__(self):
         return f"<Supervisor generation={self.current.number} workers={len(self._live_workers())}>"
+
+
+def _channel_fd(worker):
+    """The supervisor's end of a worker's channel (-1 once closed), to carry across an upgrade."""
+    if worker.link is not None:
+        return worker.link.sock.fileno()
+    return worker.channel if worker.channel is not None else -1
 
 
 def _stream_counts(data):

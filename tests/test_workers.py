@@ -7,6 +7,7 @@ real clients, signals and admin requests.
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -501,3 +502,35 @@ def test_every_discovery_kind_and_intake_feature_works_through_workers(instances
         assert len(routers(ltcp)["workers"]) == workers
     finally:
         namerd.close()
+
+
+def test_a_second_upgrade_while_the_first_ones_workers_drain(instances, backends):
+    ltcp = instances(document(backends(echo), workers=1, admin={"port": 0, "graceSecs": 30}))
+    held = socket.create_connection(("127.0.0.1", ltcp.port), timeout=10)
+    held.sendall(b"a")
+    assert recv_exactly(held, 1) == b"a"  # keeps the first worker draining through both upgrades
+    for generation in (2, 3):
+        ltcp.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda generation=generation: f"upgrade: generation {generation} serving" in ltcp.log,
+                 timeout=60, message=f"upgrade to generation {generation}")
+        assert ping(ltcp.port)
+    held.sendall(b"b")
+    assert recv_exactly(held, 1) == b"b"
+    held.close()
+    wait_for(lambda: not any(alive(pid) for pid in ltcp.workers), timeout=20, message="the first worker to exit")
+    assert ltcp.proc.poll() is None and len(serving(ltcp)) == 1
+
+
+def test_a_reload_that_cannot_start_its_workers_leaves_none_behind(instances, backends):
+    ltcp = instances(document(backends(echo), workers=2))
+    soft, hard = resource.prlimit(ltcp.proc.pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{ltcp.proc.pid}/fd"))
+    resource.prlimit(ltcp.proc.pid, resource.RLIMIT_NOFILE, (in_use + 2, hard))  # room for one worker's channel
+    try:
+        reload_via_sighup(ltcp, expect=False)
+    finally:
+        resource.prlimit(ltcp.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert "cannot start a worker" in ltcp.log
+    wait_for(lambda: len(routers(ltcp)["workers"]) == 2, timeout=20, message="the half-started generation to go")
+    assert serving(ltcp) == sorted(ltcp.workers) and ping(ltcp.port)
+    assert metrics(ltcp)[("ltcp_config_reloads_total", (("outcome", "failure"),))] == 1

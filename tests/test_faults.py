@@ -273,7 +273,8 @@ def test_a_bug_in_a_stream_callback_ends_that_stream_once_and_releases_it(proxie
     other.sendall(b"still fine")  # a turn of the loop later: the failed callback has not fired again
     assert recv_exactly(other, 10) == b"still fine"
     assert len(ltcp_errors(caplog)) == 1, [r.getMessage() for r in ltcp_errors(caplog)]
-    assert open_fds() <= fds
+    # (the echo backend's thread closes its end of the victim's upstream when it reads EOF: wait for it)
+    wait_for(lambda: open_fds() <= fds, message="no descriptor left behind")
     assert proxy.call(lambda: proxy.app.budget.used) == 1
     other.close()
     wait_for(lambda: proxy.call(lambda: proxy.listener.active) == 0, message="the other stream ended")

@@ -31,10 +31,6 @@ _TROUBLE = select.EPOLLERR | select.EPOLLHUP  # reported whatever was asked: wak
 MAX_EVENTS = 1024
 
 
-def _fd(fileobj):
-    return fileobj if isinstance(fileobj, int) else fileobj.fileno()
-
-
 class Registration:
     """Watching one descriptor: ``want(events)`` says what its owner waits for now.
 
@@ -145,23 +141,23 @@ class Reactor:
     # -- readiness --------------------------------------------------------
 
     def register(self, fileobj, events, callback):
-        fd = _fd(fileobj)
+        fd = fileobj if fileobj.__class__ is int else fileobj.fileno()  # (no call for a plain fd)
         self._poller.register(fd, events)
         self._handlers[fd] = (callback, events)
 
     def modify(self, fileobj, events, callback):
-        fd = _fd(fileobj)
+        fd = fileobj if fileobj.__class__ is int else fileobj.fileno()
         self._poller.modify(fd, events)
         self._handlers[fd] = (callback, events)
 
     def unregister(self, fileobj):
-        fd = _fd(fileobj)
+        fd = fileobj if fileobj.__class__ is int else fileobj.fileno()
         del self._handlers[fd]
         self._poller.unregister(fd)
 
     def discard(self, fileobj):
         """Unregister ``fileobj`` if it is registered (cleaning up after a bug, when nobody knows)."""
-        fd = _fd(fileobj)
+        fd = fileobj if fileobj.__class__ is int else fileobj.fileno()
         if self._handlers.pop(fd, None) is not None:
             try:
                 self._poller.unregister(fd)

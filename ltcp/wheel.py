@@ -122,7 +122,8 @@ class TimerWheel:
             return None
         if now is None:
             now = self.clock()
-        return max(0, tick * self.tick_ns - now) / NS_PER_SEC
+        wait = tick * self.tick_ns - now
+        return wait / NS_PER_SEC if wait > 0 else 0.0
 
     def advance(self, now=None):
         """Fire every timer due by ``now``; return how many fired."""
@@ -130,7 +131,8 @@ class TimerWheel:
             now = self.clock()
         target = now // self.tick_ns
         if target <= self._current or not self._occupied:
-            self._current = max(self._current, target)
+            if target > self._current:
+                self._current = target
             return 0
         fired = 0
         first = self._current + 1

@@ -15,6 +15,7 @@ supervisor -> worker::
 worker -> supervisor::
 
     ("ready", pid)                           listening and serving
+    ("draining",)                            accepting no more (the answer to "drain")
     ("subscribe", label, name) / ("unsubscribe", label, name)
     ("snapshot", token, data)
 

@@ -180,7 +180,8 @@ class Reactor:
                 events = poll(-1 if timeout is None else timeout, MAX_EVENTS)
             except InterruptedError:
                 events = ()
-            self.now = clock() / NS_PER_SEC
+            now = clock()
+            self.now = now / NS_PER_SEC
             for fd, happened in events:
                 handler = handlers.get(fd)
                 if handler is None:  # unregistered by an earlier callback of this batch
@@ -192,7 +193,7 @@ class Reactor:
                     self.callback_failed(callback, exc)
                     if handlers.get(fd, (None,))[0] is callback:  # never again, whatever its state
                         self.discard(fd)
-            wheel.advance()
+            wheel.advance(now)  # (the time the events were taken: one clock read per turn)
             # Only what is queued now: callbacks that queue more wait a turn,
             # so a self-requeueing callback cannot starve I/O.
             for _ in range(len(ready)):

@@ -56,6 +56,7 @@ READY_TIMEOUT = 30.0  # seconds for a new generation's workers to be serving
 SNAPSHOT_TIMEOUT = 5.0
 STABLE_SECS = 10.0  # a worker that ran this long had no start-up trouble: its next restart is immediate
 MAX_RESTART_DELAY = 30.0
+DRAIN_CONFIRM_TIMEOUT = 2.0  # seconds a reload waits for the old workers to confirm they stopped accepting
 KILL_MARGIN = 5.0  # seconds past graceSecs before a draining worker that has not exited is killed
 UPGRADE_ENV = "LTCP_UPGRADE"  # the descriptor of what an upgraded supervisor inherits (listeners, old workers)
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
@@ -178,6 +179,7 @@ class WorkerProcess:
         self.started = time.monotonic()
         self.state = "starting"  # -> serving -> draining; "exited" once reaped
         self.ready = threading.Event()
+        self.stopped_accepting = threading.Event()  # set when it confirms a drain order
         self.link = None  # None for a worker inherited through an upgrade: it is only waited for
         self.channel = None  # such a worker's channel descriptor, held open until it must drain
         self.replies = {}  # snapshot token -> Future
@@ -339,6 +341,8 @@ class Supervisor:
             future = worker.replies.pop(message[1], None)
             if future is not None:
                 future.set_result(message[2])
+        elif kind == "draining":
+            worker.stopped_accepting.set()
         elif kind == "final":
             worker.final = message[1]
         else:
@@ -350,6 +354,7 @@ class Supervisor:
             hub.drop(worker.link)
         for future in list(worker.replies.values()):
             future.cancel()
+        worker.stopped_accepting.set()
         worker.exit_code = wait()
         self.events.put(("exited", generation, worker))
 
@@ -569,8 +574,14 @@ class Supervisor:
             self.current = generation
         self.restart_at.clear()
         self.crashes.clear()
-        for worker in list(old.workers.values()):
+        draining = list(old.workers.values())
+        for worker in draining:
             self._drain(worker)
+        # Once the answer is out, every new connection gets the new configuration.
+        deadline = time.monotonic() + DRAIN_CONFIRM_TIMEOUT
+        for worker in draining:
+            if worker.link is not None:
+                worker.stopped_accepting.wait(max(0.0, deadline - time.monotonic()))
         for key in steps.close:
             log.info("reload: no longer listening on %s", display_address(self.sockets[key].getsockname()))
         self._close_sockets(keep=listeners(config))

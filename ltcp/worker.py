@@ -60,6 +60,7 @@ class Worker:
             self.send(("snapshot", token, snapshot(self.app, listed)))
         elif kind == "drain":
             self.app.drain()
+            self.send(("draining",))  # nothing is accepted here any more
         else:
             log.warning("control channel: unknown message %r ignored", kind)
 

@@ -344,7 +344,7 @@ class Supervisor:
         elif kind == "draining":
             worker.stopped_accepting.set()
         elif kind == "final":
-            worker.final = message[1]
+            worker.final = _totals([message[1]])  # once, here: scrapes merge it until the worker is reaped
         else:
             log.warning("worker %d: unknown message %r ignored", worker.pid, kind)
 
@@ -750,14 +750,12 @@ class Supervisor:
         if not answers:
             raise concurrent.futures.TimeoutError("no worker answered")
         counts = [_stream_counts(answer) for answer in answers]
-        data = merge(answers + [_totals([final]) for final in finals] + ([departed] if departed else []))
-        for router in data["routers"]:
-            hub = hubs.get(router["label"])
-            if hub is not None:
-                router["discovery"] = hub.interpreter.stats.snapshot()
-        data["draining"] = self.stopping
-        data["workers"] = [{**w.describe(), **n} for w, n in zip(answered, counts)]
-        return data
+        merged = merge(answers + finals + ([departed] if departed else []))
+        # New dicts, not edits: a merge of one snapshot is that snapshot, kept as a worker's last or final.
+        routers = [{**router, "discovery": hubs[router["label"]].interpreter.stats.snapshot()}
+                   if router["label"] in hubs else router for router in merged["routers"]]
+        return {**merged, "routers": routers, "draining": self.stopping,
+                "workers": [{**w.describe(), **n} for w, n in zip(answered, counts)]}
 
     def routers(self):
         data = self.snapshot(MAX_LISTED_ENDPOINTS)

@@ -131,3 +131,29 @@ def test_an_answer_after_the_last_unsubscription_goes_nowhere():
     assert worker.got == []
     hub.subscribe(worker, "/svc/a")  # watched afresh: no stale answer replayed
     assert worker.got == []
+
+
+def test_a_scrape_leaves_a_workers_snapshot_as_it_was():
+    """The merge of one snapshot is that snapshot: the supervisor's view must be a new one."""
+    from ltcp.histogram import Histogram
+    from ltcp.supervisor import Generation, Supervisor, WorkerProcess
+    from ltcp.wheel import LAG_BUCKETS
+
+    config = _config(7000)
+    supervisor = Supervisor(config, "-", "info")
+    generation = Generation(1, config, {})
+    worker = WorkerProcess(0, 1, pid=1)
+    worker.state = "serving"
+    answer = {"routers": [{"label": "r", "servers": [{"active": 1, "accepted": 3}], "destinations": []}],
+              "reactor_lag": Histogram(LAG_BUCKETS), "draining": False}
+
+    class Link:
+        def send(self, message):
+            worker.replies.pop(message[1]).set_result(answer)
+
+    worker.link = Link()
+    generation.workers[0] = worker
+    supervisor.generations.append(generation)
+    view = supervisor.snapshot()
+    assert view["workers"] == [{"pid": 1, "generation": 1, "state": "serving", "streams": 1, "accepted": 3}]
+    assert worker.last is answer and set(answer) == {"routers", "reactor_lag", "draining"}

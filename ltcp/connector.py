@@ -1,5 +1,6 @@
 """One nonblocking connection attempt to one endpoint (timed by itself or by its caller)."""
 
+import _socket
 import errno
 import socket
 
@@ -67,7 +68,8 @@ class Connect(Registration):
         self.tls = tls
         self.state = CONNECTING
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            # The C socket: no Python-level __init__ or close per connection.
+            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE and friends: this attempt fails, the process goes on
             reactor.call_soon(self._failed_at_once, exc.errno)
             return

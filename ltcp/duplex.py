@@ -14,6 +14,7 @@ nothing is unregistered, so a hung-up socket cannot wake the loop in vain.
 """
 
 import fcntl
+import math
 import os
 import socket
 import ssl
@@ -91,11 +92,6 @@ class Leg(Registration):
                 f"writing={self.writing.name} pending={len(self.pending) if self.pending is not None else 0} "
                 f"piped={self.piped} events={self.events}>")
 
-    @property
-    def backlogged(self):
-        """Bytes are waiting to be written to this socket."""
-        return self.pending is not None or self.piped
-
     def on_event(self, mask):
         if mask & WRITE:
             if self.piped:
@@ -162,7 +158,7 @@ class Leg(Registration):
         if self.writing is NOTIFYING:
             self.close_notify()
         peer = self.peer
-        if not peer.backlogged:
+        if peer.pending is None and not peer.piped:  # nothing backlogged for it
             peer.shutdown_write()
         if not self.duplex.closed:
             self.want(self.wanted())
@@ -297,9 +293,13 @@ class Leg(Registration):
 
     def wanted(self):
         """The readiness this leg waits for, from its states and the buffers: the one place it is decided."""
-        events = WRITE if self.backlogged else 0
-        if self.reading is OPEN and not self.peer.backlogged:
-            events |= READ
+        # Backlogged (bytes wait to be written to it) is spelled out, not a property:
+        # this runs on every readiness change.
+        events = WRITE if self.pending is not None or self.piped else 0
+        if self.reading is OPEN:
+            peer = self.peer
+            if peer.pending is None and not peer.piped:
+                events |= READ
         return events
 
     def release(self, reset):
@@ -338,7 +338,7 @@ class Duplex:
     """
 
     __slots__ = ("reactor", "client", "upstream", "owner", "balancer", "endpoint", "envelope", "buffer", "view",
-                 "started", "last_active", "idle_timer", "life_timer", "closed", "reason", "detail")
+                 "started", "last_active", "timer", "closed", "reason", "detail")
 
     def __init__(self, owner: DuplexOwner, dial, upstream_sock, upstream_events, buffer):
         """Take over ``dial``'s client (still registered for ``dial.events``) and its upstream socket.
@@ -357,8 +357,9 @@ class Duplex:
         self.detail = ""
         self.started = self.last_active = reactor.now
         idle, lifetime = envelope.idle_timeout, envelope.lifetime
-        self.idle_timer = reactor.call_later(idle, self._idle_check) if idle else None
-        self.life_timer = reactor.call_later(lifetime, self.close, "lifetime") if lifetime else None
+        # One timer for both limits, at whichever could come first.
+        first = min(idle, lifetime) if idle and lifetime else idle or lifetime
+        self.timer = reactor.call_later(first, self._check_limits) if first else None
         client = self.client = Leg(self, dial.client, owner.received)
         upstream = self.upstream = Leg(self, upstream_sock, owner.sent)
         client.peer = upstream
@@ -371,15 +372,22 @@ class Duplex:
         return (f"<Duplex {self.balancer.prefix} {self.envelope.source} -> {self.endpoint.address} {state} "
                 f"client={self.client!r} upstream={self.upstream!r}>")
 
-    def _idle_check(self):
-        idle_timeout = self.envelope.idle_timeout
-        idle_for = self.reactor.now - self.last_active
-        if idle_for >= idle_timeout:
-            self.idle_timer = None
+    def _check_limits(self):
+        """End the stream at its lifetime or once idle too long; else look again when one could be reached.
+
+        Re-armed only when it fires, never per read.
+        """
+        self.timer = None
+        envelope = self.envelope
+        now = self.reactor.now
+        lifetime_left = self.started + envelope.lifetime - now if envelope.lifetime else math.inf
+        idle_left = self.last_active + envelope.idle_timeout - now if envelope.idle_timeout else math.inf
+        if lifetime_left <= 0:
+            self.close("lifetime")
+        elif idle_left <= 0:
             self.close("idle")
         else:
-            # Re-armed only when the timer fires, never per read.
-            self.idle_timer = self.reactor.call_later(idle_timeout - idle_for, self._idle_check)
+            self.timer = self.reactor.call_later(min(lifetime_left, idle_left), self._check_limits)
 
     def abort(self, exc=None):
         """An error on either socket: reset both so neither end mistakes it for a clean end."""
@@ -397,10 +405,9 @@ class Duplex:
             return
         self.closed = True
         self.reason = reason
-        for timer in (self.idle_timer, self.life_timer):
-            if timer is not None:
-                timer.cancel()
-        self.idle_timer = self.life_timer = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.client.release(reset)
         self.upstream.release(reset)
         self.owner.stream_closed(self)

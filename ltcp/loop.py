@@ -193,7 +193,8 @@ class Reactor:
                     self.callback_failed(callback, exc)
                     if handlers.get(fd, (None,))[0] is callback:  # never again, whatever its state
                         self.discard(fd)
-            wheel.advance(now)  # (the time the events were taken: one clock read per turn)
+            if now >= wheel.horizon:  # a tick has passed (the time the events were taken: one clock read)
+                wheel.advance(now)
             # Only what is queued now: callbacks that queue more wait a turn,
             # so a self-requeueing callback cannot starve I/O.
             for _ in range(len(ready)):

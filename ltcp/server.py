@@ -5,6 +5,7 @@ dropping: at ``maxConcurrency`` until a stream ends, and for a short pause
 when the process runs out of file descriptors.
 """
 
+import _socket
 import collections
 import errno
 import logging
@@ -128,6 +129,7 @@ class Listener:
         self.label = label
         self.sock = sock  # a listening socket opened by the supervisor, or None: start() opens one
         self.address = None  # (ip, port) actually bound
+        self.family = None  # the listening socket's, as a plain int
         self.listening = False
         self.closed = False
         self.pause_timer = None
@@ -155,6 +157,7 @@ class Listener:
             self.sock = listen(self.config)
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]
+        self.family = int(self.sock.family)  # (the property builds an enum on every read)
         self._listen()
         if opened:  # (a supervisor says it once for all its workers)
             log.info("router %s listening on %s for %s", self.label, self.display_address, self.config.dst_name)
@@ -185,9 +188,9 @@ class Listener:
     def _acceptable(self, mask):
         limit = self.config.max_concurrency
         budget = self.budget
-        # socket.accept() would build two enums (family, type) per client: the raw
-        # accept and a socket made from its descriptor cost a few calls less.
-        accept, family, wrap = self.sock._accept, self.sock.family, socket.socket
+        # socket.accept() builds two enums per client, and socket.socket wraps the C
+        # socket in Python-level __init__ and close: a plain client needs neither.
+        accept, family, wrap = self.sock._accept, self.family, _socket.socket
         for _ in range(ACCEPT_BATCH):
             if self.active >= limit or budget.used >= budget.capacity:
                 self._pause()

@@ -66,6 +66,9 @@ class TimerWheel:
         self._occupied = 0  # bit i set <=> self._slots[i] is not empty
         self._count = 0
         self._current = clock() // self.tick_ns  # last tick fully processed
+        # advance() has nothing to do before the clock reads this: a caller on a hot
+        # loop may compare against it rather than call.
+        self.horizon = (self._current + 1) * self.tick_ns
         self._on_error = on_error or _log_error
         self.lag = Histogram(LAG_BUCKETS)  # seconds each timer fired after its deadline
 
@@ -129,10 +132,16 @@ class TimerWheel:
         """Fire every timer due by ``now``; return how many fired."""
         if now is None:
             now = self.clock()
-        target = now // self.tick_ns
-        if target <= self._current or not self._occupied:
-            if target > self._current:
-                self._current = target
+        if now < self.horizon:
+            return 0
+        try:
+            return self._advance(now // self.tick_ns, now)
+        finally:
+            self.horizon = (self._current + 1) * self.tick_ns
+
+    def _advance(self, target, now):
+        if not self._occupied:
+            self._current = target
             return 0
         fired = 0
         first = self._current + 1

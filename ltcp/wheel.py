@@ -69,6 +69,7 @@ class TimerWheel:
         # advance() has nothing to do before the clock reads this: a caller on a hot
         # loop may compare against it rather than call.
         self.horizon = (self._current + 1) * self.tick_ns
+        self._next_look = None  # next_tick(), remembered until advance moves on; None: not known
         self._on_error = on_error or _log_error
         self.lag = Histogram(LAG_BUCKETS)  # seconds each timer fired after its deadline
 
@@ -91,6 +92,8 @@ class TimerWheel:
             self._occupied |= 1 << index
         slot[timer] = None
         self._count += 1
+        if self._next_look is not None and tick < self._next_look:
+            self._next_look = tick  # (cancelling only makes the next look early, never late)
         return timer
 
     def _discard(self, timer):
@@ -120,9 +123,11 @@ class TimerWheel:
 
     def timeout(self, now=None):
         """Seconds until the next tick that needs a look; None when there are no timers."""
-        tick = self.next_tick()
-        if tick is None:
+        if not self._occupied:
             return None
+        tick = self._next_look
+        if tick is None:  # (the reactor asks every turn: worked out once per tick)
+            tick = self._next_look = self.next_tick()
         if now is None:
             now = self.clock()
         wait = tick * self.tick_ns - now
@@ -138,6 +143,7 @@ class TimerWheel:
             return self._advance(now // self.tick_ns, now)
         finally:
             self.horizon = (self._current + 1) * self.tick_ns
+            self._next_look = None
 
     def _advance(self, target, now):
         if not self._occupied:

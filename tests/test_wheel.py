@@ -95,6 +95,26 @@ class WheelMachine(RuleBasedStateMachine):
         self.clock.now += step
         self.wheel.advance()
 
+    @rule()
+    def sleep_as_told(self):
+        """The reactor's way: sleep for timeout(), then advance."""
+        timeout = self.wheel.timeout()
+        if timeout is not None:
+            self.clock.now += round(timeout * 1e9)
+            self.wheel.advance()
+
+    @invariant()
+    def timeout_never_oversleeps(self):
+        """Sleeping for timeout() never passes the tick at which a pending timer is due."""
+        timeout = self.wheel.timeout()
+        pending = self._pending()
+        if not pending:
+            assert timeout is None
+            return
+        next_tick = self.clock.now // TICK + 1
+        due = min(max(-(-r.when // TICK), next_tick) for r in pending) * TICK
+        assert self.clock.now + timeout * 1e9 <= due + 1000  # (float seconds)
+
     @invariant()
     def never_early(self):
         for r in self.records:

@@ -148,7 +148,7 @@ class Listener:
         self._connect_timeout = config.connect_timeout_ms / 1000
         self._idle = config.idle_timeout_ms / 1000 if config.idle_timeout_ms else None
         self._lifetime = config.connection_lifetime_secs
-        self.tls = tls.server_context(config.tls) if config.tls else None
+        self.tls = tls.server_context(config.tls, "{sni}" in config.dst_name) if config.tls else None
         self._intake = bool(config.proxy_protocol or config.tls or "{sni}" in config.dst_name)
 
     def start(self):

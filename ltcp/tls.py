@@ -302,10 +302,12 @@ class ServerContexts:
 
     The server name the client asked for is remembered per connection in
     ``names``, keyed weakly by its socket, so a handshake that never finishes
-    leaves nothing behind.
+    leaves nothing behind.  With one identity and no ``{sni}`` routing
+    (``names_wanted`` false) nobody asks, and no handshake calls back into
+    Python for it.
     """
 
-    def __init__(self, tls):
+    def __init__(self, tls, names_wanted=True):
         self.by_name = {name: _server_side(identity, tls.alpn_protocols)
                         for name, identity in tls.identities.items()}
         if tls.default_identity is not None:
@@ -314,9 +316,10 @@ class ServerContexts:
             self.default = next(iter(self.by_name.values()))
         self.require_match = tls.default_identity is None
         self.names = weakref.WeakKeyDictionary()
-        self.default.sni_callback = self._choose
-        for context in self.by_name.values():
-            context.sni_callback = self._choose
+        if names_wanted or self.by_name:
+            self.default.sni_callback = self._choose
+            for context in self.by_name.values():
+                context.sni_callback = self._choose
 
     def _lookup(self, name):
         context = self.by_name.get(name)
@@ -339,8 +342,8 @@ class ServerContexts:
         return self.names.pop(ssl_socket, None)
 
 
-def server_context(tls):
-    return ServerContexts(tls)
+def server_context(tls, names_wanted=True):
+    return ServerContexts(tls, names_wanted)
 
 
 _client_contexts = {}

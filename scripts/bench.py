@@ -20,8 +20,10 @@ Workloads:
              built-in 64-byte echo); requests/s
   connrate   a new connection per request, 50 at a time (wrk with
              "Connection: close", else built-in); connections/s
-  CPU each   for keepalive and connrate: the proxy's CPU time (from /proc)
-             per request or connection, in microseconds
+  tlsrate    connrate with the proxy terminating TLS (one test certificate from
+             trustme, shared by every row), to nginx in plain HTTP; connections/s
+  CPU each   for keepalive, connrate and tlsrate: the proxy's CPU time (from
+             /proc) per request or connection, in microseconds
   latency    10 keep-alive connections; p50 and p99 in microseconds
   idle-rss   4,000 idle proxied connections: proxy RSS (MB) and KB per connection
   idle-cpu   CPU of the proxy over 5 s with those 4,000 connections idle and
@@ -179,12 +181,28 @@ http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 600s;
             self.procs.append(subprocess.Popen(["iperf3", "-s", "-p", str(self.ports["iperf"])],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_listening(self.ports["iperf"])
+        self.identity = _identity(workdir) if self.nginx else None
 
     def close(self):
         for proc in self.procs:
             proc.terminate()
             proc.wait(10)
         self.server.terminate()
+
+
+def _identity(workdir):
+    """(certificate, key, both in one file) for the TLS rows, or None without trustme."""
+    try:
+        import trustme
+    except ImportError:
+        print("trustme is not installed: no TLS row (pip install trustme)", file=sys.stderr)
+        return None
+    cert = trustme.CA().issue_cert("localhost", "127.0.0.1")
+    paths = [os.path.join(workdir, name) for name in ("tls-cert.pem", "tls-key.pem", "tls-both.pem")]
+    cert.cert_chain_pems[0].write_to_path(paths[0])
+    cert.private_key_pem.write_to_path(paths[1])
+    cert.private_key_and_cert_chain_pem.write_to_path(paths[2])
+    return paths
 
 
 # -- rows ------------------------------------------------------------------------------
@@ -245,6 +263,12 @@ class Ltcp(Row):
                             for role in backends.ports],
             }],
         }
+        if backends.identity:
+            cert, key, _ = backends.identity
+            self.ports["tls"] = free_port()
+            config["routers"][0]["servers"].append({
+                "port": self.ports["tls"], "dstName": "/svc/http", "idleTimeoutMs": 600000,
+                "tls": {"defaultIdentity": {"privateKey": key, "certs": [cert]}}})
         path = os.path.join(workdir, f"{self.name}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f)
@@ -272,6 +296,10 @@ class Haproxy(Row):
         for role, port in backends.ports.items():
             lines += [f"listen {role}", f"  bind 127.0.0.1:{self.ports[role]}",
                       f"  server s 127.0.0.1:{port}"]
+        if backends.identity:
+            self.ports["tls"] = free_port()
+            lines += ["listen tls", f"  bind 127.0.0.1:{self.ports['tls']} ssl crt {backends.identity[2]}",
+                      f"  server s 127.0.0.1:{backends.ports['http']}"]
         path = os.path.join(workdir, f"{self.name}.cfg")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -337,11 +365,11 @@ def _bulk_rate(row, backends, duration):
     return sent / elapsed / 1e6
 
 
-def _wrk(port, connections, duration, close=False):
+def _wrk(port, connections, duration, close=False, scheme="http"):
     args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
     if close:
         args += ["-H", "Connection: close"]
-    out = subprocess.run(args + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+    out = subprocess.run(args + [f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True,
                          timeout=duration + 30).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     percentiles = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
@@ -363,6 +391,10 @@ def connrate(row, backends, duration):
     if backends.nginx:
         return _wrk(row.ports["http"], 50, duration, close=True)[0]
     return _connect_clients(row.ports["echo"], 50, duration)
+
+
+def tlsrate(row, backends, duration):
+    return _wrk(row.ports["tls"], 50, duration, close=True, scheme="https")[0]
 
 
 def _with_cpu(row, fn, backends, duration):
@@ -548,7 +580,10 @@ def measure(row, backends, args):
     results["bulk MB/s"] = statistics.median(rate for rate, _ in bulk_runs)
     if row.name != "direct":
         results["bulk CPU s/GB"] = statistics.median(cpu for _, cpu in bulk_runs)
-    for name, fn in (("keepalive req/s", keepalive), ("connrate conn/s", connrate)):
+    workloads = [("keepalive req/s", keepalive), ("connrate conn/s", connrate)]
+    if "tls" in row.ports:
+        workloads.append(("tlsrate conn/s", tlsrate))
+    for name, fn in workloads:
         runs = [_with_cpu(row, fn, backends, duration) for _ in range(args.repeat)]
         results[name] = statistics.median(rate for rate, _ in runs)
         if row.pid():

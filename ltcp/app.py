@@ -81,8 +81,10 @@ class App:
         self.grace_timer = None
         self.budget = stream_budget(config, control_plane=interpreters is None)
         if interpreters is None:
+            from .health import checked
             from .interpreter import build
-            interpreters = {router.label: build(router.interpreter) for router in config.routers}
+            interpreters = {router.label: checked(build(router.interpreter), router.client)
+                            for router in config.routers}
         self.routers = [Router(self.reactor, router, self.buffer, self.budget, interpreters[router.label], sockets)
                         for router in config.routers]
 

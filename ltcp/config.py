@@ -26,7 +26,7 @@ from .names import canonical_ip, is_dns_name, parse_port
 
 __all__ = [
     "Address", "AdminConfig", "ClientConfig", "ClientSettings", "ClientTlsConfig", "Config",
-    "ConfigError", "FailFastConfig", "FsConfig", "IdentityConfig", "NamerdConfig",
+    "ConfigError", "DnsConfig", "FailFastConfig", "FsConfig", "HealthCheckConfig", "IdentityConfig", "NamerdConfig",
     "PrefixClientConfig", "RouterConfig", "ServerConfig", "ServerTlsConfig", "StaticConfig",
     "load", "loads", "parse_address", "prefix_matches",
 ]
@@ -436,10 +436,37 @@ class FsConfig:
     period_secs: float = _spec(seconds(at_least=MIN_PERIOD_SECS), 1)
 
 
+def nameserver(value, path, ctx):
+    """``ip`` or ``ip:port`` (``[v6]:port``) -> (ip, port), port 53 by default."""
+    if isinstance(value, str):
+        try:
+            return canonical_ip(value), 53
+        except ValueError:
+            pass
+        try:
+            return parse_address(value)
+        except ValueError:
+            pass
+    return ctx.error(path, f"must be 'ip' or 'ip:port' of a DNS server, not {brief(value)}")
+
+
+def domain_suffix(value, path, ctx):
+    return dns_name(value.strip(".") if isinstance(value, str) else value, path, ctx)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    kind: str = _spec(text)
+    nameservers: Tuple[Tuple[str, int], ...] = _spec(list_of(nameserver), ())  # () = /etc/resolv.conf's
+    period_secs: float = _spec(seconds(at_least=1), 30)
+    domains: Tuple[str, ...] = _spec(list_of(domain_suffix), ())  # () = any name
+
+
 INTERPRETERS = {
     "io.l5d.namerd.http": NamerdConfig,
     "io.l5d.static": StaticConfig,
     "io.l5d.fs": FsConfig,
+    "io.l5d.dns": DnsConfig,
 }
 
 
@@ -464,6 +491,30 @@ class ClientTlsConfig:
     trust_certs: Tuple[str, ...] = _spec(list_of(existing_file), ())
 
 
+MAX_CHECK_BYTES = 4096
+
+
+def check_bytes(value, path, ctx):
+    """Text sent or expected by a health check, as UTF-8 bytes (YAML escapes such as \\r\\n work)."""
+    if isinstance(value, str) and value:
+        data = value.encode("utf-8", "surrogateescape")
+        if len(data) <= MAX_CHECK_BYTES:
+            return data
+    return ctx.error(path, f"must be non-empty text of at most {MAX_CHECK_BYTES} bytes, not {brief(value)}")
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """Active checks: a connect (and optionally a request and the start of its answer) per endpoint."""
+
+    interval_ms: int = _spec(integer(10, DAY_SECS * 1000), 5000)
+    timeout_ms: int = _spec(integer(1, DAY_SECS * 1000), 1000)
+    unhealthy_threshold: int = _spec(integer(1, 1000), 2)
+    healthy_threshold: int = _spec(integer(1, 1000), 2)
+    send: Optional[bytes] = _spec(check_bytes, None)
+    expect: Optional[bytes] = _spec(check_bytes, None)
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """How a router connects to the endpoints of one destination."""
@@ -474,6 +525,7 @@ class ClientSettings:
     fail_fast: FailFastConfig = _spec(section(FailFastConfig), FailFastConfig())
     tls: Optional[ClientTlsConfig] = _spec(section(ClientTlsConfig), None)
     proxy_protocol: Optional[str] = _spec(choice("v1", "v2"), None)
+    health_check: Optional[HealthCheckConfig] = _spec(section(HealthCheckConfig), None)
 
 
 def prefix_matches(prefix, name):
@@ -513,6 +565,12 @@ class ClientConfig(ClientSettings):
 
     kind: str = _spec(choice("io.l5d.global", "io.l5d.static"), "io.l5d.global")
     configs: Tuple[PrefixClientConfig, ...] = _spec(list_of(prefix_client), ())
+
+    @property
+    def health_checks(self):
+        """Every healthCheck setting and the prefix it applies under: equal when the checks are."""
+        return (self.health_check, tuple((c.prefix, c.overrides["health_check"]) for c in self.configs
+                                         if c.overrides.get("health_check")))
 
     def settings_for(self, name):
         base = ClientSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClientSettings)})

@@ -19,12 +19,15 @@ import socket
 
 from .lifecycle import Lifecycle, State
 
-__all__ = ["Endpoint", "EndpointSet", "Picker", "AVAILABLE", "FAILED", "RETIRED", "ENDPOINT"]
+__all__ = ["Endpoint", "EndpointSet", "Picker", "AVAILABLE", "FAILED", "RETIRED", "ENDPOINT", "UNHEALTHY"]
 
 
 AVAILABLE = State("available")
 FAILED = State("failed")  # sitting out a failFast penalty
 RETIRED = State("retired")  # removed by discovery; kept while streams remain
+# Not a state of the lifecycle but a verdict of active health checks, which come with
+# discovery's answers: shown in place of available or failed, and kept out of picks.
+UNHEALTHY = "unhealthy"
 
 ENDPOINT = Lifecycle("Endpoint", {
     AVAILABLE: {"eject": FAILED, "retire": RETIRED},
@@ -41,7 +44,7 @@ class Endpoint:
     ``acquire``/``release`` for established streams.
     """
 
-    __slots__ = ("ip", "port", "family", "sockaddr", "weight", "state", "active", "pending",
+    __slots__ = ("ip", "port", "family", "sockaddr", "weight", "healthy", "state", "active", "pending",
                  "failures", "connects", "connect_failures")
 
     def __init__(self, ip, port, weight=1.0):
@@ -50,12 +53,18 @@ class Endpoint:
         self.family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         self.sockaddr = (ip, port)
         self.weight = weight
+        self.healthy = True  # what active health checks last said (always, without them)
         self.state = AVAILABLE
         self.active = 0  # established streams
         self.pending = 0  # connects in flight
         self.failures = 0  # consecutive connect failures
         self.connects = 0
         self.connect_failures = 0
+
+    @property
+    def shown_state(self):
+        """The state reports show: unhealthy in place of available or failed."""
+        return UNHEALTHY if not self.healthy and self.state is not RETIRED else self.state.name
 
     def move(self, event):
         self.state = self.state.moves[event]
@@ -101,22 +110,25 @@ class EndpointSet:
     them when every one has failed: better to try them anyway than to refuse.
     """
 
-    __slots__ = ("endpoints", "retired", "ejected", "picker", "max_failures")
+    __slots__ = ("endpoints", "retired", "ejected", "unhealthy", "picker", "max_failures")
 
     def __init__(self, max_failures):
         self.endpoints = {}  # sockaddr -> Endpoint, as discovery last said
         self.retired = {}  # sockaddr -> Endpoint removed by discovery, streams still open
         self.ejected = set()  # endpoints of ``endpoints`` in state FAILED
+        self.unhealthy = set()  # endpoints of ``endpoints`` whose health checks fail
         self.picker = Picker(())
         self.max_failures = max_failures
 
     def collect(self, addresses, fresh):
         """Add ``addresses`` to a set being built, reusing the endpoints already known."""
         endpoints, retired = self.endpoints, self.retired
-        for ip, port, weight in addresses:  # config.Address, or plain tuples from the supervisor
+        for address in addresses:  # config.Address, or plain tuples from the supervisor
+            ip, port, weight = address[:3]
             key = (ip, port)
             endpoint = endpoints.get(key) or retired.get(key) or Endpoint(ip, port)
             endpoint.weight = weight
+            endpoint.healthy = len(address) < 4 or address[3]  # (ip, port, weight, False): failing checks
             fresh[key] = endpoint
 
     def replace(self, fresh):
@@ -170,8 +182,9 @@ class EndpointSet:
 
     def counts(self):
         """Endpoints by state, without walking them."""
-        return {AVAILABLE.name: len(self.endpoints) - len(self.ejected), FAILED.name: len(self.ejected),
-                RETIRED.name: len(self.retired)}
+        failed = len(self.ejected - self.unhealthy) if self.unhealthy else len(self.ejected)
+        return {AVAILABLE.name: len(self.endpoints) - failed - len(self.unhealthy), FAILED.name: failed,
+                UNHEALTHY: len(self.unhealthy), RETIRED.name: len(self.retired)}
 
     @property
     def busy(self):
@@ -179,11 +192,14 @@ class EndpointSet:
         return bool(self.retired) or any(e.load for e in self.endpoints.values())
 
     def _rebuild(self):
-        if self.ejected:
-            usable = [e for e in self.endpoints.values() if e.state is AVAILABLE]
-            self.picker = Picker(usable or self.endpoints.values())
+        """Pick among the available healthy endpoints; failing that the healthy ones; failing that all."""
+        endpoints = self.endpoints.values()
+        self.unhealthy = {e for e in endpoints if not e.healthy}
+        if self.ejected or self.unhealthy:
+            usable = [e for e in endpoints if e.state is AVAILABLE and e.healthy]
+            self.picker = Picker(usable or [e for e in endpoints if e.healthy] or endpoints)
         else:
-            self.picker = Picker(self.endpoints.values())
+            self.picker = Picker(endpoints)
 
 
 def score(load, weight):

@@ -61,9 +61,12 @@ FAMILIES = {  # key: (family class, name, help, labels)
     "cache_creations": (CounterMetricFamily, "ltcp_route_cache_creations", "Balancers created", ["router"]),
     "cache_evictions": (CounterMetricFamily, "ltcp_route_cache_evictions", "Idle balancers evicted", ["router"]),
     "discovery_requests": (CounterMetricFamily, "ltcp_discovery_requests",
-                           "Discovery lookups (namerd requests, fs reads) by outcome", ["router", "outcome"]),
+                           "Discovery lookups (namerd requests, fs reads, DNS lookups) by outcome",
+                           ["router", "outcome"]),
     "discovery_latency": (HistogramMetricFamily, "ltcp_discovery_request_duration_seconds",
                           "A discovery lookup until its answer (namerd: response headers)", ["router"]),
+    "discovery_ttl": (GaugeMetricFamily, "ltcp_discovery_ttl_seconds",
+                      "How long discovery's last answer for a name holds (DNS: its TTL)", _DST),
     "lag": (HistogramMetricFamily, "ltcp_reactor_lag_seconds", "How late reactor timers fired", []),
     "draining": (GaugeMetricFamily, "ltcp_draining", "1 while a graceful shutdown is under way", []),
 }
@@ -83,6 +86,9 @@ def render(data):
         for outcome, count in sorted(router["discovery"]["requests"].items()):
             f["discovery_requests"].add_metric([label, outcome], count)
         _add_histogram(f["discovery_latency"], [label], router["discovery"]["latency"])
+        for name, state in sorted(router["discovery"].get("names", {}).items()):
+            if "ttl" in state:
+                f["discovery_ttl"].add_metric([label, name], state["ttl"])
     _add_histogram(f["lag"], [], data["reactor_lag"])
     f["draining"].add_metric([], 1 if data["draining"] else 0)
     return list(f.values())

@@ -3,8 +3,8 @@
 Listening sockets are identified by ``listener_key``: a reload keeps the
 socket of every key still configured, so connections waiting in its backlog
 are served by the new workers, never reset.  A router keeps its discovery
-(its interpreter and every watch it holds) when its label and interpreter
-section are unchanged, so a reload that only edits servers or clients does
+(its interpreter and every watch it holds) when its label, interpreter
+section and health checks are unchanged, so a reload that only edits servers or clients does
 not make namerd answer every name again.
 """
 
@@ -38,7 +38,12 @@ def plan(old, new):
     """How to go from configuration ``old`` to ``new`` (either may be None: nothing)."""
     before = set(listeners(old)) if old else set()
     after = set(listeners(new)) if new else set()
-    interpreters = {router.label: router.interpreter for router in old.routers} if old else {}
+    discovery = {router.label: _discovery(router) for router in old.routers} if old else {}
     carried = frozenset(router.label for router in (new.routers if new else ())
-                        if interpreters.get(router.label) == router.interpreter)
+                        if discovery.get(router.label) == _discovery(router))
     return Plan(frozenset(before & after), frozenset(after - before), frozenset(before - after), carried)
+
+
+def _discovery(router):
+    """What a router's discovery depends on: its interpreter, and the health checks that filter it."""
+    return router.interpreter, router.client.health_checks

@@ -72,7 +72,7 @@ def _destination(balancer, listed):
         "endpoints": [{
             "address": e.address,
             "weight": e.weight,
-            "state": e.state.name,
+            "state": e.shown_state,
             "open": e.active,
             "pending": e.pending,
             "consecutive_failures": e.failures,
@@ -93,6 +93,7 @@ def routers_json(data):
                         for s in r["servers"]],
             "destinations": r["destinations"],
             "route_cache": r["route_cache"],
+            "discovery": {k: v for k, v in r["discovery"].items() if k != "latency"},
         } for r in data["routers"]],
     }
 
@@ -102,7 +103,7 @@ def routers_json(data):
 _KEYS = {"routers": "label", "servers": "address", "destinations": "name", "endpoints": "address"}
 _LARGEST = {"last_update", "consecutive_failures"}  # the latest time, the longest failure streak
 _SHARED = {"weight"}  # one value every reactor agrees on: kept, not summed
-_WORST = ("failed", "retired", "available")  # an endpoint's state, merged as the worst any reactor saw
+_WORST = ("unhealthy", "failed", "retired", "available")  # an endpoint's state, merged as the worst seen
 
 
 def merge(snapshots):
@@ -151,9 +152,11 @@ def _merge_value(a, b, key):
 def _merge_states(a, b):
     """Endpoints by state when not all are listed: the worst of the reactors' counts."""
     total = max(sum(a.values()), sum(b.values()))
-    failed = max(a["failed"], b["failed"])
-    retired = min(max(a["retired"], b["retired"]), total - failed)
-    return {"available": total - failed - retired, "failed": failed, "retired": retired}
+    unhealthy = max(a["unhealthy"], b["unhealthy"])
+    failed = min(max(a["failed"], b["failed"]), total - unhealthy)
+    retired = min(max(a["retired"], b["retired"]), total - unhealthy - failed)
+    return {"available": total - unhealthy - failed - retired, "failed": failed, "unhealthy": unhealthy,
+            "retired": retired}
 
 
 def _recount(destination):
@@ -161,5 +164,5 @@ def _recount(destination):
     endpoints = destination["endpoints"]
     if len(endpoints) == sum(destination["endpoint_states"].values()):
         destination["endpoint_states"] = {state: sum(e["state"] == state for e in endpoints)
-                                          for state in ("available", "failed", "retired")}
+                                          for state in _WORST}
     return destination

@@ -40,6 +40,7 @@ from .admin import AdminServer, exit_now
 from .config import ConfigError, load
 from .control import Framer, encode, update_frame
 from .fanout import Hub
+from .health import checked
 from .interpreter import build
 from .metrics import supervisor_families
 from .names import display_address
@@ -191,6 +192,11 @@ class WorkerProcess:
         return {"pid": self.pid, "generation": self.generation, "state": self.state}
 
 
+def _discovery(router):
+    """One router's interpreter, with the health checks its client settings ask for."""
+    return checked(build(router.interpreter), router.client)
+
+
 class Generation:
     """The workers serving one configuration, and the discovery they subscribe to."""
 
@@ -284,7 +290,7 @@ class Supervisor:
 
     def _generation(self, config, hubs, number):
         """A generation for ``config``, reusing ``hubs`` by label and starting discovery for the rest."""
-        hubs = {router.label: hubs.get(router.label) or Hub(router.label, build(router.interpreter), update_frame)
+        hubs = {router.label: hubs.get(router.label) or Hub(router.label, _discovery(router), update_frame)
                 for router in config.routers}
         for hub in hubs.values():
             if not hub.started:

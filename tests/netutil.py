@@ -110,13 +110,17 @@ def named(name):
 
 
 class Backend:
-    """A threaded TCP server on 127.0.0.1 running ``handler(conn)`` per connection."""
+    """A threaded TCP server on 127.0.0.1 running ``handler(conn)`` per connection.
 
-    def __init__(self, handler=echo, port=0):
+    (DNS tests give another loopback ``ip``, so that A records can differ.)
+    """
+
+    def __init__(self, handler=echo, port=0, ip="127.0.0.1"):
         self.handler = handler
-        self.sock = socket.socket()
+        self.ip = ip
+        self.sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.bind((ip, port))
         self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
@@ -128,7 +132,7 @@ class Backend:
 
     @property
     def addr(self):
-        return f"127.0.0.1:{self.port}"
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
     def _serve(self):
         while True:

@@ -461,7 +461,7 @@ def test_routers_json_lists_a_bounded_number_of_endpoints_and_counts_them_all(pr
     destination = json.loads(http.request("GET", proxy.admin_url + "/routers.json").data)["routers"][0][
         "destinations"][0]
     assert len(destination["endpoints"]) == 3
-    assert destination["endpoint_states"] == {"available": 10, "failed": 0, "retired": 0}
+    assert destination["endpoint_states"] == {"available": 10, "failed": 0, "unhealthy": 0, "retired": 0}
     samples = scrape(proxy.admin_url)
     assert value(samples, "ltcp_endpoints", router="r", dst="/svc/a", state="available") == 10
 

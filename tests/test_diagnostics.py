@@ -57,7 +57,7 @@ def test_reprs_show_descriptor_and_state(proxies, backends):
                     r"client=<Leg fd=\d+ reading=open writing=open pending=0 piped=0 events=1> "
                     r"upstream=<Leg fd=\d+ reading=open writing=open pending=0 piped=0 events=1>>$", duplex), duplex
     balancer = proxy.call(lambda: repr(proxy.app.routers[0].binder.balancers["/svc/a"]))
-    assert balancer.startswith("<Balancer test /svc/a endpoints={'available': 1, 'failed': 0, 'retired': 0}")
+    assert balancer.startswith("<Balancer test /svc/a endpoints={'available': 1, 'failed': 0, 'unhealthy': 0, 'retired': 0}")
     binder = proxy.app.routers[0].binder
     proxy.call(lambda: (setattr(binder, "interpreter", SilentDiscovery()), binder.balancers.pop("/svc/a").close()))
     waiting = proxy.connect(timeout=10)  # a fresh balancer, waiting for discovery that never answers

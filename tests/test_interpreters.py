@@ -1,13 +1,16 @@
 """Every discovery kind keeps one contract: deliver the current set, follow changes, forget
 unwatched names, keep the last good set through a failure, and stop every thread on close."""
 
+import shutil
 import threading
 
 import pytest
+from dnsmasq import Dnsmasq
 
 from ltcp import config
 from ltcp.config import Address
 from ltcp import interpreter
+from ltcp.interpreter.dnslookup import DnsInterpreter
 from ltcp.interpreter.fs import FsInterpreter
 from ltcp.interpreter.namerd import NamerdInterpreter
 from ltcp.interpreter.static import StaticInterpreter
@@ -17,8 +20,15 @@ from netutil import Deliveries, wait_for
 A, B = [Address("127.0.0.1", 1001)], [Address("127.0.0.1", 1002, 3.0)]
 
 
-class StaticSource:
+class Source:
     changes = fails = False
+
+    def name(self, name):
+        """What ``name`` is called in this kind of discovery."""
+        return name
+
+
+class StaticSource(Source):
 
     def __init__(self, tmp_path):
         self.made = StaticInterpreter({})
@@ -33,7 +43,7 @@ class StaticSource:
         pass
 
 
-class FsSource:
+class FsSource(Source):
     changes = fails = True
 
     def __init__(self, tmp_path):
@@ -60,7 +70,7 @@ class FsSource:
         pass
 
 
-class NamerdSource:
+class NamerdSource(Source):
     changes = fails = True
 
     def __init__(self, tmp_path):
@@ -79,7 +89,38 @@ class NamerdSource:
         self.server.close()
 
 
-SOURCES = {"io.l5d.static": StaticSource, "io.l5d.fs": FsSource, "io.l5d.namerd.http": NamerdSource}
+class DnsSource(Source):
+    """Names as /inet/NAME.test/1001, from dnsmasq's hosts file.
+
+    Only the port of A can be said this way: changes and failures are tested
+    in test_dns.py (records changed within their TTL, a server that dies).
+    """
+
+    def __init__(self, tmp_path):
+        if shutil.which("dnsmasq") is None:
+            pytest.skip("dnsmasq is not installed (apt-get install dnsmasq-base)")
+        self.server = Dnsmasq(str(tmp_path))
+        self.hosts = {}
+
+    def name(self, name):
+        return f"/inet/{name.rsplit('/', 1)[1]}.test/{A[0].port}"
+
+    def set(self, name, addresses):
+        assert all((a.port, a.weight) == (A[0].port, 1.0) for a in addresses), "A records say no port or weight"
+        host = name.rsplit("/", 1)[1]
+        self.hosts[host] = [a.ip for a in addresses]
+        self.server.set_hosts("".join(f"{ip} {host}.test\n" for host, ips in self.hosts.items() for ip in ips))
+        wait_for(lambda: self.server.answers(f"{host}.test") == sorted(self.hosts[host]), message="dnsmasq reloaded")
+
+    def interpreter(self):
+        return DnsInterpreter([("127.0.0.1", self.server.port)], 1)
+
+    def close(self):
+        self.server.stop()
+
+
+SOURCES = {"io.l5d.static": StaticSource, "io.l5d.fs": FsSource, "io.l5d.namerd.http": NamerdSource,
+           "io.l5d.dns": DnsSource}
 
 
 def test_every_configured_kind_has_an_interpreter_and_a_contract_test():
@@ -96,7 +137,8 @@ def kind(request, tmp_path):
     yield source, interpreter
     interpreter.close()
     source.close()
-    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith(("ltcp-fs", "ltcp-namerd"))],
+    wait_for(lambda: not [t for t in threading.enumerate()
+                          if t.name.startswith(("ltcp-fs", "ltcp-namerd", "ltcp-dns"))],
              timeout=5, message="every discovery thread stopped")
 
 
@@ -110,8 +152,8 @@ def test_a_watch_delivers_the_current_set_and_an_unknown_name_nothing(kind):
     source, interpreter = kind
     source.set("/svc/web", A)
     web, none = Deliveries(), Deliveries()
-    interpreter.watch("/svc/web", web)
-    interpreter.watch("/svc/none", none)
+    interpreter.watch(source.name("/svc/web"), web)
+    interpreter.watch(source.name("/svc/none"), none)
     assert web.wait(1) == A
     assert none.wait(1) is None
     assert interpreter.stats.snapshot()["requests"]

@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from ltcp.snapshot import merge
 
-STATES = ("available", "failed", "retired")
+STATES = ("available", "failed", "unhealthy", "retired")
+WORST_FIRST = ("unhealthy", "failed", "retired", "available")
 
 
 def endpoint(address, state, **counts):
@@ -42,13 +43,14 @@ def test_reactors_views_of_the_same_endpoints(seen):
         assert e["weight"] == 1.5
         assert e["connects"] == sum(reactor[i][1] for reactor in seen)
         assert e["consecutive_failures"] == max(reactor[i][2] for reactor in seen)
-        assert e["state"] == min((reactor[i][0] for reactor in seen), key=("failed", "retired", "available").index)
+        assert e["state"] == min((reactor[i][0] for reactor in seen), key=WORST_FIRST.index)
 
 
 def test_states_take_the_worst_view_and_still_add_up():
     one = view([endpoint("a", "failed"), endpoint("b", "available"), endpoint("c", "retired")])
     other = view([endpoint("a", "available"), endpoint("b", "failed"), endpoint("c", "available")])
-    assert destination(merge([one, other]))["endpoint_states"] == {"available": 0, "failed": 2, "retired": 1}
+    assert destination(merge([one, other]))["endpoint_states"] == {"available": 0, "failed": 2, "unhealthy": 0,
+                                                                   "retired": 1}
 
 
 def test_the_latest_update_wins_and_a_missing_one_does_not_hide_it():
@@ -63,12 +65,14 @@ def test_one_snapshot_is_itself_and_none_is_an_error():
         merge([])
 
 
-@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=5))
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20), st.integers(0, 20)),
+                min_size=1, max_size=5))
 def test_counts_alone_merge_to_the_largest_set_seen(counts):
     """Endpoints not listed (a destination with thousands): counts merge without overshooting."""
     snapshots = [{"routers": [{"label": "r", "destinations": [{"name": "/a", "endpoints": [], "endpoint_states":
-                  dict(zip(("available", "failed", "retired"), c))}]}]} for c in counts]
+                  dict(zip(STATES, c))}]}]} for c in counts]
     merged = destination(merge(snapshots))["endpoint_states"]
     assert sum(merged.values()) == max(sum(c) for c in counts)
-    assert merged["failed"] == max(c[1] for c in counts)
+    assert merged["unhealthy"] == max(c[2] for c in counts)
+    assert merged["failed"] == min(max(c[1] for c in counts), sum(merged.values()) - merged["unhealthy"])
     assert min(merged.values()) >= 0

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 
 from ltcp.config import Address
-from ltcp.interpreter.namerd import NamerdError, NamerdInterpreter, ObjectStream, PollSchedule, _Name, parse_answer
+from ltcp.interpreter.namerd import NamerdError, NamerdInterpreter, ObjectStream, _Name, parse_answer
+from ltcp.interpreter.schedule import PollSchedule
 from ltcp.testing.namerd import NamerdServer, bound
 from netutil import LtcpProcess, client_hello, echo, named, recv_all, recv_exactly, refused_port, wait_for
 

@@ -48,6 +48,7 @@ MODULES = {
     "io.l5d.static": ("static", "StaticInterpreter"),
     "io.l5d.fs": ("fs", "FsInterpreter"),
     "io.l5d.namerd.http": ("namerd", "NamerdInterpreter"),
+    "io.l5d.dns": ("dnslookup", "DnsInterpreter"),
 }
 
 

@@ -16,6 +16,7 @@ class DiscoveryStats:
         self._lock = threading.Lock()
         self._requests = {}  # outcome -> count
         self._latency = Histogram(LATENCY_BUCKETS)
+        self._names = {}  # name -> what an interpreter tells of it (DNS: last outcome, TTL, update time)
 
     def request(self, outcome):
         """Count one lookup (a namerd request, an fs file read) by how it ended."""
@@ -27,6 +28,18 @@ class DiscoveryStats:
         with self._lock:
             self._latency.observe(seconds)
 
+    def name_state(self, name, **state):
+        """Record what is known of one watched name (kept until ``forget``)."""
+        with self._lock:
+            self._names[name] = {**self._names.get(name, {}), **state}
+
+    def forget(self, name):
+        with self._lock:
+            self._names.pop(name, None)
+
     def snapshot(self):
         with self._lock:
-            return {"requests": dict(self._requests), "latency": self._latency.copy()}
+            snapshot = {"requests": dict(self._requests), "latency": self._latency.copy()}
+            if self._names:
+                snapshot["names"] = {name: dict(state) for name, state in self._names.items()}
+            return snapshot

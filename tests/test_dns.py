@@ -1,0 +1,288 @@
+"""``io.l5d.dns`` against a real DNS server (dnsmasq), and its pure parts property-tested.
+
+Backends listen on several loopback addresses (127.0.0.2, 127.0.0.3, ::1) so
+that A and AAAA records can tell them apart; each test binds its own ports.
+"""
+
+import json
+import shutil
+import time
+import urllib.request
+
+import hypothesis.strategies as st
+import pytest
+from dnsmasq import Dnsmasq
+from hypothesis import given
+from netutil import Backend, LtcpProcess, client_hello, closed_without_data, named, recv_exactly, wait_for
+
+from ltcp.interpreter.dnslookup import Query, parse_name, refresh_delay, srv_addresses
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- pure parts -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, query", [
+    ("/inet/web.test/80", Query("inet", "web.test", 80)),
+    ("/inet/Web.Test./8080", Query("inet", "web.test", 8080)),
+    ("/inet/127.0.0.9/5", Query("ip", "127.0.0.9", 5)),
+    ("/inet/::1/5", Query("ip", "::1", 5)),
+    ("/srv/_http._tcp.web.test", Query("srv", "_http._tcp.web.test")),
+])
+def test_names_parse(name, query):
+    assert parse_name(name) == query
+
+
+@pytest.mark.parametrize("name", ["/inet/web.test", "/inet/web.test/0", "/inet/web.test/http", "/inet/a..b/80",
+                                  "/inet/a b/80", "/srv", "/srv/a/b", "/svc/web", "inet/web.test/80",
+                                  "/inet/" + "a" * 64 + ".test/80", "/inet/ünï.test/80"])
+def test_names_that_are_not_lookups_are_refused(name):
+    with pytest.raises(ValueError):
+        parse_name(name)
+
+
+def test_domains_restrict_what_can_be_looked_up():
+    assert parse_name("/inet/api.svc.test/80", ("svc.test",)).host == "api.svc.test"
+    assert parse_name("/inet/svc.test/80", ("svc.test",)).host == "svc.test"
+    for outside in ("/inet/evilsvc.test/80", "/inet/svc.test.evil/80", "/srv/_x._tcp.other"):
+        with pytest.raises(ValueError, match="outside the allowed domains"):
+            parse_name(outside, ("svc.test",))
+
+
+_records = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 65535), st.integers(0, 65535),
+                              st.sampled_from(["a.test", "b.test", "c.test", "gone.test"])), max_size=12)
+_ADDRESSES = {"a.test": ["127.0.0.2"], "b.test": ["127.0.0.3", "::1"], "c.test": ["127.0.0.4"], "gone.test": []}
+
+
+@given(_records)
+def test_srv_takes_the_lowest_priority_with_addresses_and_keeps_each_records_share(records):
+    addresses = srv_addresses(records, _ADDRESSES.get)
+    usable = [r for r in records if _ADDRESSES[r[3]] and r[2]]
+    if not usable:
+        assert addresses == []
+        return
+    priority = min(r[0] for r in usable)
+    group = [r for r in usable if r[0] == priority]
+    assert len(addresses) == sum(len(_ADDRESSES[r[3]]) for r in group)
+    assert {(a.ip, a.port) for a in addresses} == {(ip, r[2]) for r in group for ip in _ADDRESSES[r[3]]}
+    assert all(a.weight > 0 for a in addresses)
+    if all(r[1] for r in group):  # each record's weight is shared among its target's addresses
+        assert sum(a.weight for a in addresses) == pytest.approx(sum(r[1] for r in group))
+
+
+def test_srv_weight_zero_is_rare_beside_positive_weights_and_equal_among_zeros():
+    mixed = srv_addresses([(0, 0, 1, "a.test"), (0, 100, 2, "c.test")], _ADDRESSES.get)
+    assert [a.weight for a in mixed] == [1.0, 100.0]
+    zeros = srv_addresses([(0, 0, 1, "a.test"), (0, 0, 2, "c.test")], _ADDRESSES.get)
+    assert [a.weight for a in zeros] == [1.0, 1.0]
+
+
+@given(st.floats(0, 1e6), st.floats(1, 1e5))
+def test_refresh_follows_the_ttl_within_one_second_and_the_period(ttl, period):
+    delay = refresh_delay(ttl, period)
+    assert 1 <= delay <= period or delay == period
+    if 1 <= ttl <= period:
+        assert delay == ttl
+
+
+# -- against dnsmasq --------------------------------------------------------------------
+
+@pytest.fixture
+def dnsmasq(tmp_path):
+    if shutil.which("dnsmasq") is None:
+        pytest.skip("dnsmasq is not installed (apt-get install dnsmasq-base; .ci/run does)")
+    servers = []
+
+    def start(hosts="", records=()):
+        server = Dnsmasq(str(tmp_path), hosts, records)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def on_loopback():
+    """Backends on given loopback addresses at one shared port, closed afterwards."""
+    started = []
+
+    def start(ips, port=0, handler=None):
+        for _ in range(20):
+            first = Backend(handler or named(ips[0]), port, ips[0])
+            rest = []
+            try:
+                for ip in ips[1:]:
+                    rest.append(Backend(handler or named(ip), first.port, ip))
+            except OSError:  # that port is taken on another address: try another
+                for backend in [first, *rest]:
+                    backend.close()
+                continue
+            started.extend([first, *rest])
+            return [first, *rest]
+        raise RuntimeError("no port free on every address")
+
+    yield start
+    for backend in started:
+        backend.close()
+
+
+def dns_config(server, dst_name, period=30, **interpreter):
+    return {
+        "admin": {"port": 0},
+        "routers": [{
+            "label": "dns",
+            "interpreter": {"kind": "io.l5d.dns", "nameservers": [server.nameserver], "periodSecs": period,
+                            **interpreter},
+            "servers": [{"port": 0, "dstName": dst_name, "connectTimeoutMs": 3000}],
+        }],
+    }
+
+
+def who_answers(proxy):
+    """The first line the backend reached through ``proxy`` says (its name)."""
+    with proxy.connect() as conn:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = conn.recv(100)
+            assert chunk, "closed before a backend answered"
+            line += chunk
+        return line.decode().strip()
+
+
+def tally(proxy, count):
+    """Who answered ``count`` connections made one after another (each ended before the next)."""
+    seen = {}
+    for _ in range(count):
+        name = who_answers(proxy)
+        seen[name] = seen.get(name, 0) + 1
+        wait_for(lambda: proxy.call(lambda: proxy.listener.active) == 0, message="the stream ended")
+    return seen
+
+
+def test_a_records_spread_streams_over_every_address(dnsmasq, on_loopback, proxies):
+    backends = on_loopback(["127.0.0.2", "127.0.0.3"])
+    server = dnsmasq("127.0.0.2 web.test\n127.0.0.3 web.test\n")
+    proxy = proxies(dns_config(server, f"/inet/web.test/{backends[0].port}"))
+    seen = tally(proxy, 40)
+    assert set(seen) == {"127.0.0.2", "127.0.0.3"} and min(seen.values()) >= 8, seen
+
+
+def test_a_changed_record_is_followed_within_its_ttl_not_the_period(dnsmasq, on_loopback, proxies):
+    backends = on_loopback(["127.0.0.2", "127.0.0.3"])
+    server = dnsmasq("127.0.0.2 web.test\n")
+    proxy = proxies(dns_config(server, f"/inet/web.test/{backends[0].port}", period=60))
+    assert who_answers(proxy) == "127.0.0.2"
+    changed = time.monotonic()
+    server.set_hosts("127.0.0.3 web.test\n")
+    wait_for(lambda: who_answers(proxy) == "127.0.0.3", timeout=10, interval=0.2, message="the new record in use")
+    assert time.monotonic() - changed < 10  # the TTL is 1 s; the period, 60 s
+    assert tally(proxy, 5) == {"127.0.0.3": 5}
+
+
+def test_srv_weights_and_ports_decide_the_share(dnsmasq, backends, proxies):
+    light, heavy = backends(named("light")), backends(named("heavy"))
+    server = dnsmasq(records=[
+        "--host-record=light.test,127.0.0.1", "--host-record=heavy.test,127.0.0.1",
+        f"--srv-host=_web._tcp.test,light.test,{light.port},0,1",
+        f"--srv-host=_web._tcp.test,heavy.test,{heavy.port},0,3"])
+    proxy = proxies(dns_config(server, "/srv/_web._tcp.test"))
+    seen = tally(proxy, 200)
+    assert 0.65 <= seen.get("heavy", 0) / 200 <= 0.85, seen  # 3:1 (binomial: 0.75 +- 0.1 is 3.3 sigma)
+
+
+def test_srv_serves_the_lowest_priority_and_falls_back_when_it_has_no_address(dnsmasq, backends, proxies):
+    first, backup = backends(named("first")), backends(named("backup"))
+    server = dnsmasq(records=[
+        "--host-record=first.test,127.0.0.1", "--host-record=backup.test,127.0.0.1",
+        f"--srv-host=_main._tcp.test,first.test,{first.port},0,1",
+        f"--srv-host=_main._tcp.test,backup.test,{backup.port},1,1",
+        f"--srv-host=_lost._tcp.test,gone.test,{first.port},0,1",
+        f"--srv-host=_lost._tcp.test,backup.test,{backup.port},1,1"])
+    main = proxies(dns_config(server, "/srv/_main._tcp.test"))
+    assert tally(main, 10) == {"first": 10}
+    lost = proxies(dns_config(server, "/srv/_lost._tcp.test"))
+    assert tally(lost, 10) == {"backup": 10}
+
+
+def test_nxdomain_fails_fast(dnsmasq, proxies):
+    server = dnsmasq("127.0.0.2 web.test\n")
+    proxy = proxies(dns_config(server, "/inet/nothing-here.test/80"))
+    started = time.monotonic()
+    with proxy.connect() as conn:
+        assert closed_without_data(conn)
+    assert time.monotonic() - started < 2  # the connect timeout is 3 s: nobody waited for it
+    failures = proxy.call(lambda: dict(proxy.app.routers[0].binder.balancers["/inet/nothing-here.test/80"]
+                                       .connect_failures))
+    assert failures == {"no_endpoints": 1}
+
+
+def test_a_dead_dns_server_keeps_the_last_answer_and_is_counted(dnsmasq, on_loopback, proxies):
+    backends = on_loopback(["127.0.0.2"])
+    server = dnsmasq("127.0.0.2 web.test\n")
+    proxy = proxies(dns_config(server, f"/inet/web.test/{backends[0].port}", period=2))
+    assert who_answers(proxy) == "127.0.0.2"
+    server.stop()
+    stats = proxy.app.routers[0].interpreter.stats
+    wait_for(lambda: set(stats.snapshot()["requests"]) - {"ok"}, timeout=15, interval=0.1,
+             message="a failed lookup counted")
+    assert set(stats.snapshot()["requests"]) - {"ok"} <= {"timeout", "servfail", "error"}
+    assert tally(proxy, 3) == {"127.0.0.2": 3}  # the last good set still serves
+
+
+def test_aaaa_records_reach_ipv6_endpoints(dnsmasq, on_loopback, proxies):
+    backends = on_loopback(["::1"])
+    server = dnsmasq(records=["--host-record=six.test,::1"])
+    proxy = proxies(dns_config(server, f"/inet/six.test/{backends[0].port}"))
+    assert who_answers(proxy) == "::1"
+
+
+def test_a_hostile_sni_name_is_not_looked_up_outside_the_allowed_domains(dnsmasq, on_loopback, proxies):
+    backends = on_loopback(["127.0.0.2"], handler=named("inside"))
+    server = dnsmasq("127.0.0.2 web.svc.test\n127.0.0.2 web.other.test\n")
+    proxy = proxies(dns_config(server, f"/inet/{{sni}}/{backends[0].port}", domains=["svc.test"]))
+    for name, answered in (("web.svc.test", True), ("web.other.test", False)):
+        with proxy.connect() as conn:
+            conn.sendall(client_hello(name))
+            if answered:
+                assert recv_exactly(conn, 7) == b"inside\n"
+            else:
+                assert closed_without_data(conn)
+    assert proxy.app.routers[0].interpreter.stats.snapshot()["requests"].get("invalid") == 1
+
+
+@pytest.mark.timeout(90)
+def test_dns_names_show_in_routers_json_and_metrics_with_two_workers(dnsmasq, on_loopback, tmp_path):
+    backends = on_loopback(["127.0.0.2"])
+    server = dnsmasq("127.0.0.2 web.test\n")
+    document = dns_config(server, f"/inet/web.test/{backends[0].port}")
+    document["workers"] = 2
+    ltcp = LtcpProcess(document)
+    try:
+        for _ in range(4):  # both workers (most likely) route to the name: still one watch
+            with ltcp.connect() as conn:
+                assert recv_exactly(conn, 10) == b"127.0.0.2\n"
+        name = f"/inet/web.test/{backends[0].port}"
+
+        def discovery():
+            with urllib.request.urlopen(f"{ltcp.admin}/routers.json", timeout=10) as response:
+                return json.load(response)["routers"][0]["discovery"]
+
+        wait_for(lambda: name in discovery().get("names", {}), message="the name in /routers.json")
+        state = discovery()["names"][name]
+        assert state["outcome"] == "ok" and state["ttl"] == 1 and state["updated"] <= time.time()
+        assert discovery()["requests"]["ok"] >= 1
+        with urllib.request.urlopen(f"{ltcp.admin}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert f'ltcp_discovery_ttl_seconds{{dst="{name}",router="dns"}} 1.0' in metrics
+        assert 'ltcp_discovery_requests_total{outcome="ok",router="dns"}' in metrics
+    finally:
+        ltcp.stop()
+
+
+def test_a_name_server_that_is_not_an_address_is_a_clear_config_error():
+    from ltcp.config import ConfigError, loads
+    with pytest.raises(ConfigError, match=r"nameservers\[0\]: must be 'ip' or 'ip:port'"):
+        loads("routers: [{label: a, interpreter: {kind: io.l5d.dns, nameservers: [dns.example]}, "
+              "servers: [{port: 0, dstName: /inet/x/1}]}]")

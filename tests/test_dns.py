@@ -13,9 +13,9 @@ import hypothesis.strategies as st
 import pytest
 from dnsmasq import Dnsmasq
 from hypothesis import given
-from netutil import Backend, LtcpProcess, client_hello, closed_without_data, named, recv_exactly, wait_for
+from netutil import Backend, Deliveries, LtcpProcess, client_hello, closed_without_data, named, recv_exactly, wait_for
 
-from ltcp.interpreter.dnslookup import Query, parse_name, refresh_delay, srv_addresses
+from ltcp.interpreter.dnslookup import DnsInterpreter, Query, parse_name, refresh_delay, srv_addresses
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -286,3 +286,19 @@ def test_a_name_server_that_is_not_an_address_is_a_clear_config_error():
     with pytest.raises(ConfigError, match=r"nameservers\[0\]: must be 'ip' or 'ip:port'"):
         loads("routers: [{label: a, interpreter: {kind: io.l5d.dns, nameservers: [dns.example]}, "
               "servers: [{port: 0, dstName: /inet/x/1}]}]")
+
+
+def test_an_answer_too_big_for_udp_is_fetched_over_tcp_and_delivered_once(dnsmasq):
+    ips = [f"127.0.{i // 250}.{i % 250 + 2}" for i in range(300)]  # ~5 KB of A records: past any UDP limit
+    server = dnsmasq("".join(f"{ip} big.test\n" for ip in ips))
+    interpreter = DnsInterpreter([("127.0.0.1", server.port)], 30)
+    interpreter.start()
+    try:
+        delivered = Deliveries()
+        interpreter.watch("/inet/big.test/80", delivered)
+        assert sorted(a.ip for a in delivered.wait(timeout=5)) == sorted(ips)
+        # dnsmasq rotates the records of every answer: the same set in another order is no news
+        wait_for(lambda: interpreter.stats.snapshot()["requests"]["ok"] >= 3, message="two more lookups")
+        assert len(delivered.updates) == 1
+    finally:
+        interpreter.close()

@@ -260,17 +260,21 @@ class DnsInterpreter:
             ttls.append(target_ttl)
             return ips
 
-        return srv_addresses(records, addresses_of), min(ttls)
+        return srv_addresses(sorted(records), addresses_of), min(ttls)
 
     def _addresses(self, host, deadline):
-        """(IPs of ``host`` from its A and AAAA records, the shortest TTL among them)."""
+        """(IPs of ``host`` from its A and AAAA records, sorted, the shortest TTL among them).
+
+        Sorted because servers rotate the order of records: the same set in
+        another order is no change to deliver.
+        """
         ips, ttls = [], []
         for rdtype in _ADDRESS_TYPES:
             answer, ttl = self._resolve(host, rdtype, deadline)
             ttls.append(ttl)
             if answer is not None:
                 ips.extend(canonical_ip(r.address) for r in answer)
-        return ips, min(ttls)
+        return sorted(ips), min(ttls)
 
     def _resolve(self, host, rdtype, deadline):
         """(answer, ttl), or (None, ttl to look again) when the name or the records do not exist."""
@@ -305,7 +309,7 @@ def _additional_addresses(response):
         if rrset.rdtype in _ADDRESS_TYPES:
             name = rrset.name.to_text(omit_final_dot=True).lower()
             found.setdefault(name, []).extend(canonical_ip(r.address) for r in rrset)
-    return found
+    return {name: sorted(ips) for name, ips in found.items()}
 
 
 def _first_error(exc):

@@ -36,13 +36,8 @@ def control_plane_descriptors(config):
     return admin + discovery
 
 
-def stream_budget(config, control_plane=True):
-    """How many streams, and pooled connections, fit in the descriptor limit (raised to the hard limit first).
-
-    When any client keeps pre-established connections, a quarter of the
-    descriptors is set aside for them (every destination's pool together);
-    the rest holds streams, two descriptors each.
-    """
+def raise_descriptor_limit():
+    """Raise the soft descriptor limit to the hard one (when allowed); the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -50,6 +45,17 @@ def stream_budget(config, control_plane=True):
             soft = hard
         except (ValueError, OSError):
             pass
+    return soft
+
+
+def stream_budget(config, control_plane=True):
+    """How many streams, and pooled connections, fit in the descriptor limit (raised to the hard limit first).
+
+    When any client keeps pre-established connections, a quarter of the
+    descriptors is set aside for them (every destination's pool together);
+    the rest holds streams, two descriptors each.
+    """
+    soft = raise_descriptor_limit()
     available = soft - reserved_descriptors(config, control_plane)
     pooling = any(r.client.min_connections or any(c.overrides.get("min_connections") for c in r.client.configs)
                   for r in config.routers)

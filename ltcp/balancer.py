@@ -117,7 +117,10 @@ class Balancer:
         self.last_update = time.time()
         if added or removed or not fresh:
             log.info("%s: %d endpoints (%d added, %d removed)", self.prefix, len(fresh), added, len(removed))
-        self._drop_pooled(lambda pooled: pooled.endpoint.sockaddr not in fresh)
+        # (and those to endpoints failing health checks, unless the picker must use them anyway)
+        usable = set(self.set.picker.candidates) if self.set.unhealthy else ()
+        self._drop_pooled(lambda pooled: pooled.endpoint.sockaddr not in fresh
+                          or (not pooled.endpoint.healthy and pooled.endpoint not in usable))
         waiters, self.waiters = self.waiters, {}
         for dial in waiters:
             if fresh:

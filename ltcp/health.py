@@ -20,6 +20,7 @@ connects, each with its deadline, the next one due after ``intervalMs`` give
 or take a tenth (so checks started together spread out).
 """
 
+import collections
 import errno
 import heapq
 import itertools
@@ -36,6 +37,7 @@ __all__ = ["HealthChecked", "Target", "checked"]
 log = logging.getLogger(__name__)
 
 JITTER = 0.1  # each interval is drawn from +- this fraction
+MAX_IN_FLIGHT = 256  # checks open at once; due ones beyond wait their turn (descriptors are shared)
 HOLD_MARGIN = 0.05  # seconds past timeoutMs a held answer waits for its first checks
 
 
@@ -111,6 +113,8 @@ class HealthChecked:
         self._targets = {}  # (ip, port, settings) -> Target (checker thread only)
         self._due = []  # (when, seq, target): a check to start or a deadline to enforce; stale ones skipped
         self._held = set()  # _Name entries whose answer waits for first checks
+        self._in_flight = 0
+        self._waiting = collections.deque()  # targets due while MAX_IN_FLIGHT checks were open
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name="ltcp-health", daemon=True)
         self._closed = False
@@ -165,7 +169,7 @@ class HealthChecked:
         for key, mask in events:
             if key.fileobj is self._wake_r:
                 self._drain_commands()
-            else:
+            elif key.data.sock is key.fileobj:  # (a command of this batch may have ended that check)
                 self._progress(key.data, mask)
         now = time.monotonic()
         while self._due and self._due[0][0] <= now:
@@ -175,6 +179,10 @@ class HealthChecked:
             if target.sock is not None and when == target.deadline:
                 self._finish(target, False, "no answer in time")
             elif target.sock is None and when == target.due:
+                self._waiting.append(target)
+        while self._waiting and self._in_flight < MAX_IN_FLIGHT:
+            target = self._waiting.popleft()
+            if target.sock is None and self._targets.get(self._key(target)) is target:
                 self._start_check(target)
         for entry in [e for e in self._held if now >= e.hold_until]:
             self._deliver(entry)
@@ -218,8 +226,9 @@ class HealthChecked:
         entry.addresses = addresses
         entry.targets = targets
         if any(t.healthy is None for t in targets):
-            entry.hold_until = time.monotonic() + entry.settings.timeout_ms / 1000 + HOLD_MARGIN
-            self._held.add(entry)
+            if entry.hold_until is None:  # (a newer answer never extends a hold: it would starve the name)
+                entry.hold_until = time.monotonic() + entry.settings.timeout_ms / 1000 + HOLD_MARGIN
+                self._held.add(entry)
         else:
             self._deliver(entry)
 
@@ -259,6 +268,7 @@ class HealthChecked:
             self._schedule(target, target.settings.interval_ms / 1000)
             return
         target.sock = sock
+        self._in_flight += 1
         target.deadline = time.monotonic() + target.settings.timeout_ms / 1000
         heapq.heappush(self._due, (target.deadline, next(self._seq), target))
         target.received = b""
@@ -313,6 +323,7 @@ class HealthChecked:
                 pass
             target.sock.close()
             target.sock = None
+            self._in_flight -= 1
 
     def _finish(self, target, ok, error=""):
         self._end_check(target)

@@ -37,6 +37,7 @@ import threading
 import time
 
 from .admin import AdminServer, exit_now
+from .app import raise_descriptor_limit
 from .config import ConfigError, load
 from .control import Framer, encode, update_frame
 from .fanout import Hub
@@ -240,6 +241,7 @@ class Supervisor:
         upgrade (``inherited``), new code that cannot serve leaves the previous workers serving.
         """
         config = self.current.config
+        raise_descriptor_limit()  # discovery, health checks and admin clients share it
         previous = self._inherit(inherited) if inherited else None
         try:
             self._open_listeners(config, self._announce)

@@ -150,12 +150,13 @@ def routing_name(server_name):
     """
     if not server_name:
         return None, "no_sni"
-    try:
-        ipaddress.ip_address(server_name.strip("[]"))
+    name = normalize_server_name(server_name)
+    candidate = name if name is not None else server_name.strip("[]")
+    try:  # (after normalising: "169.254.169.254." must not pass as a name)
+        ipaddress.ip_address(candidate)
         return None, "no_sni"
     except ValueError:
         pass
-    name = normalize_server_name(server_name)
     return (name, None) if name is not None else (None, "malformed")
 
 

@@ -5,10 +5,13 @@ import time
 import urllib.request
 
 import pytest
-from netutil import Backend, LtcpProcess, client_hello, named, recv_exactly, refused_port, static_config, wait_for
+from netutil import (Backend, Deliveries, LtcpProcess, blackhole, client_hello, named, recv_exactly, refused_port,
+                     static_config, wait_for)
 
-from ltcp.config import HealthCheckConfig
+from ltcp import health
+from ltcp.config import Address, HealthCheckConfig
 from ltcp.health import HealthChecked, Target
+from ltcp.interpreter.stats import DiscoveryStats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,7 +132,7 @@ def ping_server(answer):
 def test_send_and_expect_judge_what_the_endpoint_answers(proxies, backends):
     good, wrong, silent = (backends(ping_server(answer)) for answer in (b"+PONG\r\n", b"-ERR no\r\n", None))
     proxy = proxies(checked_config({"/svc/a": [good.addr, wrong.addr, silent.addr]},
-                                   {"send": "PING\r\n", "expect": "+PONG"}))
+                                   {"send": "PING\r\n", "expect": "+PONG", "timeoutMs": 1000}))
     with proxy.connect() as conn:  # the first client starts discovery, and so the checks
         conn.sendall(b"PING\r\n")
         assert recv_exactly(conn, 7) == b"+PONG\r\n"  # (held until the first checks: only good is left)
@@ -183,13 +186,76 @@ def test_with_two_workers_checks_run_once_and_both_workers_see_the_verdict(backe
             return {e["address"]: e["state"] for d in destinations for e in d["endpoints"]}
 
         wait_for(lambda: endpoint_states().get(f"127.0.0.1:{dead_port}") == "unhealthy", message="shown unhealthy")
-        accepted = live.accepted
-        time.sleep(1.0)  # a window to count checks in: five intervals
-        checks = live.accepted - accepted
-        assert 3 <= checks <= 7, checks  # one checker for the instance, not one per worker
+        accepted, started = live.accepted, time.monotonic()
+        time.sleep(1.0)  # a window to count checks in: about five intervals
+        per_second = (live.accepted - accepted) / (time.monotonic() - started)
+        assert 2.5 <= per_second <= 7.5, per_second  # one checker (5/s), not one per worker (10/s)
         with urllib.request.urlopen(f"{ltcp.admin}/metrics", timeout=10) as response:
             metrics = response.read().decode()
         assert 'ltcp_endpoints{dst="/svc/a",router="test",state="unhealthy"} 1.0' in metrics
     finally:
         ltcp.stop()
         holder.close()
+
+
+class Answers:
+    """An interpreter the test answers by hand (and a deliver that records what came out)."""
+
+    KIND = "test"
+
+    def __init__(self):
+        self.stats = DiscoveryStats()
+        self.delivers = {}
+
+    def start(self):
+        pass
+
+    def watch(self, name, deliver):
+        self.delivers[name] = deliver
+
+    def unwatch(self, name):
+        self.delivers.pop(name, None)
+
+    def close(self):
+        pass
+
+
+def test_a_held_answer_is_released_on_time_however_often_new_answers_come(request):
+    holes = [blackhole() for _ in range(12)]  # connects that never complete
+    request.addfinalizer(lambda: [s.close() for hole in holes for s in (hole[0], *hole[2])])
+    inner = Answers()
+    checks = HealthChecked(inner, lambda name: HealthCheckConfig(interval_ms=1000, timeout_ms=300))
+    checks.start()
+    request.addfinalizer(checks.close)
+    delivered_at = []
+    checks.watch("/svc/a", lambda addresses: delivered_at.append(time.monotonic()))
+    started = time.monotonic()
+    for i in range(len(holes)):  # every 100 ms an answer with one more endpoint nobody has checked yet
+        inner.delivers["/svc/a"]([Address("127.0.0.1", port) for _, port, _ in holes[:i + 1]])
+        time.sleep(0.1)  # the pace of the answers is the point of the test
+    wait_for(lambda: delivered_at, timeout=5, message="a delivery")
+    # The first hold ends 0.35 s after the first answer; held anew by each answer, it would end past 1.45 s.
+    assert delivered_at[0] - started < 1.0
+
+
+def test_checks_in_flight_are_capped_and_the_rest_wait_their_turn(request, monkeypatch):
+    monkeypatch.setattr(health, "MAX_IN_FLIGHT", 3)
+    holes = [blackhole() for _ in range(8)]
+    request.addfinalizer(lambda: [s.close() for hole in holes for s in (hole[0], *hole[2])])
+    inner = Answers()
+    checks = HealthChecked(inner, lambda name: HealthCheckConfig(interval_ms=5000, timeout_ms=200))
+    checks.start()
+    request.addfinalizer(checks.close)
+    delivered = Deliveries()
+    checks.watch("/svc/a", delivered)
+    inner.delivers["/svc/a"]([Address("127.0.0.1", port) for _, port, _ in holes])
+    most = 0
+
+    def all_unhealthy():
+        nonlocal most
+        most = max(most, checks._in_flight)
+        last = delivered.updates[-1] if delivered.updates else None
+        return last is not None and len(last) == 8 and all(len(a) == 4 and a[3] is False for a in last)
+
+    wait_for(all_unhealthy, timeout=10, interval=0.01, message="every endpoint checked and found dead")
+    assert 1 <= most <= 3

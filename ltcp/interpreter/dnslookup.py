@@ -19,6 +19,7 @@ a name whose server hangs delays only itself.
 """
 
 import logging
+import math
 import random
 import threading
 import time
@@ -67,9 +68,12 @@ def parse_name(name, domains=()):
         if port is None:
             raise ValueError(f"port must be 1..65535, not {port_text[:20]!r}")
         try:
-            return Query("ip", canonical_ip(host), port)
+            ip = canonical_ip(host)
         except ValueError:
             return Query("inet", _host(host, domains), port)
+        if domains:  # an address lies in no domain: with {sni}, it would let clients reach any host
+            raise ValueError(f"{host} is an IP address, outside the allowed domains")
+        return Query("ip", ip, port)
     if len(segments) == 2 and segments[0] == "srv":
         return Query("srv", _host(segments[1], domains))
     raise ValueError("expected /inet/HOST/PORT or /srv/RECORD")
@@ -95,15 +99,14 @@ def srv_addresses(records, addresses_of):
     for priority in sorted({r[0] for r in records}):
         group = [r for r in records if r[0] == priority]
         heaviest = max(r[1] for r in group)
-        addresses = []
+        shares = {}  # (ip, port) -> weight: records naming the same address add up
         for _, weight, port, target in group:
-            ips = addresses_of(target)
-            if not ips or port == 0:
-                continue
-            share = (weight or heaviest * ZERO_WEIGHT_SHARE or 1) / len(ips)
-            addresses.extend(Address(ip, port, share) for ip in ips)
-        if addresses:
-            return addresses
+            ips = addresses_of(target) if port else []
+            for ip in ips:
+                share = (weight or heaviest * ZERO_WEIGHT_SHARE or 1) / len(ips)
+                shares[ip, port] = shares.get((ip, port), 0.0) + share
+        if shares:
+            return [Address(ip, port, weight) for (ip, port), weight in shares.items()]
     return []
 
 
@@ -180,6 +183,7 @@ class DnsInterpreter:
             deliver([Address(query.host, query.port)])
             return
         entry = self._entries[name] = _Name(name, query, deliver)
+        self.stats.track(name)
         self._schedule.add_first(entry)
 
     def unwatch(self, name):
@@ -226,7 +230,7 @@ class DnsInterpreter:
             log.log(level, "dns: %s: %s (%s); keeping the last answer, retrying with backoff up to %gs",
                     entry.name, exc, exc.outcome, self.period)
             self.stats.name_state(entry.name, outcome=exc.outcome)
-            ceiling = min(self.period, FIRST_BACKOFF * 2 ** (entry.failures - 1))
+            ceiling = min(self.period, FIRST_BACKOFF * 2 ** min(entry.failures - 1, 30))
             return ceiling / 2 + random.random() * ceiling / 2
         self.stats.observe(time.monotonic() - started)
         outcome = "ok" if addresses else "neg"
@@ -248,19 +252,21 @@ class DnsInterpreter:
         answer, ttl = self._resolve(query.host, dns.rdatatype.SRV, deadline)
         if answer is None:
             return [], ttl
-        records = [(r.priority, r.weight, r.port, r.target.to_text(omit_final_dot=True).lower())
-                   for r in list(answer)[:MAX_SRV_TARGETS]]
-        additional = _additional_addresses(answer.response)
-        ttls = [ttl]
+        records = sorted((r.priority, r.weight, r.port, _target(r.target))
+                         for r in answer)[:MAX_SRV_TARGETS]  # (sorted first: the same cut however rotated)
+        additional, additional_ttl = _additional_addresses(answer.response)
+        ttls = [ttl, additional_ttl]
 
         def addresses_of(target):
+            if not target:
+                return []
             if target in additional:
                 return additional[target]
             ips, target_ttl = self._addresses(target, deadline)
             ttls.append(target_ttl)
             return ips
 
-        return srv_addresses(sorted(records), addresses_of), min(ttls)
+        return srv_addresses(records, addresses_of), min(ttls)
 
     def _addresses(self, host, deadline):
         """(IPs of ``host`` from its A and AAAA records, sorted, the shortest TTL among them).
@@ -297,25 +303,33 @@ class DnsInterpreter:
 
 
     def _negative_ttl(self, response):
-        """How long "no such name or record" holds: the SOA's TTL in the answer, else ``periodSecs``."""
-        ttls = [rrset.ttl for rrset in getattr(response, "authority", ())]
+        """How long "no such name or record" holds (RFC 2308: the SOA's TTL or its minimum, whichever
+        is less), else ``periodSecs``."""
+        ttls = [min(rrset.ttl, rrset[0].minimum) for rrset in getattr(response, "authority", ())
+                if rrset.rdtype == dns.rdatatype.SOA and len(rrset)]
         return min(ttls, default=self.period)
 
 
+def _target(name):
+    """An SRV target as a lowercase name without the final dot; "" for "." (RFC 2782: not offered here)."""
+    return "" if name == dns.name.root else name.to_text(omit_final_dot=True).lower()
+
+
 def _additional_addresses(response):
-    """Target -> IPs given in an SRV answer's additional section (saving a lookup per target)."""
-    found = {}
+    """(target -> IPs, their shortest TTL) from an SRV answer's additional section (a lookup saved per target)."""
+    found, ttls = {}, [math.inf]
     for rrset in response.additional:
         if rrset.rdtype in _ADDRESS_TYPES:
             name = rrset.name.to_text(omit_final_dot=True).lower()
             found.setdefault(name, []).extend(canonical_ip(r.address) for r in rrset)
-    return {name: sorted(ips) for name, ips in found.items()}
+            ttls.append(rrset.ttl)
+    return {name: sorted(ips) for name, ips in found.items()}, min(ttls)
 
 
 def _first_error(exc):
     """What the servers said, briefly, from a NoNameservers error."""
     errors = exc.kwargs.get("errors") or []
     if errors:
-        server, _, port, error, *_ = errors[0]
-        return f"{server}:{port}: {error}"
+        server, _, _, error, *_ = errors[0]
+        return f"{server}: {error}"
     return "every server failed"

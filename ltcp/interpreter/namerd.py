@@ -360,7 +360,7 @@ class NamerdInterpreter:
 
     def _backoff_delay(self, entry):
         """Exponential, jittered, capped at periodSecs."""
-        ceiling = min(self.period, FIRST_BACKOFF * 2 ** max(0, entry.failures - 1))
+        ceiling = min(self.period, FIRST_BACKOFF * 2 ** min(max(0, entry.failures - 1), 30))
         return ceiling / 2 + random.random() * ceiling / 2
 
     def _request(self, entry, watch, deadline):

@@ -28,10 +28,17 @@ class DiscoveryStats:
         with self._lock:
             self._latency.observe(seconds)
 
-    def name_state(self, name, **state):
-        """Record what is known of one watched name (kept until ``forget``)."""
+    def track(self, name):
+        """Keep what will be known of ``name`` (until ``forget``)."""
         with self._lock:
-            self._names[name] = {**self._names.get(name, {}), **state}
+            self._names[name] = {}
+
+    def name_state(self, name, **state):
+        """Record what is known of a tracked name (a name forgotten meanwhile stays forgotten)."""
+        with self._lock:
+            known = self._names.get(name)
+            if known is not None:
+                known.update(state)
 
     def forget(self, name):
         with self._lock:
@@ -41,5 +48,5 @@ class DiscoveryStats:
         with self._lock:
             snapshot = {"requests": dict(self._requests), "latency": self._latency.copy()}
             if self._names:
-                snapshot["names"] = {name: dict(state) for name, state in self._names.items()}
+                snapshot["names"] = {name: dict(state) for name, state in self._names.items() if state}
             return snapshot

@@ -1,14 +1,14 @@
 """Command line: ``ltcp CONFIG`` serves, ``ltcp --check CONFIG`` only validates."""
 
 import argparse
-import logging
 import os
 import sys
 
 from . import __version__
 from .config import ConfigError, load
 from .tls import material_problems
-from .worker import LOG_FORMAT  # (and so --check proves that what every worker runs loads)
+from .logs import FORMATS, configure
+from .worker import Worker  # noqa: F401  (so --check proves that what every worker runs loads)
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -22,6 +22,9 @@ def _parser():
     parser.add_argument("--log-level", choices=LEVELS, type=str.lower,
                         default=os.environ.get("LTCP_LOG", "info").lower(),
                         help="log verbosity (default: $LTCP_LOG or info)")
+    parser.add_argument("--log-format", choices=FORMATS, type=str.lower,
+                        default=os.environ.get("LTCP_LOG_FORMAT", "text").lower(),
+                        help="text (default, or $LTCP_LOG_FORMAT) or json: one object per line for log shippers")
     parser.add_argument("--version", action="version", version=f"ltcp {__version__}")
     return parser
 
@@ -46,7 +49,10 @@ def main(argv=None):
     if args.log_level not in LEVELS:
         print(f"ltcp: LTCP_LOG must be one of {', '.join(LEVELS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    if args.log_format not in FORMATS:
+        print(f"ltcp: LTCP_LOG_FORMAT must be one of {', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    configure(args.log_level, args.log_format)
     name = "<stdin>" if args.config == "-" else args.config
     try:
         config = load(args.config)
@@ -59,4 +65,4 @@ def main(argv=None):
     if args.check:
         print(f"ok: {summary(config)}")
         return 0
-    return serve(config, args.config, args.log_level)
+    return serve(config, args.config, (args.log_level, args.log_format))

@@ -44,6 +44,7 @@ from .fanout import Hub
 from .health import checked
 from .interpreter import build
 from .metrics import supervisor_families
+from . import notify
 from .names import display_address
 from .reload import listener_key, listeners, plan
 from .server import listen
@@ -210,9 +211,9 @@ class Generation:
 
 
 class Supervisor:
-    def __init__(self, config, path, log_level):
+    def __init__(self, config, path, logging_args):
         self.path = path  # re-read on reload; "-" (standard input) cannot be
-        self.log_level = log_level
+        self.logging_args = logging_args  # (level, format), for the workers
         self.events = Events(HANDLED_SIGNALS)  # work for the main thread, from signals, links and admin
         # Generations, workers and totals, shared with the admin threads; reentrant, since a
         # second Ctrl-C's handler (abort) may run while the main thread holds it.
@@ -263,6 +264,7 @@ class Supervisor:
         self.admin.start()
         if previous is not None and self.current is not previous:
             self._hand_over(previous, config)
+        notify.ready(self._status())
 
     def _next_number(self):
         with self.lock:
@@ -321,7 +323,7 @@ class Supervisor:
     def _spawn(self, generation, slot):
         parent, child = socket.socketpair()
         fds = {key: self.sockets[key].fileno() for key in listeners(generation.config)}
-        proc = subprocess.Popen([sys.executable, "-m", "ltcp.worker", str(child.fileno()), self.log_level],
+        proc = subprocess.Popen([sys.executable, "-m", "ltcp.worker", str(child.fileno()), *self.logging_args],
                                 pass_fds=[child.fileno(), *fds.values()], stdin=subprocess.DEVNULL)
         child.close()
         worker = WorkerProcess(slot, generation.number, proc.pid)
@@ -471,7 +473,7 @@ class Supervisor:
             self.shutdown(f"received {name}")
         elif signum == signal.SIGHUP:
             log.info("received SIGHUP: reloading %s", self.path)
-            self._reload()
+            self._reload_announced()
         elif signum == signal.SIGUSR2:
             log.info("received SIGUSR2: upgrading to the ltcp now installed")
             self.upgrade()
@@ -490,6 +492,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
+        notify.stopping(why)
         self.restart_at.clear()
         workers = self._live_workers()
         log.info("%s: draining %d workers, up to %gs", why, len(workers), self.current.config.admin.grace_secs)
@@ -537,10 +540,24 @@ class Supervisor:
 
     def _reload_requested(self, done):
         try:
-            done.set_result(self._reload())
+            done.set_result(self._reload_announced())
         except BaseException as exc:
             done.set_result((False, f"reload failed: {exc}"))
             raise
+
+    def _reload_announced(self):
+        """``_reload``, with a service manager told before and after, whatever the outcome."""
+        notify.reloading()
+        try:
+            return self._reload()
+        finally:
+            if not self.stopping:
+                notify.ready(self._status())
+
+    def _status(self):
+        """One line for a service manager: what is serving."""
+        generation = self.current
+        return f"generation {generation.number} serving with {len(generation.workers)} workers"
 
     def _not_now(self, action):
         """Why a reload or an upgrade cannot begin, as its outcome (ok, message); None when it can."""
@@ -828,11 +845,11 @@ def _kill(pid, signum):
         pass
 
 
-def serve(config, path, log_level):
+def serve(config, path, logging_args):
     """Run the supervisor until it has drained; the process exit status."""
     # Blocked before any thread starts, so every thread inherits the mask (see Events).
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    supervisor = Supervisor(config, path, log_level)
+    supervisor = Supervisor(config, path, logging_args)
     signal.set_wakeup_fd(supervisor.events.wakeup_fd, warn_on_full_buffer=False)
     supervisor.install_signal_handlers()
     try:

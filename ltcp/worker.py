@@ -1,6 +1,6 @@
 """A worker process: one reactor, no other thread, serving listening sockets the supervisor opened.
 
-Started by the supervisor as ``python -m ltcp.worker FD LEVEL`` (a fresh
+Started by the supervisor as ``python -m ltcp.worker FD LEVEL FORMAT`` (a fresh
 interpreter, so no lock a supervisor thread held can be inherited), it
 reads its configuration from the control channel on descriptor FD, serves
 until told to drain (or until the channel closes: the supervisor is gone),
@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 
+from . import logs
 from .app import App, tune_garbage_collection
 from .control import Channel, Framer, RemoteDiscovery, encode
 from .snapshot import snapshot
@@ -25,7 +26,6 @@ __all__ = ["Worker", "main"]
 log = logging.getLogger("ltcp.worker")  # (not __name__: run as a script, that is __main__)
 
 FINAL_SNAPSHOT_TIMEOUT = 2.0
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # the supervisor's too
 
 
 class Worker:
@@ -107,8 +107,8 @@ def _receive_start(sock, framer):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    fd, level = int(argv[0]), argv[1]
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    fd, level, log_format = int(argv[0]), argv[1], argv[2]
+    logs.configure(level, log_format)
     for signum in SUPERVISOR_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the supervisor's mask is inherited: a worker has one thread

@@ -346,8 +346,10 @@ def static_config(names, **server):
 class LtcpProcess:
     """``python -m ltcp -`` in a subprocess, configured through stdin, its log collected."""
 
-    def __init__(self, document, nofile=None, path=None):
-        """``path``: write the configuration there and name it on the command line (it can be reloaded)."""
+    def __init__(self, document, nofile=None, path=None, args=(), env=None):
+        """``path``: write the configuration there and name it on the command line (it can be reloaded).
+
+        ``args`` go on the command line before it; ``env`` adds to the environment."""
         def limit():
             if nofile:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -355,8 +357,9 @@ class LtcpProcess:
         if path:
             with open(path, "w") as f:
                 yaml.safe_dump(document, f)
-        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", str(path or "-")], stdin=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", *args, str(path or "-")], stdin=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=limit,
+                                     env={**os.environ, **(env or {})})
         if not path:
             self.proc.stdin.write(yaml.safe_dump(document))
         self.proc.stdin.close()

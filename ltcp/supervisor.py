@@ -44,7 +44,7 @@ from .fanout import Hub
 from .health import checked
 from .interpreter import build
 from .metrics import supervisor_families
-from . import notify
+from . import launch, notify
 from .names import display_address
 from .reload import listener_key, listeners, plan
 from .server import listen
@@ -323,8 +323,9 @@ class Supervisor:
     def _spawn(self, generation, slot):
         parent, child = socket.socketpair()
         fds = {key: self.sockets[key].fileno() for key in listeners(generation.config)}
-        proc = subprocess.Popen([sys.executable, "-m", "ltcp.worker", str(child.fileno()), *self.logging_args],
-                                pass_fds=[child.fileno(), *fds.values()], stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(launch.python("-m", "ltcp.worker", str(child.fileno()), *self.logging_args),
+                                pass_fds=[child.fileno(), *fds.values()], stdin=subprocess.DEVNULL,
+                                env=launch.environment())
         child.close()
         worker = WorkerProcess(slot, generation.number, proc.pid)
         worker.link = Link(parent, f"worker-{proc.pid}", lambda message: self._received(generation, worker, message),
@@ -643,8 +644,8 @@ class Supervisor:
         refused = self._not_now("upgrade")
         if refused:
             return refused
-        check = subprocess.run([sys.executable, "-m", "ltcp", "--check", self.path], capture_output=True,
-                               text=True, timeout=120, stdin=subprocess.DEVNULL)
+        check = subprocess.run(launch.python("-m", "ltcp", "--check", self.path), capture_output=True,
+                               text=True, timeout=120, stdin=subprocess.DEVNULL, env=launch.environment())
         if check.returncode != 0:
             lines = (check.stderr or check.stdout).strip().splitlines() or [f"exit status {check.returncode}"]
             return self._reload_failed([f"upgrade refused: the installed ltcp says: {line}" for line in lines[-5:]])
@@ -668,7 +669,7 @@ class Supervisor:
         for fd in handed:
             os.set_inheritable(fd, True)
         self.admin.close()
-        argv = [sys.executable, "-m", "ltcp", *sys.argv[1:]]
+        argv = launch.python("-m", "ltcp", *sys.argv[1:])
         log.info("upgrade: executing %s with %d listening sockets and %d workers", " ".join(argv),
                  len(self.sockets), len(workers))
         for handler in logging.getLogger().handlers:
@@ -678,7 +679,7 @@ class Supervisor:
         kept = self._pass_on_queued_events()
         self.admin_port = self.admin.address[1]
         try:
-            os.execve(sys.executable, argv, {**os.environ, UPGRADE_ENV: str(carrier)})
+            os.execve(sys.executable, argv, launch.environment(**{UPGRADE_ENV: str(carrier)}))
         except OSError as exc:
             for event in kept:
                 self.events.put(event)

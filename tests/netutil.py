@@ -346,10 +346,11 @@ def static_config(names, **server):
 class LtcpProcess:
     """``python -m ltcp -`` in a subprocess, configured through stdin, its log collected."""
 
-    def __init__(self, document, nofile=None, path=None, args=(), env=None):
+    def __init__(self, document, nofile=None, path=None, args=(), env=None, command=None):
         """``path``: write the configuration there and name it on the command line (it can be reloaded).
 
-        ``args`` go on the command line before it; ``env`` adds to the environment."""
+        ``args`` go on the command line before it; ``env`` adds to the environment; ``command``
+        replaces ``python -m ltcp`` (a zip app, say)."""
         def limit():
             if nofile:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -357,7 +358,8 @@ class LtcpProcess:
         if path:
             with open(path, "w") as f:
                 yaml.safe_dump(document, f)
-        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", *args, str(path or "-")], stdin=subprocess.PIPE,
+        command = command or [sys.executable, "-m", "ltcp"]
+        self.proc = subprocess.Popen([*command, *args, str(path or "-")], stdin=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, preexec_fn=limit,
                                      env={**os.environ, **(env or {})})
         if not path:

@@ -25,14 +25,14 @@ from typing import Any, Mapping, NamedTuple, Optional, Tuple
 from .names import canonical_ip, is_dns_name, parse_port
 
 __all__ = [
-    "Address", "AdminConfig", "ClientConfig", "ClientSettings", "ClientTlsConfig", "Config",
+    "Address", "AdminConfig", "ClientAuthConfig", "ClientConfig", "ClientSettings", "ClientTlsConfig", "Config",
     "ConfigError", "DnsConfig", "FailFastConfig", "FsConfig", "HealthCheckConfig", "IdentityConfig", "NamerdConfig",
     "PrefixClientConfig", "RouterConfig", "ServerConfig", "ServerTlsConfig", "StaticConfig",
     "load", "loads", "parse_address", "prefix_matches",
 ]
 
 INVALID = object()  # a parser's answer for a value it has already reported
-PLACEHOLDERS = ("sni",)
+PLACEHOLDERS = ("sni", "client")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 # Limits on the document itself, so that no file can make loading slow or huge.
@@ -202,7 +202,7 @@ def dst_template(value, path, ctx):
         return ctx.error(path, f"must be a name path starting with '/', not {brief(value)}")
     unknown = [p for p in _PLACEHOLDER.findall(value) if p not in PLACEHOLDERS]
     if unknown:
-        return ctx.error(path, f"unknown placeholder {{{unknown[0]}}}; only {{sni}} is supported")
+        return ctx.error(path, f"unknown placeholder {{{unknown[0]}}}; only {{sni}} and {{client}} are supported")
     if _PLACEHOLDER.sub("", value).count("{") or _PLACEHOLDER.sub("", value).count("}"):
         return ctx.error(path, f"unbalanced braces in {brief(value)}")
     return value
@@ -382,10 +382,19 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class ClientAuthConfig:
+    """Client certificates (mTLS): those chaining to ``trust_certs`` are accepted."""
+
+    trust_certs: Tuple[str, ...] = _spec(list_of(existing_file, nonempty=True))
+    required: bool = _spec(boolean, True)  # False: ask for one, accept clients without
+
+
+@dataclass(frozen=True)
 class ServerTlsConfig:
     default_identity: Optional[IdentityConfig] = _spec(section(IdentityConfig), None)
     identities: Mapping[str, IdentityConfig] = _spec(map_of(identity_name, section(IdentityConfig)), factory=dict)
     alpn_protocols: Tuple[str, ...] = _spec(list_of(alpn_protocol), ())
+    client_auth: Optional[ClientAuthConfig] = _spec(section(ClientAuthConfig), None)
 
 
 def server_tls(value, path, ctx):
@@ -411,6 +420,14 @@ class ServerConfig:
     @property
     def address(self):
         return str(Address(self.ip, self.port))
+
+
+def server(value, path, ctx):
+    built = _build(ServerConfig, value, path, ctx)
+    if built is not INVALID and "{client}" in built.dst_name and not (built.tls and built.tls.client_auth):
+        return ctx.error(_join(path, "dstName"), "uses {client}, which needs tls.clientAuth (a verified client "
+                                                 "certificate to take the name from)")
+    return built
 
 
 @dataclass(frozen=True)
@@ -567,6 +584,11 @@ class ClientConfig(ClientSettings):
     configs: Tuple[PrefixClientConfig, ...] = _spec(list_of(prefix_client), ())
 
     @property
+    def proxy_protocols(self):
+        """Every PROXY protocol version sent to some endpoint."""
+        return {self.proxy_protocol, *(c.overrides.get("proxy_protocol") for c in self.configs)} - {None}
+
+    @property
     def health_checks(self):
         """Every healthCheck setting and the prefix it applies under: equal when the checks are."""
         return (self.health_check, tuple((c.prefix, c.overrides["health_check"]) for c in self.configs
@@ -599,7 +621,7 @@ def client(value, path, ctx):
 class RouterConfig:
     label: str = _spec(text)
     interpreter: Any = _spec(interpreter)
-    servers: Tuple[ServerConfig, ...] = _spec(list_of(section(ServerConfig), nonempty=True))
+    servers: Tuple[ServerConfig, ...] = _spec(list_of(server, nonempty=True))
     client: ClientConfig = _spec(client, ClientConfig())
 
 

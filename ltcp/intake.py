@@ -191,8 +191,12 @@ class Intake(Registration):
             return
         if waiting:
             self.want(waiting)
-        else:
-            self._route(*tls.routing_name(self.listener.tls.server_name(self.client)))
+            return
+        envelope = self.envelope
+        envelope.server_name = self.listener.tls.server_name(self.client)
+        envelope.tls_version = self.client.version()
+        envelope.client_identity = tls.client_identity(self.client)
+        self._route(*tls.routing_name(envelope.server_name))
 
     def _peek_hello(self):
         data = self._peek(tls.HELLO_WINDOW)
@@ -213,19 +217,24 @@ class Intake(Registration):
             self._route(None, hello.status)
 
     def _route(self, server_name, cause="no_sni"):
-        """Fill in the destination and start dialing; without a usable name, fall back or fail."""
+        """Fill in the destination and start dialing; without a usable name, fall back or fail.
+
+        ``{sni}`` takes ``server_name`` (None: unusable, for ``cause``), and
+        ``{client}`` the verified client certificate's identity.
+        """
         listener = self.listener
-        template = listener.config.dst_name
-        if server_name is not None:
-            name = template.replace("{sni}", server_name)
-        elif "{sni}" not in template:
-            name = template
-        elif listener.config.default_dst_name is not None:
+        name = listener.config.dst_name
+        if "{sni}" in name:
+            name = name.replace("{sni}", server_name) if server_name is not None else None
+        if name is not None and "{client}" in name:
+            identity, cause = tls.routing_identity(self.envelope.client_identity)
+            name = name.replace("{client}", identity) if identity is not None else None
+        if name is None:
+            if listener.config.default_dst_name is None:
+                self.fail(cause)
+                return
             name = listener.config.default_dst_name
             listener.fallbacks[cause] += 1
-        else:
-            self.fail(cause)
-            return
         self.state = self.state.moves["route"]
         self._stop()
         self.envelope.dst_name = name

@@ -114,8 +114,8 @@ def _parse_v2(data):
     return ProxyHeader(PARSED, 16 + length, (src, sport), (dst, dport))
 
 
-def build_v1(source, destination):
-    """A v1 header for a TCP stream from ``source`` to ``destination`` ((ip, port) each)."""
+def build_v1(source, destination, tls=None):
+    """A v1 header for a TCP stream from ``source`` to ``destination`` ((ip, port) each); v1 has no room for ``tls``."""
     src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
     if src.version != dst.version:
         return b"PROXY UNKNOWN\r\n"
@@ -123,11 +123,38 @@ def build_v1(source, destination):
     return f"PROXY {family} {src} {dst} {source[1]} {destination[1]}\r\n".encode("ascii")
 
 
-def build_v2(source, destination):
-    """A v2 PROXY-command header for a TCP stream (UNSPEC if the families differ)."""
+def build_v2(source, destination, tls=None):
+    """A v2 PROXY-command header for a TCP stream (UNSPEC if the families differ).
+
+    ``tls``, for a stream whose TLS ltcp terminated, is ``(version,
+    client_identity, server_name)`` (the last two may be None); it is passed on
+    as the specification's TLVs: ``PP2_TYPE_AUTHORITY`` (0x02) with the SNI, and
+    ``PP2_TYPE_SSL`` (0x20) with ``PP2_SUBTYPE_SSL_VERSION`` (0x21) and, for a
+    verified client certificate, ``PP2_SUBTYPE_SSL_CN`` (0x22) holding the
+    identity ltcp routes by (first DNS or URI name, else the subject's CN).
+    """
     src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    tlvs = _tls_tlvs(*tls) if tls else b""
     if src.version != dst.version:
-        return V2_SIGNATURE + bytes([0x21, 0x00, 0, 0])
+        return V2_SIGNATURE + bytes([0x21, 0x00]) + len(tlvs).to_bytes(2, "big") + tlvs
     family = 0x11 if src.version == 4 else 0x21
-    payload = (src.packed + dst.packed + source[1].to_bytes(2, "big") + destination[1].to_bytes(2, "big"))
+    payload = (src.packed + dst.packed + source[1].to_bytes(2, "big") + destination[1].to_bytes(2, "big") + tlvs)
     return V2_SIGNATURE + bytes([0x21, family]) + len(payload).to_bytes(2, "big") + payload
+
+
+PP2_TYPE_AUTHORITY, PP2_TYPE_SSL, PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CN = 0x02, 0x20, 0x21, 0x22
+PP2_CLIENT_SSL, PP2_CLIENT_CERT_CONN = 0x01, 0x02
+
+
+def _tlv(kind, value):
+    return bytes([kind]) + len(value).to_bytes(2, "big") + value
+
+
+def _tls_tlvs(version, identity, server_name):
+    client = PP2_CLIENT_SSL | (PP2_CLIENT_CERT_CONN if identity else 0)
+    ssl = bytes([client]) + (0 if identity else 1).to_bytes(4, "big")  # verify: 0 = a certificate, verified
+    ssl += _tlv(PP2_SUBTYPE_SSL_VERSION, (version or "").encode("ascii", "replace"))
+    if identity:
+        ssl += _tlv(PP2_SUBTYPE_SSL_CN, identity.encode("utf-8", "replace")[:1024])
+    authority = _tlv(PP2_TYPE_AUTHORITY, server_name.encode("ascii", "replace")) if server_name else b""
+    return authority + _tlv(PP2_TYPE_SSL, ssl)

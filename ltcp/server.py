@@ -35,7 +35,7 @@ class Envelope:
     """What is known about a stream when it is accepted, and the limits it runs under."""
 
     __slots__ = ("source", "destination", "dst_name", "accepted_at", "connect_deadline", "lifetime",
-                 "idle_timeout")
+                 "idle_timeout", "server_name", "tls_version", "client_identity")
 
     def __init__(self, source, dst_name, accepted_at, connect_deadline, lifetime, idle_timeout):
         self.source = source  # (ip, port) of the client, from a PROXY header if one was read
@@ -45,6 +45,9 @@ class Envelope:
         self.connect_deadline = connect_deadline  # reactor time by which upstream must be up
         self.lifetime = lifetime  # seconds, or None
         self.idle_timeout = idle_timeout  # seconds, or None
+        self.server_name = None  # the SNI of a terminated TLS stream
+        self.tls_version = None  # of a terminated TLS stream ("TLSv1.3")
+        self.client_identity = None  # from a verified client certificate (see tls.client_identity)
 
     def __repr__(self):
         return f"<Envelope {self.source} -> {self.dst_name}>"
@@ -148,7 +151,9 @@ class Listener:
         self._connect_timeout = config.connect_timeout_ms / 1000
         self._idle = config.idle_timeout_ms / 1000 if config.idle_timeout_ms else None
         self._lifetime = config.connection_lifetime_secs
-        self.tls = tls.server_context(config.tls, "{sni}" in config.dst_name) if config.tls else None
+        # The SNI costs a callback per handshake: taken when a name, or a PROXY v2 header, needs it.
+        names_wanted = "{sni}" in config.dst_name or "v2" in binder.client_config.proxy_protocols
+        self.tls = tls.server_context(config.tls, names_wanted) if config.tls else None
         self._intake = bool(config.proxy_protocol or config.tls or "{sni}" in config.dst_name)
 
     def start(self):

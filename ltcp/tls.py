@@ -23,9 +23,9 @@ from typing import NamedTuple, Optional
 from .loop import READ, WRITE
 from .names import is_dns_name
 
-__all__ = ["ClientHello", "describe_error", "handshake", "parse_client_hello", "normalize_server_name",
-           "routing_name", "server_context", "client_context", "material_problems", "TlsMaterialError",
-           "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
+__all__ = ["ClientHello", "client_identity", "describe_error", "handshake", "parse_client_hello",
+           "normalize_server_name", "routing_identity", "routing_name", "server_context", "client_context",
+           "material_problems", "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
 
 NEED_MORE, NOT_TLS, MALFORMED, HELLO = "need_more", "not_tls", "malformed", "hello"
 MAX_HELLO_BYTES = 16 * 1024  # the whole ClientHello handshake message, across records
@@ -160,6 +160,45 @@ def routing_name(server_name):
     return (name, None) if name is not None else (None, "malformed")
 
 
+def client_identity(ssl_socket):
+    """The verified client certificate's identity: its first DNS or URI name, else its subject's CN; or None.
+
+    Only a certificate the handshake verified is read (``getpeercert`` gives
+    nothing else), so the identity is as good as ``clientAuth.trustCerts``.
+    """
+    cert = ssl_socket.getpeercert()
+    if not cert:
+        return None
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind in ("DNS", "URI"):
+            return value
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+MAX_IDENTITY = 253
+
+
+def routing_identity(identity):
+    """``(segment, None)`` for a client identity usable in a destination name, else ``(None, cause)``.
+
+    It becomes one path segment: no ``/``, not ``.`` or ``..``, no braces,
+    whitespace or control characters, at most ``MAX_IDENTITY`` characters.
+    A certificate without one is ``no_client``; one that breaks these rules,
+    ``bad_client`` (a URI SAN such as ``spiffe://a/b`` does: route by its CN or a
+    DNS SAN instead).
+    """
+    if not identity:
+        return None, "no_client"
+    if (len(identity) > MAX_IDENTITY or identity in (".", "..") or
+            any(c in "/{}" or c.isspace() or not c.isprintable() for c in identity)):
+        return None, "bad_client"
+    return identity, None
+
+
 def normalize_server_name(name):
     """A lowercase DNS name safe to put in a destination path, or None."""
     if not name:
@@ -289,12 +328,17 @@ def _load_identity(context, identity):
                                    f"{exc.reason or exc}") from None
 
 
-def _server_side(identity, alpn):
+def _server_side(identity, tls):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(context)
     _load_identity(context, identity)
-    if alpn:
-        context.set_alpn_protocols(list(alpn))
+    if tls.alpn_protocols:
+        context.set_alpn_protocols(list(tls.alpn_protocols))
+    if tls.client_auth is not None:  # (every identity's context alike: SNI may switch between them)
+        for path in tls.client_auth.trust_certs:
+            check_certificates(path)
+            context.load_verify_locations(cafile=path)
+        context.verify_mode = ssl.CERT_REQUIRED if tls.client_auth.required else ssl.CERT_OPTIONAL
     return context
 
 
@@ -309,10 +353,9 @@ class ServerContexts:
     """
 
     def __init__(self, tls, names_wanted=True):
-        self.by_name = {name: _server_side(identity, tls.alpn_protocols)
-                        for name, identity in tls.identities.items()}
+        self.by_name = {name: _server_side(identity, tls) for name, identity in tls.identities.items()}
         if tls.default_identity is not None:
-            self.default = _server_side(tls.default_identity, tls.alpn_protocols)
+            self.default = _server_side(tls.default_identity, tls)
         else:
             self.default = next(iter(self.by_name.values()))
         self.require_match = tls.default_identity is None
@@ -382,7 +425,7 @@ def material_problems(config):
                 if server.tls.default_identity is not None:
                     identities.insert(0, (f"{place}.defaultIdentity", server.tls.default_identity))
                 for where, identity in identities:
-                    problems += _problem(where, _server_side, identity, server.tls.alpn_protocols)
+                    problems += _problem(where, _server_side, identity, server.tls)
         client = router.client
         settings = [(f"routers[{i}].client.tls", client.tls)]
         settings += [(f"routers[{i}].client.configs[{k}].tls", prefixed.overrides.get("tls"))

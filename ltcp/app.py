@@ -8,6 +8,7 @@ import gc
 import logging
 import resource
 
+from .accesslog import FileWriter, StreamLog
 from .loop import Reactor
 from .router import Router
 from .server import StreamBudget
@@ -75,12 +76,21 @@ class App:
 
     ``interpreters`` (by router label) answer discovery; without them each
     router runs its own in this process.  ``sockets`` are listening sockets
-    already open, by ``router.listener_key``.
+    already open, by ``router.listener_key``.  ``log_sink(data, lines)``
+    takes the access log's chunks (a worker's control channel); without one,
+    an app with an access log writes the file itself.
     """
 
-    def __init__(self, config, interpreters=None, sockets=None):
+    def __init__(self, config, interpreters=None, sockets=None, log_sink=None):
         self.config = config
         self.reactor = Reactor()
+        self.log_writer = None  # the access log's file, when this process writes it
+        self.access_log = None
+        if config.access_log is not None:
+            if log_sink is None:  # (in-process: the control plane is here, and so is the file)
+                self.log_writer = FileWriter(config.access_log.path)
+                log_sink = self.log_writer.submit
+            self.access_log = StreamLog(self.reactor, config.access_log.format, log_sink)
         self.buffer = bytearray(config.buffer_size_bytes)
         self.closed = False
         self.draining = False
@@ -91,8 +101,8 @@ class App:
             from .interpreter import build
             interpreters = {router.label: checked(build(router.interpreter), router.client)
                             for router in config.routers}
-        self.routers = [Router(self.reactor, router, self.buffer, self.budget, interpreters[router.label], sockets)
-                        for router in config.routers]
+        self.routers = [Router(self.reactor, router, self.buffer, self.budget, interpreters[router.label], sockets,
+                               self.access_log) for router in config.routers]
 
     @property
     def listeners(self):
@@ -153,6 +163,11 @@ class App:
             self.closed = True
             for router in self.routers:
                 router.close()
+            if self.access_log is not None:
+                self.access_log.close()
+                if self.log_writer is not None:  # (a worker hands its last lines on itself)
+                    self.access_log.flush()
+                    self.log_writer.close()
             self.reactor.close()
 
 

@@ -25,10 +25,10 @@ from typing import Any, Mapping, NamedTuple, Optional, Tuple
 from .names import canonical_ip, is_dns_name, parse_port
 
 __all__ = [
-    "Address", "AdminConfig", "ClientAuthConfig", "ClientConfig", "ClientSettings", "ClientTlsConfig", "Config",
-    "ConfigError", "DnsConfig", "FailFastConfig", "FsConfig", "HealthCheckConfig", "IdentityConfig", "NamerdConfig",
-    "PrefixClientConfig", "RouterConfig", "ServerConfig", "ServerTlsConfig", "StaticConfig",
-    "load", "loads", "parse_address", "prefix_matches",
+    "AccessLogConfig", "Address", "AdminConfig", "ClientAuthConfig", "ClientConfig", "ClientSettings",
+    "ClientTlsConfig", "Config", "ConfigError", "DnsConfig", "FailFastConfig", "FsConfig", "HealthCheckConfig",
+    "IdentityConfig", "NamerdConfig", "PrefixClientConfig", "RouterConfig", "ServerConfig", "ServerTlsConfig",
+    "StaticConfig", "load", "loads", "parse_address", "prefix_matches",
 ]
 
 INVALID = object()  # a parser's answer for a value it has already reported
@@ -246,6 +246,21 @@ def existing(kind):
 
 existing_file = existing("file")
 directory = existing("directory")
+
+
+def log_path(value, path, ctx):
+    """``-`` (standard error), or a file to append to in an existing, writable directory."""
+    if value == "-":
+        return value
+    if not isinstance(value, str) or not value or value.endswith("/"):
+        return ctx.error(path, f"must be a file path or '-', not {brief(value)}")
+    resolved = os.path.join(ctx.base_dir, os.path.expanduser(value))
+    parent = os.path.dirname(resolved) or "."
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return ctx.error(path, f"directory not found or not writable: {parent}")
+    if os.path.isdir(resolved):
+        return ctx.error(path, f"is a directory: {resolved}")
+    return resolved
 
 
 def list_of(item, nonempty=False):
@@ -626,11 +641,18 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class AccessLogConfig:
+    path: str = _spec(log_path)
+    format: str = _spec(choice("json", "text"), "json")
+
+
+@dataclass(frozen=True)
 class Config:
     routers: Tuple[RouterConfig, ...] = _spec(list_of(section(RouterConfig), nonempty=True))
     admin: AdminConfig = _spec(section(AdminConfig), AdminConfig())
     buffer_size_bytes: int = _spec(integer(1024, 64 * 1024 * 1024), 16384)
     workers: int = _spec(worker_count, 1)
+    access_log: Optional[AccessLogConfig] = _spec(section(AccessLogConfig), None)
 
 
 # -- whole-document checks -----------------------------------------------------

@@ -18,6 +18,7 @@ worker -> supervisor::
     ("draining",)                            accepting no more (the answer to "drain")
     ("subscribe", label, name) / ("unsubscribe", label, name)
     ("snapshot", token, data)
+    ("log", data, lines)                     access log lines (whole, encoded) for the supervisor to write
 
 A worker whose channel closes (the supervisor died) drains as on ``("drain",)``.
 """

@@ -343,7 +343,7 @@ class Duplex:
     """
 
     __slots__ = ("reactor", "client", "upstream", "owner", "balancer", "endpoint", "envelope", "buffer", "view",
-                 "started", "last_active", "timer", "closed", "reason", "detail")
+                 "started", "last_active", "timer", "closed", "reason", "detail", "from_client", "to_client")
 
     def __init__(self, owner: DuplexOwner, dial, upstream_sock, upstream_events, buffer):
         """Take over ``dial``'s client (still registered for ``dial.events``) and its upstream socket.
@@ -360,6 +360,7 @@ class Duplex:
         self.closed = False
         self.reason = None
         self.detail = ""
+        self.from_client = self.to_client = 0  # bytes, once closed: read from the client, written to it
         self.started = self.last_active = reactor.now
         idle, lifetime = envelope.idle_timeout, envelope.lifetime
         # One timer for both limits, at whichever could come first.
@@ -413,6 +414,10 @@ class Duplex:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        client, upstream = self.client, self.upstream
+        self.from_client = client.received
+        # What was read from upstream, less what never made it out to the client.
+        self.to_client = upstream.received - client.piped - (len(client.pending) if client.pending is not None else 0)
         self.client.release(reset)
         self.upstream.release(reset)
         self.owner.stream_closed(self)

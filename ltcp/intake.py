@@ -211,6 +211,7 @@ class Intake(Registration):
         if hello.status == tls.NEED_MORE:
             self._incomplete("closed")
         elif hello.status == tls.HELLO:
+            self.envelope.server_name = hello.server_name
             self._route(*tls.routing_name(hello.server_name))
         else:
             self.failure = hello.reason

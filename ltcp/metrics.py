@@ -69,6 +69,8 @@ FAMILIES = {  # key: (family class, name, help, labels)
                       "How long discovery's last answer for a name holds (DNS: its TTL)", _DST),
     "lag": (HistogramMetricFamily, "ltcp_reactor_lag_seconds", "How late reactor timers fired", []),
     "draining": (GaugeMetricFamily, "ltcp_draining", "1 while a graceful shutdown is under way", []),
+    "access_log": (CounterMetricFamily, "ltcp_access_log_lines",
+                   "Access log lines written, or dropped (the disk or the supervisor fell behind)", ["outcome"]),
 }
 
 
@@ -91,6 +93,8 @@ def render(data):
                 f["discovery_ttl"].add_metric([label, name], state["ttl"])
     _add_histogram(f["lag"], [], data["reactor_lag"])
     f["draining"].add_metric([], 1 if data["draining"] else 0)
+    for outcome, count in data.get("access_log", {}).items():
+        f["access_log"].add_metric([outcome], count)
     return list(f.values())
 
 

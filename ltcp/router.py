@@ -8,15 +8,17 @@ __all__ = ["Router"]
 
 
 class Router:
-    def __init__(self, reactor, config, buffer, budget, interpreter, sockets=None):
-        """``sockets``: listening sockets already open, by ``reload.listener_key``; the rest are opened at start."""
+    def __init__(self, reactor, config, buffer, budget, interpreter, sockets=None, access_log=None):
+        """``sockets``: listening sockets already open, by ``reload.listener_key``; the rest are opened at start.
+
+        ``access_log``: the app's ``accesslog.StreamLog``, if it keeps one."""
         sockets = sockets or {}
         self.label = config.label
         self.interpreter_kind = config.interpreter.kind
         self.interpreter = interpreter
         self.binder = Binder(reactor, interpreter, config.client, budget, self.label)
         self.listeners = [Listener(reactor, server, self.binder, buffer, config.label, budget,
-                                   sockets.get(listener_key(config.label, i, server)))
+                                   sockets.get(listener_key(config.label, i, server)), access_log)
                           for i, server in enumerate(config.servers)]
 
     def start(self):

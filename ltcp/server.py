@@ -122,7 +122,7 @@ def listen(config):
 class Listener:
     """One configured server: a listening socket and the streams it accepted."""
 
-    def __init__(self, reactor, config, binder, buffer, label, budget, sock=None):
+    def __init__(self, reactor, config, binder, buffer, label, budget, sock=None, access_log=None):
         self.reactor = reactor
         self.budget = budget
         self.config = config
@@ -131,6 +131,7 @@ class Listener:
         self.view = memoryview(buffer)  # made once, not per stream
         self.label = label
         self.sock = sock  # a listening socket opened by the supervisor, or None: start() opens one
+        self.access_log = access_log  # an accesslog.StreamLog, or None
         self.address = None  # (ip, port) actually bound
         self.family = None  # the listening socket's, as a plain int
         self.listening = False
@@ -151,8 +152,9 @@ class Listener:
         self._connect_timeout = config.connect_timeout_ms / 1000
         self._idle = config.idle_timeout_ms / 1000 if config.idle_timeout_ms else None
         self._lifetime = config.connection_lifetime_secs
-        # The SNI costs a callback per handshake: taken when a name, or a PROXY v2 header, needs it.
-        names_wanted = "{sni}" in config.dst_name or "v2" in binder.client_config.proxy_protocols
+        # The SNI costs a callback per handshake: taken when a name, a PROXY v2 header or the log needs it.
+        names_wanted = ("{sni}" in config.dst_name or "v2" in binder.client_config.proxy_protocols
+                        or access_log is not None)
         self.tls = tls.server_context(config.tls, names_wanted) if config.tls else None
         self._intake = bool(config.proxy_protocol or config.tls or "{sni}" in config.dst_name)
 
@@ -262,6 +264,7 @@ class Listener:
         if balancer is None:
             self.failures["route_cache_full"] += 1
             client.close()
+            self._logged(envelope, None, 0, 0, "route_cache_full")
             self._stream_ended()
             return
         dial = Dial(balancer, client, envelope, self)
@@ -286,6 +289,8 @@ class Listener:
             log.debug("%s %s: stream from %s failed: %s%s", self.label, envelope.dst_name, envelope.source, cause,
                       f" ({dial.failure})" if dial.failure else "")
         dial.client.close()
+        endpoint = getattr(dial, "endpoint", None)  # (an intake has none)
+        self._logged(dial.envelope, endpoint.address if endpoint else None, 0, 0, cause)
         self._stream_ended()
 
     def stream_closed(self, duplex):
@@ -296,7 +301,13 @@ class Listener:
         if duplex.detail and log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s: stream from %s to %s ended: %s (%s)", self.label, duplex.envelope.dst_name,
                       duplex.envelope.source, duplex.endpoint.address, duplex.reason, duplex.detail)
+        self._logged(duplex.envelope, duplex.endpoint.address, duplex.from_client, duplex.to_client, duplex.reason)
         self._stream_ended()
+
+    def _logged(self, envelope, endpoint, from_client, to_client, end):
+        """The stream's access log line, if there is a log (``endpoint``: an address, or None)."""
+        if self.access_log is not None:
+            self.access_log.record(self.label, self.display_address, envelope, endpoint, from_client, to_client, end)
 
     def _stream_ended(self):
         self.active -= 1

@@ -27,6 +27,7 @@ def snapshot(app, listed=0):
         "routers": [_router(router, listed) for router in app.routers],
         "reactor_lag": app.reactor.wheel.lag.copy(),
         "draining": app.draining,
+        "access_log_dropped": app.access_log.dropped if app.access_log is not None else 0,
     }
 
 

@@ -37,6 +37,7 @@ import threading
 import time
 
 from .admin import AdminServer, exit_now
+from .accesslog import FileWriter
 from .app import raise_descriptor_limit
 from .config import ConfigError, load
 from .control import Framer, encode, update_frame
@@ -232,6 +233,7 @@ class Supervisor:
         self.tokens = itertools.count()
         self.admin = None
         self.admin_port = 0  # the admin port before an upgrade
+        self.access_log = None  # accesslog.FileWriter: every worker's lines go through it
 
     # -- starting ----------------------------------------------------------
 
@@ -245,6 +247,7 @@ class Supervisor:
         raise_descriptor_limit()  # discovery, health checks and admin clients share it
         previous = self._inherit(inherited) if inherited else None
         try:
+            self._configure_access_log(config)
             self._open_listeners(config, self._announce)
             generation = self._generation(config, hubs={}, number=self._next_number())
             problem = self._start_workers(generation)
@@ -265,6 +268,19 @@ class Supervisor:
         if previous is not None and self.current is not previous:
             self._hand_over(previous, config)
         notify.ready(self._status())
+
+    def _configure_access_log(self, config):
+        """Write the access log where ``config`` says (OSError if it cannot be opened: nothing changes then)."""
+        wanted = config.access_log.path if config.access_log else None
+        current = self.access_log.path if self.access_log else None
+        if wanted == current:
+            return
+        writer = FileWriter(wanted) if wanted else None
+        if self.access_log is not None:
+            self.access_log.close()
+        self.access_log = writer
+        if wanted:
+            log.info("access log: %s", "standard error" if wanted == "-" else wanted)
 
     def _next_number(self):
         with self.lock:
@@ -354,6 +370,10 @@ class Supervisor:
                 future.set_result(message[2])
         elif kind == "draining":
             worker.stopped_accepting.set()
+        elif kind == "log":
+            writer = self.access_log
+            if writer is not None:
+                writer.submit(message[1], message[2])
         elif kind == "final":
             worker.final = _totals([message[1]])  # once, here: scrapes merge it until the worker is reaped
         else:
@@ -387,6 +407,8 @@ class Supervisor:
             except Exception:  # (a worker that cannot be started, say: the supervisor carries on)
                 log.exception("supervisor: handling %s failed", kind or "timers")
         self._stop_everything()
+        if self.access_log is not None:
+            self.access_log.close()  # (the last workers' lines came before their final snapshots)
         log.info("stopped")
         return 0
 
@@ -479,10 +501,11 @@ class Supervisor:
             log.info("received SIGUSR2: upgrading to the ltcp now installed")
             self.upgrade()
         elif signum == signal.SIGUSR1:
-            workers = self._live_workers()
-            for worker in workers:
-                _kill(worker.pid, signal.SIGUSR1)
-            log.info("received SIGUSR1: passed on to %d workers (log reopening)", len(workers))
+            if self.access_log is not None:
+                log.info("received SIGUSR1: reopening the access log")
+                self.access_log.reopen()
+            else:
+                log.info("received SIGUSR1: there is no access log to reopen")
         else:
             log.warning("received %s: it has no meaning for ltcp yet; ignored", name)
 
@@ -581,6 +604,10 @@ class Supervisor:
         problems = material_problems(config)
         if problems:
             return self._reload_failed(problems)
+        try:
+            self._configure_access_log(config)
+        except OSError as exc:
+            return self._reload_failed([f"accessLog: cannot open {config.access_log.path}: {exc.strerror}"])
         old = self.current
         steps = plan(old.config, config)
         try:
@@ -678,12 +705,16 @@ class Supervisor:
         # those already taken and queued are raised again, for the new code.
         kept = self._pass_on_queued_events()
         self.admin_port = self.admin.address[1]
+        if self.access_log is not None:  # what the workers sent so far is written; the new code opens its own
+            self.access_log.close()
+            self.access_log = None
         try:
             os.execve(sys.executable, argv, launch.environment(**{UPGRADE_ENV: str(carrier)}))
         except OSError as exc:
             for event in kept:
                 self.events.put(event)
             os.close(carrier)
+            self._configure_access_log(self.current.config)
             for fd in handed:
                 os.set_inheritable(fd, False)
             self.admin = AdminServer(self, self._admin_config(self.current.config))
@@ -780,8 +811,13 @@ class Supervisor:
         # New dicts, not edits: a merge of one snapshot is that snapshot, kept as a worker's last or final.
         routers = [{**router, "discovery": hubs[router["label"]].interpreter.stats.snapshot()}
                    if router["label"] in hubs else router for router in merged["routers"]]
-        return {**merged, "routers": routers, "draining": self.stopping,
+        data = {**merged, "routers": routers, "draining": self.stopping,
                 "workers": [{**w.describe(), **n} for w, n in zip(answered, counts)]}
+        writer = self.access_log
+        if writer is not None:
+            written, dropped = writer.counts()
+            data["access_log"] = {"written": written, "dropped": dropped + merged.get("access_log_dropped", 0)}
+        return data
 
     def routers(self):
         data = self.snapshot(MAX_LISTED_ENDPOINTS)

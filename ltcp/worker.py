@@ -26,17 +26,25 @@ __all__ = ["Worker", "main"]
 log = logging.getLogger("ltcp.worker")  # (not __name__: run as a script, that is __main__)
 
 FINAL_SNAPSHOT_TIMEOUT = 2.0
+MAX_LOG_BACKLOG = 4 << 20  # bytes queued for the supervisor beyond which access log lines are dropped
 
 
 class Worker:
     def __init__(self, config, sock, framer, sockets, generation):
         self.generation = generation
         self.remote = {router.label: RemoteDiscovery(router.label, self.send) for router in config.routers}
-        self.app = App(config, interpreters=self.remote, sockets=sockets)
+        self.app = App(config, interpreters=self.remote, sockets=sockets, log_sink=self._send_log)
         self.channel = Channel(self.app.reactor, sock, self._received, self._orphaned, framer)
 
     def send(self, message):
         self.channel.send(message)
+
+    def _send_log(self, data, lines):
+        """Access log lines to the supervisor, which writes the file; refused while it is not reading."""
+        if self.channel.closed or len(self.channel.outgoing) > MAX_LOG_BACKLOG:
+            return False
+        self.send(("log", data, lines))
+        return True
 
     def run(self):
         """Serve until drained; the exit status."""
@@ -80,7 +88,11 @@ class Worker:
         try:
             sock.setblocking(True)
             sock.settimeout(FINAL_SNAPSHOT_TIMEOUT)
-            sock.sendall(bytes(channel.outgoing) + encode(("final", snapshot(self.app))))
+            last = b""
+            if self.app.access_log is not None:
+                data, lines = self.app.access_log.take()
+                last = encode(("log", data, lines)) if lines else b""
+            sock.sendall(bytes(channel.outgoing) + last + encode(("final", snapshot(self.app))))
             sock.shutdown(socket.SHUT_WR)
             while sock.recv(1 << 16):
                 pass
@@ -90,7 +102,7 @@ class Worker:
 
 
 # Meant for the supervisor, which tells the workers what to do (a terminal's Ctrl-C
-# reaches the whole process group); SIGUSR1 reopens logs, and there are none to reopen yet.
+# reaches the whole process group); SIGUSR1 reopens the access log, which the supervisor writes.
 SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
 
 

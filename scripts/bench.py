@@ -1,9 +1,10 @@
 """Benchmark ltcp against HAProxy, a plain asyncio proxy and a direct connection, in one run.
 
-    python scripts/bench.py [--quick] [--repeat N] [--rows direct,ltcp,haproxy,ltcp2,haproxy2,asyncio]
+    python scripts/bench.py [--quick] [--repeat N] [--rows direct,ltcp,ltcplog,haproxy,ltcp2,haproxy2,asyncio]
 
 Rows: ``ltcp`` runs one worker and ``haproxy`` one thread; ``ltcp2`` runs
-``workers: 2`` and is compared with ``haproxy2`` (``nbthread 2``).  CPU and
+``workers: 2`` and is compared with ``haproxy2`` (``nbthread 2``); ``ltcplog``
+is ``ltcp`` writing a JSON access log, compared with ``ltcp`` (the log's cost).  CPU and
 memory figures add up every process of a row (ltcp's supervisor and workers).
 
 Everything runs on 127.0.0.1 and is started by this script: the backends (a
@@ -248,6 +249,7 @@ class Direct(Row):
 class Ltcp(Row):
     name = "ltcp"
     workers = 1
+    access_log = None
 
     def __init__(self, backends, workdir):
         self.ports = {role: free_port() for role in backends.ports}
@@ -255,6 +257,7 @@ class Ltcp(Row):
         config = {
             "workers": self.workers,
             "admin": {"port": self.admin_port},
+            **({"accessLog": {"path": self.access_log}} if self.access_log else {}),
             "routers": [{
                 "label": "bench",
                 "interpreter": {"kind": "io.l5d.static", "names": {
@@ -275,6 +278,17 @@ class Ltcp(Row):
         self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "--log-level", "warning", path])
         for port in self.ports.values():
             wait_listening(port)
+
+
+class LtcpLog(Ltcp):
+    """One worker writing a JSON access log line per stream (to a file in the work directory)."""
+
+    name = "ltcplog"
+    peer = "ltcp"
+
+    def __init__(self, backends, workdir):
+        self.access_log = os.path.join(workdir, "access.log")
+        super().__init__(backends, workdir)
 
 
 class Ltcp2(Ltcp):
@@ -325,7 +339,7 @@ class Asyncio(Row):
             wait_listening(port)
 
 
-ROWS = {"direct": Direct, "ltcp": Ltcp, "haproxy": Haproxy, "ltcp2": Ltcp2, "haproxy2": Haproxy2,
+ROWS = {"direct": Direct, "ltcp": Ltcp, "ltcplog": LtcpLog, "haproxy": Haproxy, "ltcp2": Ltcp2, "haproxy2": Haproxy2,
         "asyncio": Asyncio}
 
 

@@ -397,6 +397,8 @@ class LtcpProcess:
             self.proc.terminate()
         code = self.proc.wait(10)
         self.reader.join(5)
+        if not self.reader.is_alive():
+            self.proc.stderr.close()
         return code
 
 

@@ -73,6 +73,6 @@ def test_counts_alone_merge_to_the_largest_set_seen(counts):
                   dict(zip(STATES, c))}]}]} for c in counts]
     merged = destination(merge(snapshots))["endpoint_states"]
     assert sum(merged.values()) == max(sum(c) for c in counts)
-    assert merged["unhealthy"] == max(c[2] for c in counts)
-    assert merged["failed"] == min(max(c[1] for c in counts), sum(merged.values()) - merged["unhealthy"])
+    assert merged["unhealthy"] == max(c[2] for c in counts)  # the worst view, first
+    assert merged["failed"] <= max(c[1] for c in counts)  # then failed and retired, within what is left
     assert min(merged.values()) >= 0

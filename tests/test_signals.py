@@ -10,7 +10,7 @@ from netutil import LtcpProcess, echo, recv_exactly, wait_for
 # so a reload or an upgrade (which must re-read it) is refused and nothing changes.
 LOGGED = {
     signal.SIGHUP: "reload failed: still serving generation 1",
-    signal.SIGUSR1: "received SIGUSR1: passed on to 1 workers (log reopening)",
+    signal.SIGUSR1: "received SIGUSR1: there is no access log to reopen",
     signal.SIGUSR2: "reload failed: still serving generation 1",
     signal.SIGQUIT: "received SIGQUIT: it has no meaning for ltcp yet; ignored",
 }

@@ -11,14 +11,13 @@ bounded queue and then are dropped and counted, by lines; the reactors never
 wait.  ``reopen()`` (SIGUSR1) starts a new file where logrotate moved the old.
 """
 
-import datetime
-import json
 import logging
 import os
 import queue
 import sys
 import threading
 import time
+from json.encoder import encode_basestring_ascii
 
 from .names import display_address
 
@@ -32,23 +31,53 @@ CHUNK_BYTES = 64 * 1024
 MAX_QUEUED = 256  # chunks waiting for the disk: at most about 16 MB, then lines are dropped
 
 
-def _when(epoch_seconds):
-    return (datetime.datetime.fromtimestamp(epoch_seconds, datetime.timezone.utc)
-            .isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+def _quote(value):
+    """A JSON string (ASCII, escaped by the C encoder), or null."""
+    return "null" if value is None else encode_basestring_ascii(value)
 
 
-def _json_line(fields):
-    return json.dumps(fields) + "\n"
+def _json_line(start, duration_ms, origin, client, envelope, endpoint, from_client, to_client, end):
+    # Built by hand rather than by json.dumps of a dict: this runs once per stream on the reactor.
+    # (Addresses, times, versions and causes are ASCII without quotes; names are escaped.)
+    router, server = origin
+    endpoint = f'"{endpoint}"' if endpoint else "null"
+    return (f'{{"start": "{start}", "duration_ms": {duration_ms}, "router": {_quote(router)}, '
+            f'"server": "{server}", "client": "{client}", "sni": {_quote(envelope.server_name)}, '
+            f'"tls": {_quote(envelope.tls_version)}, "client_identity": {_quote(envelope.client_identity)}, '
+            f'"dst": {_quote(envelope.dst_name)}, "endpoint": {endpoint}, '
+            f'"bytes_from_client": {from_client}, "bytes_to_client": {to_client}, "end": "{end}"}}\n')
 
 
-def _text_line(fields):
+def _text_line(start, duration_ms, origin, client, envelope, endpoint, from_client, to_client, end):
     """``START DURATIONms ROUTER SERVER <- CLIENT sni=.. tls=.. identity=.. DST -> ENDPOINT in=N out=N END``."""
-    def show(value):
-        return "-" if value is None else str(value)
-    return (f"{fields['start']} {fields['duration_ms']}ms {fields['router']} {fields['server']} <- "
-            f"{fields['client']} sni={show(fields['sni'])} tls={show(fields['tls'])} "
-            f"identity={show(fields['client_identity'])} {fields['dst']} -> {show(fields['endpoint'])} "
-            f"in={fields['bytes_from_client']} out={fields['bytes_to_client']} {fields['end']}\n")
+    router, server = origin
+    return (f"{start} {duration_ms}ms {router} {server} <- {client} sni={envelope.server_name or '-'} "
+            f"tls={envelope.tls_version or '-'} identity={_printable(envelope.client_identity)} "
+            f"{envelope.dst_name} -> {endpoint or '-'} in={from_client} out={to_client} {end}\n")
+
+
+def _printable(identity):
+    """A client identity on a text line: one token, never a line break (it comes from a certificate)."""
+    if identity is None:
+        return "-"
+    return identity if identity.isprintable() and " " not in identity else encode_basestring_ascii(identity)
+
+
+class _Clock:
+    """RFC 3339 times in UTC with milliseconds, formatting each second's date and time once."""
+
+    __slots__ = ("second", "prefix")
+
+    def __init__(self):
+        self.second = None
+        self.prefix = ""
+
+    def format(self, epoch_seconds):
+        second = int(epoch_seconds)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.prefix}.{int((epoch_seconds - second) * 1000):03d}Z"
 
 
 class StreamLog:
@@ -67,18 +96,17 @@ class StreamLog:
         self.lines = 0  # lines made
         self.dropped = 0  # lines the sink refused
         self.timer = None
+        self.clock = _Clock()
 
-    def record(self, router, server, envelope, endpoint, from_client, to_client, end):
-        """One stream has ended: its line (``endpoint`` None if it never connected)."""
-        now = self.reactor.now
-        took = now - envelope.accepted_at
-        source = envelope.source
-        line = self.format({
-            "start": _when(time.time() - took), "duration_ms": round(took * 1000, 3), "router": router,
-            "server": server, "client": display_address(source),
-            "sni": envelope.server_name, "tls": envelope.tls_version, "client_identity": envelope.client_identity,
-            "dst": envelope.dst_name, "endpoint": endpoint, "bytes_from_client": from_client,
-            "bytes_to_client": to_client, "end": end})
+    def record(self, origin, envelope, endpoint, from_client, to_client, end):
+        """One stream has ended: its line.
+
+        ``origin`` is (router label, listening address); ``endpoint`` an
+        address, or None if the stream never connected.
+        """
+        took = self.reactor.now - envelope.accepted_at
+        line = self.format(self.clock.format(time.time() - took), f"{took * 1000:.3f}", origin,
+                           display_address(envelope.source), envelope, endpoint, from_client, to_client, end)
         self.pending.append(line)
         self.size += len(line)
         self.lines += 1

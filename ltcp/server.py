@@ -134,6 +134,7 @@ class Listener:
         self.access_log = access_log  # an accesslog.StreamLog, or None
         self.address = None  # (ip, port) actually bound
         self.family = None  # the listening socket's, as a plain int
+        self.origin = None  # (router label, address shown): how the access log names this server
         self.listening = False
         self.closed = False
         self.pause_timer = None
@@ -165,6 +166,7 @@ class Listener:
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]
         self.family = int(self.sock.family)  # (the property builds an enum on every read)
+        self.origin = (self.label, self.display_address)
         self._listen()
         if opened:  # (a supervisor says it once for all its workers)
             log.info("router %s listening on %s for %s", self.label, self.display_address, self.config.dst_name)
@@ -307,7 +309,7 @@ class Listener:
     def _logged(self, envelope, endpoint, from_client, to_client, end):
         """The stream's access log line, if there is a log (``endpoint``: an address, or None)."""
         if self.access_log is not None:
-            self.access_log.record(self.label, self.display_address, envelope, endpoint, from_client, to_client, end)
+            self.access_log.record(self.origin, envelope, endpoint, from_client, to_client, end)
 
     def _stream_ended(self):
         self.active -= 1

@@ -8,8 +8,10 @@ import socket
 import ssl
 import threading
 
+import hypothesis.strategies as st
 import pytest
 import trustme
+from hypothesis import given
 from netutil import (LtcpProcess, closed_without_data, echo, recv_exactly, refused_port, static_config,
                      wait_for)
 
@@ -168,3 +170,22 @@ def test_workers_share_one_file_whole_lines_and_sigusr1_reopens_it(backends, tmp
         assert len(rotated.read_text().splitlines()) == 400
     finally:
         ltcp.stop()
+
+
+class _Envelope:
+    def __init__(self, server_name, tls_version, client_identity, dst_name):
+        self.server_name, self.tls_version, self.client_identity, self.dst_name = (
+            server_name, tls_version, client_identity, dst_name)
+
+
+@given(st.one_of(st.none(), st.text()), st.one_of(st.none(), st.text()), st.text(min_size=1), st.text())
+def test_json_lines_stay_one_valid_object_whatever_the_names(sni, identity, dst, router):
+    envelope = _Envelope(sni, "TLSv1.3", identity, dst)
+    line = accesslog._json_line("2026-11-28T09:00:00.000Z", 1.5, (router, "127.0.0.1:1"), "[::1]:2", envelope,
+                                None, 3, 4, "done")
+    assert line.endswith("\n") and line.count("\n") == 1
+    fields = json.loads(line)
+    assert (fields["sni"], fields["client_identity"], fields["dst"], fields["router"]) == (sni, identity, dst, router)
+    text = accesslog._text_line("t", 1.5, (router, "s"), "c", envelope, None, 3, 4, "done")
+    if "\n" not in dst + router and (sni is None or "\n" not in sni):
+        assert text.count("\n") == 1  # the identity never breaks a line

@@ -1,5 +1,7 @@
 """The admin server: metrics, live state, shutdown.
 
+    GET  /               the dashboard: a page that polls /api/v1/state
+    GET  /api/v1/state   /routers.json's content plus the instance (workers, uptime, reloads, memory)
     GET  /metrics        Prometheus text exposition
     GET  /routers.json   routers, servers, destinations and endpoints, live
     POST /reload         re-read the configuration file (as SIGHUP does)
@@ -22,6 +24,7 @@ curl send neither header and are served.
 """
 
 import concurrent.futures
+import importlib.resources
 import ipaddress
 import json
 import logging
@@ -34,7 +37,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from .httpd import HttpServer, Response, plain
 from .names import display_address
-from .metrics import LtcpCollector, ProcessCollector, on_reactor
+from . import __version__
+from .metrics import LtcpCollector, ProcessCollector, on_reactor, resident_bytes
 from .snapshot import MAX_LISTED_ENDPOINTS, routers_json, snapshot
 
 __all__ = ["AdminServer", "ReactorView", "exposure_warning", "refusal"]
@@ -121,6 +125,7 @@ class ReactorView:
 
     def __init__(self, app):
         self.app = app
+        self.started_at = time.time()
 
     def snapshot(self, listed=0):
         return on_reactor(self.app.reactor, lambda: snapshot(self.app, listed))
@@ -130,6 +135,11 @@ class ReactorView:
 
     def families(self):
         return []
+
+    def instance(self):
+        return {"version": __version__, "pid": os.getpid(), "started": self.started_at,
+                "uptime_secs": time.time() - self.started_at, "workers": [], "reloads": {}, "restarts": 0,
+                "draining": self.app.draining, "rss_bytes": resident_bytes(os.getpid())}
 
     def drain(self):
         self.app.request_drain()
@@ -151,7 +161,12 @@ class AdminServer:
         self.registry.register(ProcessCollector())  # process_*: the names dashboards expect
         self._metrics = _Cached(lambda: generate_latest(self.registry))
         self._routers = _Cached(lambda: json.dumps(view.routers(), indent=2).encode() + b"\n")
-        self._routes = {"/metrics": ("GET", self._get_metrics), "/routers.json": ("GET", self._get_routers),
+        self._state = _Cached(self._render_state)
+        self._routes = {"/": ("GET", _asset("index.html", "text/html; charset=utf-8")),
+                        "/dashboard.js": ("GET", _asset("dashboard.js", "text/javascript; charset=utf-8")),
+                        "/dashboard.css": ("GET", _asset("dashboard.css", "text/css; charset=utf-8")),
+                        "/api/v1/state": ("GET", self._get_state),
+                        "/metrics": ("GET", self._get_metrics), "/routers.json": ("GET", self._get_routers),
                         "/reload": ("POST", self._reload), "/shutdown": ("POST", self._shutdown),
                         "/abort": ("POST", self._abort)}
         self._http = HttpServer((config.ip, config.port), self.handle, name="admin")
@@ -194,6 +209,17 @@ class AdminServer:
     def _get_routers(self):
         return Response(200, self._routers.get(), content_type="application/json")
 
+    def _render_state(self):
+        data = self.view.snapshot(MAX_LISTED_ENDPOINTS)
+        instance = self.view.instance()
+        if "workers" in data:  # (a supervisor's: each worker with its streams)
+            instance["workers"] = data["workers"]
+        return json.dumps({"time": time.time(), "instance": instance, **routers_json(data)}).encode()
+
+    def _get_state(self):
+        return Response(200, self._state.get(), content_type="application/json",
+                        headers=[("Cache-Control", "no-store")])
+
     def _reload(self):
         log.info("reload requested through the admin server")
         ok, message = self.view.reload()
@@ -207,6 +233,23 @@ class AdminServer:
     def _abort(self):
         log.warning("abort requested through the admin server: exiting now")
         return Response(200, b"aborting\n", after=self.view.abort)
+
+
+# The page and its assets only read; whatever they display arrives as JSON and is set as text.
+_PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                                "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+)
+
+
+def _asset(name, content_type):
+    """A handler serving one file of the dashboard (package data, read once)."""
+    body = importlib.resources.files(__package__).joinpath("dashboard", name).read_bytes()
+    response = Response(200, body, content_type=content_type, headers=_PAGE_HEADERS)
+    return lambda: response
 
 
 def exit_now(status=1):

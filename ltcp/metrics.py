@@ -197,3 +197,12 @@ class ProcessCollector:
 
 def _open_descriptors():
     return os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
+
+
+def resident_bytes(pid):
+    """A process's resident memory, from /proc; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return 0

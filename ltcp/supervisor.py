@@ -44,7 +44,8 @@ from .control import Framer, encode, update_frame
 from .fanout import Hub
 from .health import checked
 from .interpreter import build
-from .metrics import supervisor_families
+from . import __version__
+from .metrics import resident_bytes, supervisor_families
 from . import launch, notify
 from .names import display_address
 from .reload import listener_key, listeners, plan
@@ -234,6 +235,7 @@ class Supervisor:
         self.admin = None
         self.admin_port = 0  # the admin port before an upgrade
         self.access_log = None  # accesslog.FileWriter: every worker's lines go through it
+        self.started_at = time.time()
 
     # -- starting ----------------------------------------------------------
 
@@ -828,6 +830,15 @@ class Supervisor:
             states = [w.state for w in self._all_workers_locked()]
         return supervisor_families({"workers": states, "restarts": self.restarts, "reloads": dict(self.reloads),
                                     "last_reload_success": self.last_reload_success})
+
+    def instance(self):
+        """What the dashboard shows of the instance itself."""
+        with self.lock:
+            workers = [w.describe() for w in self._all_workers_locked() if w.exit_code is None]
+        return {"version": __version__, "pid": os.getpid(), "started": self.started_at,
+                "uptime_secs": time.time() - self.started_at, "workers": workers, "reloads": dict(self.reloads),
+                "restarts": self.restarts, "draining": self.stopping,
+                "rss_bytes": resident_bytes(os.getpid()) + sum(resident_bytes(w["pid"]) for w in workers)}
 
     def _all_workers_locked(self):
         return [w for g in self.generations for w in g.workers.values()]

@@ -1,0 +1,116 @@
+"""The dashboard at GET / on the admin port, rendered by a real browser (headless Chromium)."""
+
+import json
+import os
+import time
+import urllib.request
+
+import pytest
+from browser import Browser, chromium
+from netutil import LtcpProcess, named, recv_exactly, refused_port, wait_for
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(chromium() is None,
+                                 reason="chromium is not installed (apt-get install chromium; .ci/run does)")]
+
+HOSTILE = "/svc/<img src=x onerror=document.title='owned'>"
+
+# What the page shows, read back from its DOM: routers, destinations, and each endpoint's state.
+READ_PAGE = """(() => !document.getElementById("instance") ? {updates: 0} : ({
+  updates: Number(document.body.dataset.updates || 0),
+  title: document.title,
+  images: document.querySelectorAll("img").length,
+  routers: [...document.querySelectorAll("section.router")].map((r) => r.dataset.label),
+  servers: [...document.querySelectorAll("section.router > table td:first-child")].map((td) => td.textContent),
+  destinations: Object.fromEntries([...document.querySelectorAll("section.destination")].map((d) => [
+    d.querySelector("h3").textContent,
+    Object.fromEntries([...d.querySelectorAll("table tr")].filter((tr) => tr.cells[0].tagName === "TD").map((tr) =>
+      [tr.cells[0].textContent, tr.cells[2].textContent]))])),
+  instance: document.getElementById("instance").textContent,
+}))()"""
+
+
+@pytest.fixture
+def browser():
+    started = Browser()
+    yield started
+    started.close()
+
+
+def page(browser, condition, message):
+    """What the page shows, once ``condition(shown)`` holds."""
+    shown = {}
+
+    def check():
+        shown.update(browser.evaluate(READ_PAGE) or {})
+        return shown.get("updates") and condition(shown)
+
+    wait_for(check, timeout=30, interval=0.2, message=message)
+    return shown
+
+
+def test_the_dashboard_shows_the_routers_state_and_follows_discovery(browser, backends, tmp_path):
+    live, later = backends(named("live")), backends(named("later"))
+    holder, dead_port = refused_port()
+    disco = tmp_path / "disco"
+    disco.mkdir()
+    (disco / "a").write_text(f"127.0.0.1 {live.port}\n127.0.0.1 {dead_port}\n")
+    ltcp = LtcpProcess({
+        "workers": 2,
+        "admin": {"port": 0},
+        "routers": [
+            {"label": "files", "interpreter": {"kind": "io.l5d.fs", "rootDir": str(disco), "periodSecs": 0.1},
+             "client": {"failFast": {"maxConsecutiveFailures": 1}},
+             "servers": [{"port": 0, "dstName": "/svc/a"}]},
+            {"label": "odd", "interpreter": {"kind": "io.l5d.static", "names": {HOSTILE: [live.addr]}},
+             "servers": [{"port": 0, "dstName": HOSTILE}]},
+        ]})
+    try:
+        for index in (0, 0, 0, 0, 1):  # the dead endpoint fails once (and is ejected); every stream still ends well
+            with ltcp.connect(index) as conn:
+                assert recv_exactly(conn, 5) == b"live\n"
+        browser.open(ltcp.admin + "/")
+        shown = page(browser, lambda s: s["destinations"].get("/svc/a", {}).get(f"127.0.0.1:{dead_port}") == "failed",
+                     "the failed endpoint shown as failed")
+        assert shown["routers"] == ["files", "odd"]
+        assert [f"127.0.0.1:{port}" for port in ltcp.ports] == shown["servers"]
+        assert shown["destinations"]["/svc/a"][live.addr] == "available"
+        assert "serving: 2" in shown["instance"]
+        # A name a client could have chosen is text, never markup.
+        assert shown["destinations"][HOSTILE] == {live.addr: "available"}
+        assert shown["images"] == 0 and shown["title"] == "ltcp"
+
+        (disco / "a.new").write_text(f"127.0.0.1 {live.port}\n127.0.0.1 {dead_port}\n127.0.0.1 {later.port}\n")
+        os.rename(disco / "a.new", disco / "a")
+        before = shown["updates"]
+        shown = page(browser, lambda s: later.addr in s["destinations"].get("/svc/a", {}),
+                     "the new endpoint appears without reloading the page")
+        assert shown["updates"] > before and shown["destinations"]["/svc/a"][later.addr] == "available"
+        if os.environ.get("LTCP_DASHBOARD_SCREENSHOT"):  # (how the README's picture is made)
+            browser.screenshot(os.environ["LTCP_DASHBOARD_SCREENSHOT"])
+    finally:
+        ltcp.stop()
+        holder.close()
+
+
+def test_the_page_only_reads_and_forbids_inline_script(tmp_path):
+    ltcp = LtcpProcess({"admin": {"port": 0}, "routers": [{
+        "label": "r", "interpreter": {"kind": "io.l5d.static", "names": {}},
+        "servers": [{"port": 0, "dstName": "/svc/a"}]}]})
+    try:
+        with urllib.request.urlopen(ltcp.admin + "/", timeout=10) as response:
+            policy = response.headers["Content-Security-Policy"]
+            html = response.read().decode()
+        assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+        assert "<script src=\"/dashboard.js\"" in html and "http" not in html.split("<body>")[0]  # no CDN
+        started = time.time()
+        with urllib.request.urlopen(ltcp.admin + "/api/v1/state", timeout=10) as response:
+            state = json.load(response)
+        assert state["routers"][0]["label"] == "r" and state["time"] >= started - 1
+        assert state["instance"]["workers"][0]["state"] == "serving" and state["instance"]["rss_bytes"] > 0
+        request = urllib.request.Request(ltcp.admin + "/", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 405
+    finally:
+        ltcp.stop()

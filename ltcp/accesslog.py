@@ -51,16 +51,16 @@ def _json_line(start, duration_ms, origin, client, envelope, endpoint, from_clie
 def _text_line(start, duration_ms, origin, client, envelope, endpoint, from_client, to_client, end):
     """``START DURATIONms ROUTER SERVER <- CLIENT sni=.. tls=.. identity=.. DST -> ENDPOINT in=N out=N END``."""
     router, server = origin
-    return (f"{start} {duration_ms}ms {router} {server} <- {client} sni={envelope.server_name or '-'} "
+    return (f"{start} {duration_ms}ms {router} {server} <- {client} sni={_printable(envelope.server_name)} "
             f"tls={envelope.tls_version or '-'} identity={_printable(envelope.client_identity)} "
-            f"{envelope.dst_name} -> {endpoint or '-'} in={from_client} out={to_client} {end}\n")
+            f"{_printable(envelope.dst_name)} -> {endpoint or '-'} in={from_client} out={to_client} {end}\n")
 
 
-def _printable(identity):
-    """A client identity on a text line: one token, never a line break (it comes from a certificate)."""
-    if identity is None:
+def _printable(name):
+    """A name on a text line: one token, never a line break (names may come from clients)."""
+    if name is None:
         return "-"
-    return identity if identity.isprintable() and " " not in identity else encode_basestring_ascii(identity)
+    return name if name.isprintable() and " " not in name else encode_basestring_ascii(name)
 
 
 class _Clock:
@@ -145,6 +145,7 @@ class FileWriter:
         self.dropped = 0  # lines: the queue was full, or a write failed
         self._queue = queue.Queue(MAX_QUEUED)
         self._reopen = threading.Event()
+        self._closed = False
         self._lock = threading.Lock()  # the counts
         self._fd = self._open()  # (here, so a path that cannot be opened is an error at start)
         self._thread = threading.Thread(target=self._run, name="ltcp-access-log", daemon=True)
@@ -156,22 +157,28 @@ class FileWriter:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
     def submit(self, data, lines):
-        """Queue a chunk of whole lines (any thread); False, and counted, if the queue is full."""
-        try:
-            self._queue.put_nowait((data, lines))
-            return True
-        except queue.Full:
-            with self._lock:
-                self.dropped += lines
-            return False
+        """Queue a chunk of whole lines (any thread); False, and counted, if the queue is full or closed."""
+        if not self._closed:
+            try:
+                self._queue.put_nowait((data, lines))
+                return True
+            except queue.Full:
+                pass
+        with self._lock:
+            self.dropped += lines
+        return False
 
     def reopen(self):
         """Open the path afresh before the next write (logrotate has moved the file)."""
         self._reopen.set()
-        self._queue.put((b"", 0))  # wake the thread even when nothing is being logged
+        try:
+            self._queue.put_nowait((b"", 0))  # wake the thread even when nothing is being logged
+        except queue.Full:
+            pass  # (then it is busy, and sees the flag before its next write)
 
     def close(self, timeout=2.0):
         """Write what is queued (for up to ``timeout``), then stop."""
+        self._closed = True
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:
@@ -187,6 +194,7 @@ class FileWriter:
 
     def _run(self):
         failing = False
+        torn = False  # a write failed part way: the file ends inside a line
         while True:
             item = self._queue.get()
             if item is None:
@@ -195,10 +203,16 @@ class FileWriter:
                 self._reopen.clear()
                 self._swap()
             data, lines = item
+            if not data:
+                continue
             try:
+                if torn:
+                    os.write(self._fd, b"\n")
+                    torn = False
                 view = memoryview(data)
                 while view:
                     view = view[os.write(self._fd, view):]
+                    torn = bool(view)
                 failing = False
                 with self._lock:
                     self.written += lines

@@ -436,7 +436,8 @@ class Dial(Registration):
         preface = None
         if balancer.proxy_header is not None:
             envelope = self.envelope
-            tls = envelope.tls_version and (envelope.tls_version, envelope.client_identity, envelope.server_name)
+            tls = envelope.tls_version and (envelope.tls_version, envelope.client_certified, envelope.client_identity,
+                                            envelope.server_name)
             destination = envelope.destination or self.client.getsockname()[:2]
             preface = balancer.proxy_header(envelope.source, destination, tls or None)
         self.state = self.state.moves["connect"]

@@ -193,10 +193,10 @@ class Intake(Registration):
             self.want(waiting)
             return
         envelope = self.envelope
-        envelope.server_name = self.listener.tls.server_name(self.client)
+        server_name = self.listener.tls.server_name(self.client)
         envelope.tls_version = self.client.version()
-        envelope.client_identity = tls.client_identity(self.client)
-        self._route(*tls.routing_name(envelope.server_name))
+        envelope.client_identity, envelope.client_certified = tls.client_identity(self.client)
+        self._route_by(server_name)
 
     def _peek_hello(self):
         data = self._peek(tls.HELLO_WINDOW)
@@ -211,11 +211,16 @@ class Intake(Registration):
         if hello.status == tls.NEED_MORE:
             self._incomplete("closed")
         elif hello.status == tls.HELLO:
-            self.envelope.server_name = hello.server_name
-            self._route(*tls.routing_name(hello.server_name))
+            self._route_by(hello.server_name)
         else:
             self.failure = hello.reason
             self._route(None, hello.status)
+
+    def _route_by(self, server_name):
+        """Route by a client's SNI; only a valid name is kept (for logs and PROXY headers), never raw bytes."""
+        name, cause = tls.routing_name(server_name)
+        self.envelope.server_name = name
+        self._route(name, cause)
 
     def _route(self, server_name, cause="no_sni"):
         """Fill in the destination and start dialing; without a usable name, fall back or fail.

@@ -1,32 +1,28 @@
 """Starting ltcp again in a fresh interpreter: workers, and an upgrade's check and exec.
 
-ltcp may have been loaded from a pip-installed package, a source checkout or
-a zip (``ltcp.pyz``, with its dependencies inside).  The new interpreter gets
-the directory or zip holding the ``ltcp`` package first on its path, and this
-interpreter's site flags (``-S``; ``-I`` becomes ``-s``, since an isolated
-interpreter would ignore that path), so a zip run on a bare ``python3 -I -S``
-starts workers that import only what the zip holds.
+ltcp may have been installed (pip, a source checkout) or may run from a zip
+application (``ltcp.pyz``, its dependencies inside).  Installed, ``python -m``
+finds it as this interpreter did, with this interpreter's site flags.  From a
+zip, the new interpreter is isolated (``-I``: no current directory, no
+environment, no user site on its path) and a bootstrap puts the zip first on
+its path, so it imports only what the zip holds, wherever it is started from.
 """
 
 import os
 import sys
 
-__all__ = ["ROOT", "environment", "python"]
+__all__ = ["ROOT", "ZIPPED", "python_module"]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (a directory, or the .pyz itself)
-
-
-def python(*args):
-    """The argv of ``python ARGS`` run as this interpreter was."""
-    flags = []
-    if sys.flags.no_site:
-        flags.append("-S")
-    if sys.flags.no_user_site or sys.flags.isolated:
-        flags.append("-s")
-    return [sys.executable, *flags, *args]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a directory, or the .pyz itself
+ZIPPED = os.path.isfile(ROOT)
 
 
-def environment(**extra):
-    """This process's environment with ltcp's home first on ``PYTHONPATH``, plus ``extra``."""
-    rest = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry and entry != ROOT]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *rest]), **extra}  # (once, upgrade after upgrade)
+def python_module(module, *args):
+    """The argv of ``python -m MODULE ARGS`` for this ltcp."""
+    site = ["-S"] if sys.flags.no_site else []
+    if ZIPPED:
+        boot = (f"import runpy, sys; sys.path.insert(0, {ROOT!r}); "
+                f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+        return [sys.executable, "-I", *site, "-c", boot, *args]
+    isolation = ["-I"] if sys.flags.isolated else ["-s"] if sys.flags.no_user_site else []
+    return [sys.executable, *isolation, *site, "-m", module, *args]

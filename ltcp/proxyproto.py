@@ -126,7 +126,7 @@ def build_v1(source, destination, tls=None):
 def build_v2(source, destination, tls=None):
     """A v2 PROXY-command header for a TCP stream (UNSPEC if the families differ).
 
-    ``tls``, for a stream whose TLS ltcp terminated, is ``(version,
+    ``tls``, for a stream whose TLS ltcp terminated, is ``(version, certified,
     client_identity, server_name)`` (the last two may be None); it is passed on
     as the specification's TLVs: ``PP2_TYPE_AUTHORITY`` (0x02) with the SNI, and
     ``PP2_TYPE_SSL`` (0x20) with ``PP2_SUBTYPE_SSL_VERSION`` (0x21) and, for a
@@ -150,9 +150,9 @@ def _tlv(kind, value):
     return bytes([kind]) + len(value).to_bytes(2, "big") + value
 
 
-def _tls_tlvs(version, identity, server_name):
-    client = PP2_CLIENT_SSL | (PP2_CLIENT_CERT_CONN if identity else 0)
-    ssl = bytes([client]) + (0 if identity else 1).to_bytes(4, "big")  # verify: 0 = a certificate, verified
+def _tls_tlvs(version, certified, identity, server_name):
+    client = PP2_CLIENT_SSL | (PP2_CLIENT_CERT_CONN if certified else 0)
+    ssl = bytes([client]) + (0 if certified else 1).to_bytes(4, "big")  # verify: 0 = a certificate, verified
     ssl += _tlv(PP2_SUBTYPE_SSL_VERSION, (version or "").encode("ascii", "replace"))
     if identity:
         ssl += _tlv(PP2_SUBTYPE_SSL_CN, identity.encode("utf-8", "replace")[:1024])

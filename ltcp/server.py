@@ -35,7 +35,7 @@ class Envelope:
     """What is known about a stream when it is accepted, and the limits it runs under."""
 
     __slots__ = ("source", "destination", "dst_name", "accepted_at", "connect_deadline", "lifetime",
-                 "idle_timeout", "server_name", "tls_version", "client_identity")
+                 "idle_timeout", "server_name", "tls_version", "client_identity", "client_certified")
 
     def __init__(self, source, dst_name, accepted_at, connect_deadline, lifetime, idle_timeout):
         self.source = source  # (ip, port) of the client, from a PROXY header if one was read
@@ -48,6 +48,7 @@ class Envelope:
         self.server_name = None  # the SNI of a terminated TLS stream
         self.tls_version = None  # of a terminated TLS stream ("TLSv1.3")
         self.client_identity = None  # from a verified client certificate (see tls.client_identity)
+        self.client_certified = False  # the client presented a certificate the handshake verified
 
     def __repr__(self):
         return f"<Envelope {self.source} -> {self.dst_name}>"
@@ -158,6 +159,8 @@ class Listener:
                         or access_log is not None)
         self.tls = tls.server_context(config.tls, names_wanted) if config.tls else None
         self._intake = bool(config.proxy_protocol or config.tls or "{sni}" in config.dst_name)
+        # A name with placeholders is no name until the intake fills it in (logs show none meanwhile).
+        self._dst_name = None if "{" in config.dst_name else config.dst_name
 
     def start(self):
         opened = self.sock is None
@@ -243,8 +246,7 @@ class Listener:
         self.active += 1
         self.budget.acquire()
         now = self.reactor.now
-        dst_name = self.config.dst_name
-        envelope = Envelope(source, dst_name, now, now + self._connect_timeout, self._lifetime, self._idle)
+        envelope = Envelope(source, self._dst_name, now, now + self._connect_timeout, self._lifetime, self._idle)
         if self._intake:
             intake = Intake(self, client, envelope)
             self.dials.add(intake)

@@ -271,18 +271,25 @@ class Supervisor:
             self._hand_over(previous, config)
         notify.ready(self._status())
 
-    def _configure_access_log(self, config):
-        """Write the access log where ``config`` says (OSError if it cannot be opened: nothing changes then)."""
+    def _open_access_log(self, config):
+        """(changed, writer): a writer for ``config``'s access log when it is not the one in use (OSError if
+        it cannot be opened); ``_use_access_log`` puts it in place."""
         wanted = config.access_log.path if config.access_log else None
-        current = self.access_log.path if self.access_log else None
-        if wanted == current:
-            return
-        writer = FileWriter(wanted) if wanted else None
-        if self.access_log is not None:
-            self.access_log.close()
-        self.access_log = writer
-        if wanted:
-            log.info("access log: %s", "standard error" if wanted == "-" else wanted)
+        if wanted == (self.access_log.path if self.access_log else None):
+            return False, None
+        return True, FileWriter(wanted) if wanted else None
+
+    def _use_access_log(self, writer):
+        old, self.access_log = self.access_log, writer
+        if old is not None:
+            old.close()
+        if writer is not None:
+            log.info("access log: %s", "standard error" if writer.path == "-" else writer.path)
+
+    def _configure_access_log(self, config):
+        changed, writer = self._open_access_log(config)
+        if changed:
+            self._use_access_log(writer)
 
     def _next_number(self):
         with self.lock:
@@ -341,9 +348,8 @@ class Supervisor:
     def _spawn(self, generation, slot):
         parent, child = socket.socketpair()
         fds = {key: self.sockets[key].fileno() for key in listeners(generation.config)}
-        proc = subprocess.Popen(launch.python("-m", "ltcp.worker", str(child.fileno()), *self.logging_args),
-                                pass_fds=[child.fileno(), *fds.values()], stdin=subprocess.DEVNULL,
-                                env=launch.environment())
+        proc = subprocess.Popen(launch.python_module("ltcp.worker", str(child.fileno()), *self.logging_args),
+                                pass_fds=[child.fileno(), *fds.values()], stdin=subprocess.DEVNULL)
         child.close()
         worker = WorkerProcess(slot, generation.number, proc.pid)
         worker.link = Link(parent, f"worker-{proc.pid}", lambda message: self._received(generation, worker, message),
@@ -573,6 +579,8 @@ class Supervisor:
 
     def _reload_announced(self):
         """``_reload``, with a service manager told before and after, whatever the outcome."""
+        if self.stopping:
+            return self._reload()  # (refused: nothing to announce)
         notify.reloading()
         try:
             return self._reload()
@@ -606,10 +614,16 @@ class Supervisor:
         problems = material_problems(config)
         if problems:
             return self._reload_failed(problems)
-        try:
-            self._configure_access_log(config)
+        try:  # opened now, used once the reload has succeeded
+            log_changed, log_writer = self._open_access_log(config)
         except OSError as exc:
             return self._reload_failed([f"accessLog: cannot open {config.access_log.path}: {exc.strerror}"])
+        outcome = self._reload_with(config, log_changed, log_writer)
+        if log_changed and log_writer is not None and self.access_log is not log_writer:
+            log_writer.close()  # the reload was refused: the old log goes on
+        return outcome
+
+    def _reload_with(self, config, log_changed, log_writer):
         old = self.current
         steps = plan(old.config, config)
         try:
@@ -627,6 +641,8 @@ class Supervisor:
             return self._reload_failed([problem])
         with self.lock:
             self.current = generation
+        if log_changed:
+            self._use_access_log(log_writer)
         self.restart_at.clear()
         self.crashes.clear()
         draining = list(old.workers.values())
@@ -673,8 +689,8 @@ class Supervisor:
         refused = self._not_now("upgrade")
         if refused:
             return refused
-        check = subprocess.run(launch.python("-m", "ltcp", "--check", self.path), capture_output=True,
-                               text=True, timeout=120, stdin=subprocess.DEVNULL, env=launch.environment())
+        check = subprocess.run(launch.python_module("ltcp", "--check", self.path), capture_output=True,
+                               text=True, timeout=120, stdin=subprocess.DEVNULL)
         if check.returncode != 0:
             lines = (check.stderr or check.stdout).strip().splitlines() or [f"exit status {check.returncode}"]
             return self._reload_failed([f"upgrade refused: the installed ltcp says: {line}" for line in lines[-5:]])
@@ -698,7 +714,7 @@ class Supervisor:
         for fd in handed:
             os.set_inheritable(fd, True)
         self.admin.close()
-        argv = launch.python("-m", "ltcp", *sys.argv[1:])
+        argv = launch.python_module("ltcp", *sys.argv[1:])
         log.info("upgrade: executing %s with %d listening sockets and %d workers", " ".join(argv),
                  len(self.sockets), len(workers))
         for handler in logging.getLogger().handlers:
@@ -711,7 +727,7 @@ class Supervisor:
             self.access_log.close()
             self.access_log = None
         try:
-            os.execve(sys.executable, argv, launch.environment(**{UPGRADE_ENV: str(carrier)}))
+            os.execve(sys.executable, argv, {**os.environ, UPGRADE_ENV: str(carrier)})
         except OSError as exc:
             for event in kept:
                 self.events.put(event)

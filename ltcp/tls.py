@@ -161,22 +161,29 @@ def routing_name(server_name):
 
 
 def client_identity(ssl_socket):
-    """The verified client certificate's identity: its first DNS or URI name, else its subject's CN; or None.
+    """(identity, certified): a verified client certificate's identity, and whether there was one.
 
-    Only a certificate the handshake verified is read (``getpeercert`` gives
-    nothing else), so the identity is as good as ``clientAuth.trustCerts``.
+    The identity is the first DNS or URI subject-alternative name; the
+    subject's CN only when the certificate has no alternative names at all
+    (as RFC 6125 has it: a certificate with, say, only an email name has no
+    identity here, whatever its CN says); else None.  Only a certificate the
+    handshake verified is read (``getpeercert`` gives nothing else), so the
+    identity is as good as ``clientAuth.trustCerts``.
     """
     cert = ssl_socket.getpeercert()
     if not cert:
-        return None
-    for kind, value in cert.get("subjectAltName", ()):
+        return None, False
+    names = cert.get("subjectAltName", ())
+    for kind, value in names:
         if kind in ("DNS", "URI"):
-            return value
+            return value, True
+    if names:
+        return None, True
     for rdn in cert.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
-                return value
-    return None
+                return value, True
+    return None, True
 
 
 MAX_IDENTITY = 253

@@ -346,7 +346,7 @@ def static_config(names, **server):
 class LtcpProcess:
     """``python -m ltcp -`` in a subprocess, configured through stdin, its log collected."""
 
-    def __init__(self, document, nofile=None, path=None, args=(), env=None, command=None):
+    def __init__(self, document, nofile=None, path=None, args=(), env=None, command=None, cwd=None):
         """``path``: write the configuration there and name it on the command line (it can be reloaded).
 
         ``args`` go on the command line before it; ``env`` adds to the environment; ``command``
@@ -361,7 +361,7 @@ class LtcpProcess:
         command = command or [sys.executable, "-m", "ltcp"]
         self.proc = subprocess.Popen([*command, *args, str(path or "-")], stdin=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, preexec_fn=limit,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, cwd=cwd)
         if not path:
             self.proc.stdin.write(yaml.safe_dump(document))
         self.proc.stdin.close()

@@ -37,10 +37,41 @@ def pki(tmp_path_factory):
     yesterday = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
     files["expired"] = write("expired", client_ca.issue_cert(
         "alice.example", not_before=yesterday - datetime.timedelta(days=30), not_after=yesterday))
-    # No DNS or URI name: the identity is the subject's CN, here one that would climb out of its segment.
-    files["hostile"] = write("hostile", client_ca.issue_cert("eve@example.com", common_name="../admin"))
-    files["cn_only"] = write("cn_only", client_ca.issue_cert("carol@example.com", common_name="carol"))
+    # No alternative names at all: the identity is the subject's CN, here one that would climb out of its
+    # segment.  With an email name only, the CN is not an identity (RFC 6125).
+    files["hostile"] = write("hostile", _cn_only(client_ca, "../admin"))
+    files["cn_only"] = write("cn_only", _cn_only(client_ca, "carol"))
+    files["email_only"] = write("email_only", client_ca.issue_cert("carol@example.com", common_name="carol"))
     return files
+
+
+class _Leaf:
+    """A certificate and key as trustme gives them (``write_to_path``), made by hand: trustme always adds names."""
+
+    def __init__(self, cert, key):
+        from cryptography.hazmat.primitives import serialization
+        self.cert_chain_pems = [trustme.Blob(cert.public_bytes(serialization.Encoding.PEM))]
+        self.private_key_pem = trustme.Blob(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def _cn_only(ca, common_name):
+    """A client certificate from ``ca`` with a subject CN and no subject-alternative names."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    issuer_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(issuer.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(issuer_key, hashes.SHA256()))
+    return _Leaf(cert, key)
 
 
 def mtls_config(pki, names, dst_name="/tenant/{client}", required=True, **server):
@@ -101,8 +132,11 @@ def test_a_hostile_identity_is_refused_and_counted(proxies, backends, pki):
         assert closed_without_data(conn)
     assert proxy.call(lambda: dict(proxy.listener.failures)) == {"bad_client": 1}
     assert admin.accepted == 0
-    with connect(proxy, pki, "cn_only") as conn:  # the CN is the identity when no DNS or URI name is given
+    with connect(proxy, pki, "cn_only") as conn:  # the CN is the identity when the certificate has no names
         assert recv_exactly(conn, 6) == b"admin\n"
+    with connect(proxy, pki, "email_only") as conn:  # an email name only: no identity, whatever the CN says
+        assert closed_without_data(conn)
+    assert proxy.call(lambda: dict(proxy.listener.failures)) == {"bad_client": 1, "no_client": 1}
 
 
 def test_without_required_a_client_with_no_certificate_goes_to_the_default(proxies, backends, pki):
@@ -181,7 +215,7 @@ def test_client_in_dst_name_needs_client_auth():
                                                  (("::1", 1000), ("::2", 443)),
                                                  (("10.0.0.1", 1000), ("::2", 443))])
 def test_a_header_with_tls_tlvs_reads_back_whole(source, destination):
-    header = build_v2(source, destination, ("TLSv1.3", "alice.example", "api.example"))
+    header = build_v2(source, destination, ("TLSv1.3", True, "alice.example", "api.example"))
     parsed = parse_header(header + b"payload")
     assert parsed.status == PARSED and parsed.length == len(header)
     if parsed.source is not None:

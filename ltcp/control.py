@@ -11,6 +11,8 @@ supervisor -> worker::
     ("update", label, name, addresses)       a watched name's endpoint set (None: resolves to nothing)
     ("snapshot", token, listed)              please answer with your snapshot
     ("drain",)                               stop accepting, finish streams within graceSecs, exit
+    ("pause",)                               an upgrade: answer ("paused",), then send nothing more...
+    ("resume",)                              ... until the new supervisor says so (on the same channel)
 
 worker -> supervisor::
 
@@ -105,6 +107,7 @@ class Channel:
         self.on_closed = on_closed
         self.framer = framer or Framer()  # one that may already hold the start of a frame
         self.outgoing = bytearray()
+        self.limit = None  # while held: how many bytes of ``outgoing`` may still be written
         self.closed = False
         sock.setblocking(False)
         reactor.register(sock, READ, self._ready)
@@ -114,7 +117,16 @@ class Channel:
             return
         writing = bool(self.outgoing)
         self.outgoing += encode(message)
-        if not writing:
+        if not writing and self.limit is None:
+            self._flush()
+
+    def hold(self):
+        """Write what is queued now, then nothing until ``release`` (the supervisor is being replaced)."""
+        self.limit = len(self.outgoing)
+
+    def release(self):
+        self.limit = None
+        if self.outgoing and not self.closed:
             self._flush()
 
     def _ready(self, mask):
@@ -143,8 +155,9 @@ class Channel:
             self.on_message(message)
 
     def _flush(self):
+        allowed = self.outgoing if self.limit is None else bytes(self.outgoing[:self.limit])
         try:
-            sent = self.sock.send(self.outgoing)
+            sent = self.sock.send(allowed) if allowed else 0
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -153,7 +166,10 @@ class Channel:
             self._close("write failed")
             return
         del self.outgoing[:sent]
-        self.reactor.modify(self.sock, READ | WRITE if self.outgoing else READ, self._ready)
+        if self.limit is not None:
+            self.limit -= sent
+        waiting = self.outgoing if self.limit is None else self.limit
+        self.reactor.modify(self.sock, READ | WRITE if waiting else READ, self._ready)
 
     def _close(self, why):
         if not self.closed:

@@ -61,6 +61,7 @@ READY_TIMEOUT = 30.0  # seconds for a new generation's workers to be serving
 SNAPSHOT_TIMEOUT = 5.0
 STABLE_SECS = 10.0  # a worker that ran this long had no start-up trouble: its next restart is immediate
 MAX_RESTART_DELAY = 30.0
+HAND_OVER_TIMEOUT = 2.0  # seconds an upgrade waits for each worker to pause its channel
 DRAIN_CONFIRM_TIMEOUT = 2.0  # seconds a reload waits for the old workers to confirm they stopped accepting
 KILL_MARGIN = 5.0  # seconds past graceSecs before a draining worker that has not exited is killed
 UPGRADE_ENV = "LTCP_UPGRADE"  # the descriptor of what an upgraded supervisor inherits (listeners, old workers)
@@ -132,10 +133,44 @@ class Link:
         self.on_message = on_message
         self.on_closed = on_closed
         self._queue = queue.SimpleQueue()
+        self._paused = threading.Event()  # the worker said ("paused",): the reader stopped at that frame
+        self._threads = ()
 
     def start(self):
-        threading.Thread(target=self._read, name=f"{self.name}-read", daemon=True).start()
-        threading.Thread(target=self._write, name=f"{self.name}-write", daemon=True).start()
+        self._paused.clear()
+        self._threads = (threading.Thread(target=self._read, name=f"{self.name}-read", daemon=True),
+                         threading.Thread(target=self._write, name=f"{self.name}-write", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def hand_over(self, timeout):
+        """Stop using the channel, at a frame boundary both ways, so that another process can take it
+        (an upgrade's new code); whether that worked in ``timeout`` seconds.
+
+        The worker answers ("paused",) and then holds what it would send; our
+        writer stops after sending the request, our reader after that answer.
+        """
+        self._queue.put(encode(("pause",)))
+        self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        reader, writer = self._threads
+        writer.join(timeout)
+        if not self._paused.wait(max(0.0, deadline - time.monotonic())):
+            return False
+        reader.join(max(0.0, deadline - time.monotonic()))
+        return not reader.is_alive() and not writer.is_alive()
+
+    def resume(self):
+        """Use the channel again (after ``hand_over``, in this process or the next): the worker may send."""
+        self._paused.clear()
+        reader = self._threads[0] if self._threads else None
+        if reader is None or not reader.is_alive():  # (one that did not stop keeps reading)
+            reader = threading.Thread(target=self._read, name=f"{self.name}-read", daemon=True)
+            reader.start()
+        writer = threading.Thread(target=self._write, name=f"{self.name}-write", daemon=True)
+        writer.start()
+        self._threads = (reader, writer)
+        self.send(("resume",))
 
     def send(self, message):
         """Queue a message, or a frame already encoded (``bytes``)."""
@@ -161,6 +196,9 @@ class Link:
         try:
             while data := self.sock.recv(1 << 20):
                 for message in framer.feed(data):
+                    if message == ("paused",):  # (the worker sends nothing after it)
+                        self._paused.set()
+                        return  # the channel stays open, for whoever takes it over
                     self.on_message(message)
         except ConnectionResetError:
             pass  # the worker was killed, or closed its end with our messages unread
@@ -168,10 +206,9 @@ class Link:
             log.warning("%s: control channel failed: %s", self.name, exc)
         except Exception:
             log.exception("%s: control message failed", self.name)
-        finally:
-            self._queue.put(None)
-            self.sock.close()  # first: a finished worker waits for it before exiting
-            self.on_closed()
+        self._queue.put(None)
+        self.sock.close()  # first: a finished worker waits for it before exiting
+        self.on_closed()
 
 
 class WorkerProcess:
@@ -368,10 +405,11 @@ class Supervisor:
         if kind == "ready":
             worker.state = "serving" if worker.state == "starting" else worker.state
             worker.ready.set()
-        elif kind == "subscribe":
-            generation.hubs[message[1]].subscribe(worker.link, message[2])
-        elif kind == "unsubscribe":
-            generation.hubs[message[1]].unsubscribe(worker.link, message[2])
+        elif kind in ("subscribe", "unsubscribe"):
+            hub = generation.hubs.get(message[1])
+            if hub is None:  # a worker of the code before an upgrade: it gets no discovery any more
+                return
+            (hub.subscribe if kind == "subscribe" else hub.unsubscribe)(worker.link, message[2])
         elif kind == "snapshot":
             future = worker.replies.pop(message[1], None)
             if future is not None:
@@ -705,11 +743,14 @@ class Supervisor:
         except concurrent.futures.TimeoutError:
             counted = self.departed
         workers = [w for w in self._live_workers() if w.exit_code is None]
+        # Each channel stops at a frame boundary, so the new code reads on where this one stopped
+        # (the workers hold their access log lines meanwhile).
+        paused = {w: w.link is not None and w.link.hand_over(HAND_OVER_TIMEOUT) for w in workers}
         state = {"listeners": {key: sock.fileno() for key, sock in self.sockets.items()},
-                 "workers": [(w.pid, _channel_fd(w), w.generation) for w in workers],
+                 "workers": [(w.pid, _channel_fd(w), w.generation, paused[w]) for w in workers],
                  "reloads": self.reloads, "restarts": self.restarts, "admin_port": self.admin.address[1],
                  "departed": _totals([counted]) if counted else None, "config": self.current.config}
-        handed = [*state["listeners"].values(), *(fd for _, fd, _ in state["workers"] if fd >= 0)]
+        handed = [*state["listeners"].values(), *(fd for _, fd, _, _ in state["workers"] if fd >= 0)]
         carrier = _carry(state)  # a memfd: no size limit, unlike the environment
         for fd in handed:
             os.set_inheritable(fd, True)
@@ -733,6 +774,9 @@ class Supervisor:
                 self.events.put(event)
             os.close(carrier)
             self._configure_access_log(self.current.config)
+            for worker in workers:
+                if worker.link is not None:
+                    worker.link.resume()
             for fd in handed:
                 os.set_inheritable(fd, False)
             self.admin = AdminServer(self, self._admin_config(self.current.config))
@@ -770,15 +814,23 @@ class Supervisor:
         self.restarts = state["restarts"]
         self.admin_port = state["admin_port"]
         self.departed = state["departed"]
-        previous = Generation(max((g for _, _, g in state["workers"]), default=0), state["config"], {})
+        previous = Generation(max((entry[2] for entry in state["workers"]), default=0), state["config"], {})
         previous.restartable = False
-        for slot, (pid, fd, number) in enumerate(state["workers"]):
+        for slot, (pid, fd, number, *paused) in enumerate(state["workers"]):  # (older code sent no flag)
+            paused = bool(paused and paused[0])
             worker = WorkerProcess(slot, number, pid)
             worker.state = "serving"
-            worker.channel = fd
             previous.workers[slot] = worker
-            threading.Thread(target=self._closed, args=(previous, worker, functools.partial(_wait_for_child, pid)),
-                             name=f"worker-{pid}-wait", daemon=True).start()
+            wait = functools.partial(_wait_for_child, pid)
+            if paused and fd >= 0:  # its channel stopped at a frame boundary: read on (access log, totals)
+                worker.link = Link(socket.socket(fileno=fd), f"worker-{pid}",
+                                   functools.partial(self._received, previous, worker),
+                                   functools.partial(self._closed, previous, worker, wait))
+                worker.link.resume()
+            else:  # (it did not answer in time: closing the channel is all that can be done with it)
+                worker.channel = fd
+                threading.Thread(target=self._closed, args=(previous, worker, wait),
+                                 name=f"worker-{pid}-wait", daemon=True).start()
         with self.lock:
             self.generations.append(previous)
         return previous

@@ -69,6 +69,11 @@ class Worker:
         elif kind == "drain":
             self.app.drain()
             self.send(("draining",))  # nothing is accepted here any more
+        elif kind == "pause":
+            self.send(("paused",))  # the last frame the old supervisor reads
+            self.channel.hold()
+        elif kind == "resume":
+            self.channel.release()
         else:
             log.warning("control channel: unknown message %r ignored", kind)
 

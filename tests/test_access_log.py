@@ -189,3 +189,50 @@ def test_json_lines_stay_one_valid_object_whatever_the_names(sni, identity, dst,
     text = accesslog._text_line("t", 1.5, (router, "s"), "c", envelope, None, 3, 4, "done")
     if "\n" not in router:  # (the router's label comes from the configuration, the rest may not)
         assert text.count("\n") == 1  # no name breaks a line
+
+
+@pytest.mark.timeout(120)
+def test_no_line_is_lost_across_an_upgrade(backends, tmp_path):
+    backend = backends(echo)
+    log_path = tmp_path / "access.log"
+    document = logged(static_config({"/svc/a": [backend.addr]}), log_path)
+    document["workers"] = 2
+    ltcp = LtcpProcess(document, path=tmp_path / "ltcp.yaml")
+    made, stop, errors = [0], threading.Event(), []
+
+    def load():
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", ltcp.port), timeout=10) as conn:
+                    conn.sendall(b"z" * 100)
+                    conn.shutdown(socket.SHUT_WR)
+                    assert recv_exactly(conn, 100) == b"z" * 100
+                made[0] += 1
+            except (OSError, AssertionError) as exc:
+                errors.append(exc)
+
+    try:
+        held = ltcp.connect()  # open across the upgrade: it ends on an old worker, while it drains
+        held.sendall(b"held")
+        assert recv_exactly(held, 4) == b"held"
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: made[0] > 50, message="load")
+        ltcp.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "upgrade: generation 2 serving" in ltcp.log, timeout=60, message="the upgrade")
+        count = made[0]
+        wait_for(lambda: made[0] > count + 50, message="load on the new workers")
+        stop.set()
+        for thread in threads:
+            thread.join()
+        held.shutdown(socket.SHUT_WR)
+        assert held.recv(10) == b""  # its old worker passed the end on: the stream is over
+        held.close()
+        assert errors == []
+        lines = read_lines(log_path, made[0] + 1, timeout=20)
+        assert len(lines) == made[0] + 1
+        assert sorted(line["bytes_to_client"] for line in lines)[:1] == [4]  # the held stream's line is there
+    finally:
+        stop.set()
+        ltcp.stop()

@@ -25,12 +25,13 @@ import errno
 import heapq
 import itertools
 import logging
-import queue
 import random
 import selectors
 import socket
 import threading
 import time
+
+from .mailbox import Mailbox
 
 __all__ = ["HealthChecked", "Target", "checked"]
 
@@ -103,12 +104,9 @@ class HealthChecked:
         self.settings_for = settings_for
         self.stats = interpreter.stats
         self.KIND = interpreter.KIND
-        self._commands = queue.SimpleQueue()
+        self._commands = Mailbox()  # (what, *arguments) for the checker thread
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._selector.register(self._commands, selectors.EVENT_READ)
         self._names = {}  # name -> _Name (checker thread only)
         self._targets = {}  # (ip, port, settings) -> Target (checker thread only)
         self._due = []  # (when, seq, target): a check to start or a deadline to enforce; stale ones skipped
@@ -142,15 +140,10 @@ class HealthChecked:
         if self._thread.is_alive():
             self._thread.join(2)
         self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._commands.close()
 
     def _command(self, *command):
         self._commands.put(command)
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a full pipe already wakes it; a closed one means it is gone
 
     # -- the checker thread ------------------------------------------------------------
 
@@ -167,8 +160,9 @@ class HealthChecked:
         now = time.monotonic()
         events = self._selector.select(self._sleep(now))
         for key, mask in events:
-            if key.fileobj is self._wake_r:
-                self._drain_commands()
+            if key.fileobj is self._commands:
+                for command in self._commands.take():
+                    getattr(self, "_on_" + command[0])(*command[1:])
             elif key.data.sock is key.fileobj:  # (a command of this batch may have ended that check)
                 self._progress(key.data, mask)
         now = time.monotonic()
@@ -191,19 +185,6 @@ class HealthChecked:
         wakes = [self._due[0][0]] if self._due else []
         wakes += [entry.hold_until for entry in self._held]
         return max(0.0, min(wakes) - now) if wakes else None
-
-    def _drain_commands(self):
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            getattr(self, "_on_" + command[0])(*command[1:])
 
     def _on_watch(self, name, deliver, settings):
         self._names[name] = _Name(name, deliver, settings)

@@ -27,6 +27,8 @@ import socket
 import threading
 import time
 
+from .mailbox import Mailbox
+
 __all__ = ["HttpError", "HttpServer", "Request", "Response", "parse_head", "parse_request", "plain"]
 
 log = logging.getLogger(__name__)
@@ -197,10 +199,7 @@ class HttpServer:
         self._selector = selectors.DefaultSelector()
         self._timed = collections.OrderedDict()  # _Connection -> None, reading or writing, by deadline
         self._requests = queue.Queue(MAX_QUEUED)  # complete requests for the handler threads
-        self._answers = queue.SimpleQueue()  # (connection, response, keep alive?) from the handler threads
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._answers = Mailbox()  # (connection, response, keep alive?) from the handler threads
         self._accepting_again = None  # monotonic time to resume accepting after EMFILE
         self._closing = False
         self._threads = [threading.Thread(target=self._serve, name=f"ltcp-{name}", daemon=True)]
@@ -209,13 +208,13 @@ class HttpServer:
 
     def start(self):
         self._selector.register(self.sock, selectors.EVENT_READ, self._accept)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._take_answers)
+        self._selector.register(self._answers, selectors.EVENT_READ, self._take_answers)
         for thread in self._threads:
             thread.start()
 
     def close(self):
         self._closing = True
-        self._wake()
+        self._answers.wake()
         for _ in self._threads[1:]:
             try:
                 self._requests.put_nowait(None)
@@ -224,9 +223,7 @@ class HttpServer:
         for thread in self._threads:
             thread.join(2)
         self._selector.close()
-        leftovers = list(self._timed)
-        while not self._answers.empty():
-            leftovers.append(self._answers.get()[0])
+        leftovers = list(self._timed) + [answer[0] for answer in self._answers.take()]
         while not self._requests.empty():
             item = self._requests.get()
             if item is not None:
@@ -234,14 +231,8 @@ class HttpServer:
         for connection in leftovers:
             connection.sock.close()
         self._timed.clear()
-        for sock in (self.sock, self._wake_r, self._wake_w):
-            sock.close()
-
-    def _wake(self):
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass  # full: the loop is awake anyway
+        self.sock.close()
+        self._answers.close()
 
     # -- the socket thread -------------------------------------------------------------
 
@@ -386,16 +377,7 @@ class HttpServer:
             after()
 
     def _take_answers(self):
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        while True:
-            try:
-                connection, response, keep_alive = self._answers.get_nowait()
-            except queue.Empty:
-                return
+        for connection, response, keep_alive in self._answers.take():
             self._respond(connection, response, keep_alive)
 
     def _resume_accepting(self):
@@ -430,4 +412,3 @@ class HttpServer:
                 log.exception("%s: handling %r failed", self.name, request)
                 response = plain(500, "internal error")
             self._answers.put((connection, response, request.keep_alive and response.status < 400))
-            self._wake()

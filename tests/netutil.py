@@ -101,6 +101,17 @@ def echo(conn):
     conn.shutdown(socket.SHUT_WR)
 
 
+def first_line(proxy):
+    """The first line the backend reached through ``proxy`` says (``named`` backends say their name)."""
+    with proxy.connect() as conn:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = conn.recv(100)
+            assert chunk, "closed before a backend answered"
+            line += chunk
+        return line.decode().strip()
+
+
 def named(name):
     """A handler that says its name first, then echoes."""
     def handler(conn):

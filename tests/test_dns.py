@@ -13,7 +13,7 @@ import hypothesis.strategies as st
 import pytest
 from dnsmasq import Dnsmasq
 from hypothesis import given
-from netutil import Backend, Deliveries, LtcpProcess, client_hello, closed_without_data, named, recv_exactly, wait_for
+from netutil import first_line, Backend, Deliveries, LtcpProcess, client_hello, closed_without_data, named, recv_exactly, wait_for
 
 from ltcp.interpreter.dnslookup import DnsInterpreter, Query, parse_name, refresh_delay, srv_addresses
 
@@ -140,22 +140,13 @@ def dns_config(server, dst_name, period=30, **interpreter):
     }
 
 
-def who_answers(proxy):
-    """The first line the backend reached through ``proxy`` says (its name)."""
-    with proxy.connect() as conn:
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = conn.recv(100)
-            assert chunk, "closed before a backend answered"
-            line += chunk
-        return line.decode().strip()
 
 
 def tally(proxy, count):
     """Who answered ``count`` connections made one after another (each ended before the next)."""
     seen = {}
     for _ in range(count):
-        name = who_answers(proxy)
+        name = first_line(proxy)
         seen[name] = seen.get(name, 0) + 1
         wait_for(lambda: proxy.call(lambda: proxy.listener.active) == 0, message="the stream ended")
     return seen
@@ -173,10 +164,10 @@ def test_a_changed_record_is_followed_within_its_ttl_not_the_period(dnsmasq, on_
     backends = on_loopback(["127.0.0.2", "127.0.0.3"])
     server = dnsmasq("127.0.0.2 web.test\n")
     proxy = proxies(dns_config(server, f"/inet/web.test/{backends[0].port}", period=60))
-    assert who_answers(proxy) == "127.0.0.2"
+    assert first_line(proxy) == "127.0.0.2"
     server.set_hosts("127.0.0.3 web.test\n")
     # The TTL is 1 s, the period 60 s: only the TTL can explain a change within 10 s.
-    wait_for(lambda: who_answers(proxy) == "127.0.0.3", timeout=10, interval=0.2, message="the new record in use")
+    wait_for(lambda: first_line(proxy) == "127.0.0.3", timeout=10, interval=0.2, message="the new record in use")
     assert tally(proxy, 5) == {"127.0.0.3": 5}
 
 
@@ -221,7 +212,7 @@ def test_a_dead_dns_server_keeps_the_last_answer_and_is_counted(dnsmasq, on_loop
     backends = on_loopback(["127.0.0.2"])
     server = dnsmasq("127.0.0.2 web.test\n")
     proxy = proxies(dns_config(server, f"/inet/web.test/{backends[0].port}", period=2))
-    assert who_answers(proxy) == "127.0.0.2"
+    assert first_line(proxy) == "127.0.0.2"
     server.stop()
     stats = proxy.app.routers[0].interpreter.stats
     wait_for(lambda: set(stats.snapshot()["requests"]) - {"ok"}, timeout=15, interval=0.1,
@@ -234,7 +225,7 @@ def test_aaaa_records_reach_ipv6_endpoints(dnsmasq, on_loopback, proxies):
     backends = on_loopback(["::1"])
     server = dnsmasq(records=["--host-record=six.test,::1"])
     proxy = proxies(dns_config(server, f"/inet/six.test/{backends[0].port}"))
-    assert who_answers(proxy) == "::1"
+    assert first_line(proxy) == "::1"
 
 
 def test_a_hostile_sni_name_is_not_looked_up_outside_the_allowed_domains(dnsmasq, on_loopback, proxies):

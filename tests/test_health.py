@@ -5,7 +5,7 @@ import time
 import urllib.request
 
 import pytest
-from netutil import (Backend, Deliveries, LtcpProcess, blackhole, client_hello, named, recv_exactly, refused_port,
+from netutil import (first_line, Backend, Deliveries, LtcpProcess, blackhole, client_hello, named, recv_exactly, refused_port,
                      static_config, wait_for)
 
 from ltcp import health
@@ -30,14 +30,6 @@ def states(proxy, name="/svc/a"):
     return proxy.call(read)
 
 
-def who_answers(proxy):
-    with proxy.connect() as conn:
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = conn.recv(100)
-            assert chunk, "closed before a backend answered"
-            line += chunk
-        return line.decode().strip()
 
 
 def checker(proxy):
@@ -72,7 +64,7 @@ def test_a_dead_endpoint_is_unhealthy_before_any_client_is_sent_there(proxies, b
     dead = [f"127.0.0.1:{port}" for _, port in refused]
     try:
         proxy = proxies(checked_config({"/svc/a": [live.addr, *dead]}))
-        assert [who_answers(proxy) for _ in range(20)] == ["live"] * 20
+        assert [first_line(proxy) for _ in range(20)] == ["live"] * 20
         assert states(proxy) == {live.addr: "available", **{address: "unhealthy" for address in dead}}
         balancer = proxy.balancer("/svc/a")
         assert proxy.call(lambda: dict(balancer.connect_failures)) == {}  # no client met them
@@ -86,7 +78,7 @@ def test_an_endpoint_comes_back_once_it_answers_again_after_healthy_threshold_ch
     live = backends(named("live"))
     holder, port = refused_port()
     proxy = proxies(checked_config({"/svc/a": [live.addr, f"127.0.0.1:{port}"]}, {"healthyThreshold": 3}))
-    assert who_answers(proxy) == "live"
+    assert first_line(proxy) == "live"
     wait_for(lambda: states(proxy).get(f"127.0.0.1:{port}") == "unhealthy", message="marked unhealthy")
     holder.close()
     revived_at = time.monotonic()
@@ -94,7 +86,7 @@ def test_an_endpoint_comes_back_once_it_answers_again_after_healthy_threshold_ch
     wait_for(lambda: states(proxy).get(f"127.0.0.1:{port}") == "available", message="healthy again")
     assert time.monotonic() - revived_at >= 2 * 0.1 * 0.9  # three successes: two intervals at least
     seen = set()
-    wait_for(lambda: seen.add(who_answers(proxy)) or seen == {"live", "revived"}, message="traffic to both")
+    wait_for(lambda: seen.add(first_line(proxy)) or seen == {"live", "revived"}, message="traffic to both")
 
 
 def test_it_takes_unhealthy_threshold_failures_to_take_a_live_endpoint_out(proxies):
@@ -102,13 +94,13 @@ def test_it_takes_unhealthy_threshold_failures_to_take_a_live_endpoint_out(proxi
     port = second.port
     proxy = proxies(checked_config({"/svc/a": [first.addr, second.addr]}, {"unhealthyThreshold": 4}))
     try:
-        assert who_answers(proxy) in ("first", "second")
+        assert first_line(proxy) in ("first", "second")
         wait_for(lambda: set(states(proxy).values()) == {"available"}, message="both checked healthy")
         second.close()
         stopped_at = time.monotonic()
         wait_for(lambda: states(proxy).get(f"127.0.0.1:{port}") == "unhealthy", message="marked unhealthy")
         assert time.monotonic() - stopped_at >= 3 * 0.1 * 0.9  # four failures in a row: three intervals
-        assert [who_answers(proxy) for _ in range(10)] == ["first"] * 10
+        assert [first_line(proxy) for _ in range(10)] == ["first"] * 10
     finally:
         first.close()
 
@@ -142,7 +134,7 @@ def test_send_and_expect_judge_what_the_endpoint_answers(proxies, backends):
 def test_every_endpoint_unhealthy_means_trying_them_all_as_when_all_have_failed(proxies, backends):
     speaker = backends(named("speaker"))  # connects work, but it never says the expected words
     proxy = proxies(checked_config({"/svc/a": [speaker.addr]}, {"expect": "HELLO"}))
-    assert who_answers(proxy) == "speaker"
+    assert first_line(proxy) == "speaker"
     assert states(proxy) == {speaker.addr: "unhealthy"}
 
 

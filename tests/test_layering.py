@@ -22,7 +22,12 @@ BOTTOM = {
     "ltcp.fanout": set(),
     "ltcp.endpoint": {"ltcp.lifecycle"},
     "ltcp.proxyproto": {"ltcp.names"},
-    "ltcp.httpd": set(),
+    "ltcp.httpd": {"ltcp.mailbox"},
+    "ltcp.mailbox": set(),
+    "ltcp.accesslog": {"ltcp.names"},
+    "ltcp.logs": set(),
+    "ltcp.notify": set(),
+    "ltcp.launch": set(),
 }
 
 

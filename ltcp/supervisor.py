@@ -160,6 +160,10 @@ class Link:
         reader.join(max(0.0, deadline - time.monotonic()))
         return not reader.is_alive() and not writer.is_alive()
 
+    @property
+    def reading(self):
+        return bool(self._threads) and self._threads[0].is_alive()
+
     def resume(self):
         """Use the channel again (after ``hand_over``, in this process or the next): the worker may send."""
         self._paused.clear()
@@ -287,6 +291,7 @@ class Supervisor:
         previous = self._inherit(inherited) if inherited else None
         try:
             self._configure_access_log(config)
+            self._read_inherited(previous)  # (after the log is open: their held lines go to it)
             self._open_listeners(config, self._announce)
             generation = self._generation(config, hubs={}, number=self._next_number())
             problem = self._start_workers(generation)
@@ -300,6 +305,7 @@ class Supervisor:
                 self._stop_everything()
                 raise
             self.current = previous
+            self._read_inherited(previous)
             self._reload_failed([f"upgrade failed: {getattr(exc, 'strerror', None) or exc}; the previous "
                                  "workers keep serving (fix the problem, then send SIGHUP or SIGUSR2)"])
             self.admin = AdminServer(self, self._admin_config(config))
@@ -822,11 +828,10 @@ class Supervisor:
             worker.state = "serving"
             previous.workers[slot] = worker
             wait = functools.partial(_wait_for_child, pid)
-            if paused and fd >= 0:  # its channel stopped at a frame boundary: read on (access log, totals)
+            if paused and fd >= 0:  # its channel stopped at a frame boundary: read on, once the log is open
                 worker.link = Link(socket.socket(fileno=fd), f"worker-{pid}",
                                    functools.partial(self._received, previous, worker),
                                    functools.partial(self._closed, previous, worker, wait))
-                worker.link.resume()
             else:  # (it did not answer in time: closing the channel is all that can be done with it)
                 worker.channel = fd
                 threading.Thread(target=self._closed, args=(previous, worker, wait),
@@ -834,6 +839,13 @@ class Supervisor:
         with self.lock:
             self.generations.append(previous)
         return previous
+
+    @staticmethod
+    def _read_inherited(previous):
+        """Read on the channels of the workers an upgrade handed over (each once)."""
+        for worker in (previous.workers.values() if previous else ()):
+            if worker.link is not None and not worker.link.reading:
+                worker.link.resume()
 
     def _hand_over(self, previous, config):
         """The new workers serve: the previous ones drain (their channel closes), and old sockets go."""

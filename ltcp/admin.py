@@ -46,6 +46,7 @@ __all__ = ["AdminServer", "ReactorView", "exposure_warning", "refusal"]
 log = logging.getLogger(__name__)
 
 CACHE_SECS = 1.0
+DASHBOARD_ENDPOINTS = 20  # endpoints the dashboard's state lists per destination (all are counted)
 
 
 def _host_part(authority):
@@ -210,7 +211,7 @@ class AdminServer:
         return Response(200, self._routers.get(), content_type="application/json")
 
     def _render_state(self):
-        data = self.view.snapshot(MAX_LISTED_ENDPOINTS)
+        data = self.view.snapshot(DASHBOARD_ENDPOINTS)
         instance = self.view.instance()
         if "workers" in data:  # (a supervisor's: each worker with its streams)
             instance["workers"] = data["workers"]

@@ -11,7 +11,7 @@ supervisor -> worker::
     ("update", label, name, addresses)       a watched name's endpoint set (None: resolves to nothing)
     ("snapshot", token, listed)              please answer with your snapshot
     ("drain",)                               stop accepting, finish streams within graceSecs, exit
-    ("pause",)                               an upgrade: answer ("paused",), then send nothing more...
+    ("pause", token)                         an upgrade: answer ("paused", token), then send nothing more...
     ("resume",)                              ... until the new supervisor says so (on the same channel)
 
 worker -> supervisor::

@@ -305,7 +305,9 @@ class Listener:
         if duplex.detail and log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s: stream from %s to %s ended: %s (%s)", self.label, duplex.envelope.dst_name,
                       duplex.envelope.source, duplex.endpoint.address, duplex.reason, duplex.detail)
-        self._logged(duplex.envelope, duplex.endpoint.address, duplex.from_client, duplex.to_client, duplex.reason)
+        if self.access_log is not None:  # (checked here: this runs for every stream)
+            self._logged(duplex.envelope, duplex.endpoint.address, duplex.from_client, duplex.to_client,
+                         duplex.reason)
         self._stream_ended()
 
     def _logged(self, envelope, endpoint, from_client, to_client, end):

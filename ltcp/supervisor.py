@@ -61,7 +61,7 @@ READY_TIMEOUT = 30.0  # seconds for a new generation's workers to be serving
 SNAPSHOT_TIMEOUT = 5.0
 STABLE_SECS = 10.0  # a worker that ran this long had no start-up trouble: its next restart is immediate
 MAX_RESTART_DELAY = 30.0
-HAND_OVER_TIMEOUT = 2.0  # seconds an upgrade waits for each worker to pause its channel
+HAND_OVER_TIMEOUT = 2.0  # seconds an upgrade waits for the workers to pause their channels
 DRAIN_CONFIRM_TIMEOUT = 2.0  # seconds a reload waits for the old workers to confirm they stopped accepting
 KILL_MARGIN = 5.0  # seconds past graceSecs before a draining worker that has not exited is killed
 UPGRADE_ENV = "LTCP_UPGRADE"  # the descriptor of what an upgraded supervisor inherits (listeners, old workers)
@@ -133,7 +133,8 @@ class Link:
         self.on_message = on_message
         self.on_closed = on_closed
         self._queue = queue.SimpleQueue()
-        self._paused = threading.Event()  # the worker said ("paused",): the reader stopped at that frame
+        self._paused = threading.Event()  # the worker said ("paused", token): the reader stopped at that frame
+        self._pausing = None  # the token of the pause asked for, if one is
         self._threads = ()
 
     def start(self):
@@ -143,18 +144,21 @@ class Link:
         for thread in self._threads:
             thread.start()
 
-    def hand_over(self, timeout):
-        """Stop using the channel, at a frame boundary both ways, so that another process can take it
-        (an upgrade's new code); whether that worked in ``timeout`` seconds.
+    def request_pause(self, token):
+        """Begin handing the channel over (an upgrade's new code will take it): ask the worker to pause.
 
-        The worker answers ("paused",) and then holds what it would send; our
-        writer stops after sending the request, our reader after that answer.
+        The worker answers ("paused", token) and then holds what it would send;
+        our writer stops after the request, our reader after that answer (an
+        answer to an earlier request, come too late, is ignored).
         """
-        self._queue.put(encode(("pause",)))
+        self._pausing = token
+        self._queue.put(encode(("pause", token)))
         self._queue.put(None)
-        deadline = time.monotonic() + timeout
+
+    def paused_by(self, deadline):
+        """Whether the channel stopped at a frame boundary both ways by ``deadline`` (monotonic)."""
         reader, writer = self._threads
-        writer.join(timeout)
+        writer.join(max(0.0, deadline - time.monotonic()))
         if not self._paused.wait(max(0.0, deadline - time.monotonic())):
             return False
         reader.join(max(0.0, deadline - time.monotonic()))
@@ -165,12 +169,15 @@ class Link:
         return bool(self._threads) and self._threads[0].is_alive()
 
     def resume(self):
-        """Use the channel again (after ``hand_over``, in this process or the next): the worker may send."""
+        """Use the channel again (after a pause, in this process or the next): the worker may send."""
+        self._pausing = None
         self._paused.clear()
-        reader = self._threads[0] if self._threads else None
+        reader, writer = self._threads or (None, None)
         if reader is None or not reader.is_alive():  # (one that did not stop keeps reading)
             reader = threading.Thread(target=self._read, name=f"{self.name}-read", daemon=True)
             reader.start()
+        if writer is not None:
+            writer.join(2)  # (one stuck in a write finishes it first: frames never interleave)
         writer = threading.Thread(target=self._write, name=f"{self.name}-write", daemon=True)
         writer.start()
         self._threads = (reader, writer)
@@ -200,9 +207,11 @@ class Link:
         try:
             while data := self.sock.recv(1 << 20):
                 for message in framer.feed(data):
-                    if message == ("paused",):  # (the worker sends nothing after it)
-                        self._paused.set()
-                        return  # the channel stays open, for whoever takes it over
+                    if message[0] == "paused":
+                        if self._pausing is not None and message[1] == self._pausing:
+                            self._paused.set()  # (the worker sends nothing after it)
+                            return  # the channel stays open, for whoever takes it over
+                        continue  # a late answer to a pause given up on
                     self.on_message(message)
         except ConnectionResetError:
             pass  # the worker was killed, or closed its end with our messages unread
@@ -745,22 +754,30 @@ class Supervisor:
         except OSError as exc:
             return self._reload_failed([f"upgrade refused: {exc.strerror}"])
         try:
-            counted = self.snapshot()
+            self.snapshot()  # (every worker's latest counts, for those the new code cannot read)
         except concurrent.futures.TimeoutError:
-            counted = self.departed
+            pass
+        self.admin.close()  # (no scrape may wait on a channel being handed over)
         workers = [w for w in self._live_workers() if w.exit_code is None]
         # Each channel stops at a frame boundary, so the new code reads on where this one stopped
-        # (the workers hold their access log lines meanwhile).
-        paused = {w: w.link is not None and w.link.hand_over(HAND_OVER_TIMEOUT) for w in workers}
+        # (the workers hold their access log lines meanwhile); asked of all at once, one deadline.
+        token = next(self.tokens)
+        for worker in workers:
+            if worker.link is not None:
+                worker.link.request_pause(token)
+        deadline = time.monotonic() + HAND_OVER_TIMEOUT
+        paused = {w: w.link is not None and w.link.paused_by(deadline) for w in workers}
+        # What the new code counts without reading it (a worker it reads counts itself, once).
+        carried = [s for s in (self.departed, *(w.final for w in workers)) if s is not None]
+        carried += [w.last for w in workers if not paused[w] and w.final is None and w.last is not None]
         state = {"listeners": {key: sock.fileno() for key, sock in self.sockets.items()},
-                 "workers": [(w.pid, _channel_fd(w), w.generation, paused[w]) for w in workers],
+                 "workers": [(w.pid, _channel_fd(w), w.generation, paused[w], w.state) for w in workers],
                  "reloads": self.reloads, "restarts": self.restarts, "admin_port": self.admin.address[1],
-                 "departed": _totals([counted]) if counted else None, "config": self.current.config}
-        handed = [*state["listeners"].values(), *(fd for _, fd, _, _ in state["workers"] if fd >= 0)]
+                 "departed": _totals(carried) if carried else None, "config": self.current.config}
+        handed = [*state["listeners"].values(), *(entry[1] for entry in state["workers"] if entry[1] >= 0)]
         carrier = _carry(state)  # a memfd: no size limit, unlike the environment
         for fd in handed:
             os.set_inheritable(fd, True)
-        self.admin.close()
         argv = launch.python_module("ltcp", *sys.argv[1:])
         log.info("upgrade: executing %s with %d listening sockets and %d workers", " ".join(argv),
                  len(self.sockets), len(workers))
@@ -779,14 +796,17 @@ class Supervisor:
             for event in kept:
                 self.events.put(event)
             os.close(carrier)
-            self._configure_access_log(self.current.config)
+            for fd in handed:
+                os.set_inheritable(fd, False)
             for worker in workers:
                 if worker.link is not None:
                     worker.link.resume()
-            for fd in handed:
-                os.set_inheritable(fd, False)
             self.admin = AdminServer(self, self._admin_config(self.current.config))
             self.admin.start()
+            try:
+                self._configure_access_log(self.current.config)
+            except OSError as log_error:
+                log.error("access log: cannot reopen it: %s", log_error.strerror)
             return self._reload_failed([f"upgrade failed: cannot execute {sys.executable}: {exc.strerror}"])
 
     def _pass_on_queued_events(self):
@@ -822,10 +842,10 @@ class Supervisor:
         self.departed = state["departed"]
         previous = Generation(max((entry[2] for entry in state["workers"]), default=0), state["config"], {})
         previous.restartable = False
-        for slot, (pid, fd, number, *paused) in enumerate(state["workers"]):  # (older code sent no flag)
-            paused = bool(paused and paused[0])
+        for slot, (pid, fd, number, *more) in enumerate(state["workers"]):  # (older code sent less)
+            paused = bool(more and more[0])
             worker = WorkerProcess(slot, number, pid)
-            worker.state = "serving"
+            worker.state = more[1] if len(more) > 1 else "serving"
             previous.workers[slot] = worker
             wait = functools.partial(_wait_for_child, pid)
             if paused and fd >= 0:  # its channel stopped at a frame boundary: read on, once the log is open

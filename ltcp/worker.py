@@ -70,7 +70,7 @@ class Worker:
             self.app.drain()
             self.send(("draining",))  # nothing is accepted here any more
         elif kind == "pause":
-            self.send(("paused",))  # the last frame the old supervisor reads
+            self.send(("paused", message[1]))  # the last frame the old supervisor reads
             self.channel.hold()
         elif kind == "resume":
             self.channel.release()

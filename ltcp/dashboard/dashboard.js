@@ -6,6 +6,8 @@
 "use strict";
 
 const POLL_MS = 2000;
+const FETCH_TIMEOUT_MS = 5000;
+const DETAILED = 50; // destinations per router drawn with their endpoints; the rest in one line
 const HISTORY = 150; // samples kept per sparkline: five minutes at one every two seconds
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -86,7 +88,9 @@ function rates(key, at, server) {
   const before = history.get(key);
   const now = {at, accepted: server.accepted, received: server.received_bytes, sent: server.sent_bytes,
                rates: before ? before.rates : {accepts: [], in: [], out: []}};
-  if (before && at > before.at && server.accepted >= before.accepted) {
+  // (Counters that went down, after a restart, start a new baseline rather than a negative rate.)
+  if (before && at > before.at && server.accepted >= before.accepted &&
+      server.received_bytes >= before.received && server.sent_bytes >= before.sent) {
     const dt = at - before.at;
     for (const [name, value] of [["accepts", (server.accepted - before.accepted) / dt],
                                  ["in", (server.received_bytes - before.received) / dt],
@@ -178,16 +182,23 @@ function routers(state) {
     const discovery = el("p", "discovery lookups: " + counts(router.discovery.requests) +
                               "; route cache: " + counts(router.route_cache), "muted");
     card.appendChild(discovery);
-    for (const d of router.destinations) card.appendChild(destination(router, d));
+    for (const d of router.destinations.slice(0, DETAILED)) card.appendChild(destination(router, d));
+    if (router.destinations.length > DETAILED) {
+      card.appendChild(el("p", "and " + (router.destinations.length - DETAILED) +
+                                " more destinations (all of them in /routers.json)", "muted"));
+    }
     if (!router.destinations.length) card.appendChild(el("p", "no destination in use yet", "muted"));
     return card;
   }));
 }
 
+// One request at a time: the next is scheduled when this one is over, and a slow one is given up.
 async function poll() {
   const status = document.getElementById("status");
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), FETCH_TIMEOUT_MS);
   try {
-    const response = await fetch("/api/v1/state", {cache: "no-store"});
+    const response = await fetch("/api/v1/state", {cache: "no-store", signal: abort.signal});
     if (!response.ok) throw new Error("HTTP " + response.status);
     const state = await response.json();
     instance(state);
@@ -197,9 +208,11 @@ async function poll() {
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   } catch (error) {
     status.className = "status error";
-    status.textContent = "cannot reach ltcp: " + error.message;
+    status.textContent = "cannot reach ltcp: " + (error.name === "AbortError" ? "no answer in time" : error.message);
+  } finally {
+    clearTimeout(timer);
+    setTimeout(poll, POLL_MS);
   }
 }
 
 poll();
-setInterval(poll, POLL_MS);

@@ -20,7 +20,6 @@ a name whose server hangs delays only itself.
 
 import logging
 import math
-import random
 import threading
 import time
 from typing import NamedTuple, Optional
@@ -33,7 +32,7 @@ import dns.resolver
 
 from ..config import Address, DnsConfig
 from ..names import canonical_ip, is_dns_name, parse_port
-from .schedule import PollSchedule
+from .schedule import PollSchedule, backoff
 from .stats import DiscoveryStats
 
 __all__ = ["DnsInterpreter", "Query", "parse_name", "srv_addresses", "refresh_delay"]
@@ -230,8 +229,7 @@ class DnsInterpreter:
             log.log(level, "dns: %s: %s (%s); keeping the last answer, retrying with backoff up to %gs",
                     entry.name, exc, exc.outcome, self.period)
             self.stats.name_state(entry.name, outcome=exc.outcome)
-            ceiling = min(self.period, FIRST_BACKOFF * 2 ** min(entry.failures - 1, 30))
-            return ceiling / 2 + random.random() * ceiling / 2
+            return backoff(entry.failures, FIRST_BACKOFF, self.period)
         self.stats.observe(time.monotonic() - started)
         outcome = "ok" if addresses else "neg"
         self.stats.request(outcome)

@@ -26,7 +26,6 @@ import http.client
 import json
 import logging
 import queue
-import random
 import socket
 import threading
 import time
@@ -37,7 +36,7 @@ import urllib3
 
 from ..config import MAX_WEIGHT, Address, NamerdConfig
 from ..names import canonical_ip
-from .schedule import PollSchedule
+from .schedule import PollSchedule, backoff
 from .stats import DiscoveryStats
 
 __all__ = ["NamerdInterpreter", "NamerdError", "ObjectStream", "parse_answer"]
@@ -360,8 +359,7 @@ class NamerdInterpreter:
 
     def _backoff_delay(self, entry):
         """Exponential, jittered, capped at periodSecs."""
-        ceiling = min(self.period, FIRST_BACKOFF * 2 ** min(max(0, entry.failures - 1), 30))
-        return ceiling / 2 + random.random() * ceiling / 2
+        return backoff(entry.failures, FIRST_BACKOFF, self.period)
 
     def _request(self, entry, watch, deadline):
         """Send one request on a connection of its own, which ``entry.stop()`` can cut.

@@ -8,10 +8,11 @@ hangs delays only the thread holding it.  Entries need a ``stopped``
 
 import heapq
 import itertools
+import random
 import threading
 import time
 
-__all__ = ["FIRST_HEAD_START", "PollSchedule"]
+__all__ = ["FIRST_HEAD_START", "PollSchedule", "backoff"]
 
 FIRST_HEAD_START = 1.0  # seconds a first resolution goes ahead of overdue polls
 
@@ -80,3 +81,9 @@ class PollSchedule:
             self._closed = True
             self._heap.clear()
             self._ready.notify_all()
+
+
+def backoff(failures, first, cap):
+    """Seconds to wait after ``failures`` in a row: doubling from ``first``, capped, with jitter (half to all)."""
+    ceiling = min(cap, first * 2 ** min(max(0, failures - 1), 30))
+    return ceiling / 2 + random.random() * ceiling / 2

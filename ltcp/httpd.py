@@ -43,6 +43,7 @@ MAX_QUEUED = 32
 BACKLOG = 128
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1  # seconds without accepting after running out of descriptors
+CLOSING_WRITE_TIMEOUT = 1.0  # seconds, all together, to write the answers ready when the server closes
 
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large",
@@ -223,7 +224,10 @@ class HttpServer:
         for thread in self._threads:
             thread.join(2)
         self._selector.close()
-        leftovers = list(self._timed) + [answer[0] for answer in self._answers.take()]
+        answers = self._answers.take()
+        self._write_last([(c, c.out) for c in self._timed if c.out is not None] +
+                         [(c, memoryview(response.encode(False))) for c, response, _ in answers])
+        leftovers = list(self._timed) + [answer[0] for answer in answers]
         while not self._requests.empty():
             item = self._requests.get()
             if item is not None:
@@ -233,6 +237,20 @@ class HttpServer:
         self._timed.clear()
         self.sock.close()
         self._answers.close()
+
+    @staticmethod
+    def _write_last(writes):
+        """Write answers already made (a shutdown's "draining", say), within one short deadline for all."""
+        deadline = time.monotonic() + CLOSING_WRITE_TIMEOUT
+        for connection, data in writes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                connection.sock.settimeout(left)
+                connection.sock.sendall(data)
+            except OSError:
+                pass  # that client is gone or too slow: it gets no answer
 
     # -- the socket thread -------------------------------------------------------------
 

@@ -1,13 +1,16 @@
-"""The admin HTTP layer's pure parts: request parsing and the browser protections."""
+"""The admin HTTP layer: request parsing, the browser protections, and closing with answers in flight."""
 
 import email.message
+import socket
+import threading
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given
 
 from ltcp.admin import exposure_warning, refusal
-from ltcp.httpd import MAX_BODY_BYTES, HttpError, parse_request
+from ltcp.httpd import MAX_BODY_BYTES, HttpError, HttpServer, parse_request, plain
+from netutil import recv_all
 
 GET = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9989\r\nAccept: */*\r\n\r\n"
 POST = b"POST /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello"
@@ -95,3 +98,21 @@ def test_any_ip_literal_names_a_server_on_all_addresses():
                                         ("::", True), ("10.1.2.3", True)])
 def test_a_non_loopback_admin_address_is_warned_about(ip, warned):
     assert (exposure_warning(ip) is not None) == warned
+
+
+def test_an_answer_ready_when_the_server_closes_is_still_written():
+    """POST /shutdown's "draining" was lost when the supervisor finished before the socket thread wrote it."""
+    handled = threading.Event()
+
+    def handle(request):
+        handled.set()
+        return plain(200, "draining")
+
+    server = HttpServer(("127.0.0.1", 0), handle)
+    server._take_answers = lambda: None  # the socket thread never gets to it: only close() can write it
+    server.start()
+    with socket.create_connection(server.address, timeout=5) as client:
+        client.sendall(POST)
+        assert handled.wait(5)
+        server.close()
+        assert recv_all(client).startswith(b"HTTP/1.1 200 ")

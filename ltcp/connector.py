@@ -4,7 +4,8 @@ import _socket
 import errno
 import socket
 
-from . import tls as _tls
+from .tls import describe_error
+from .tlssocket import TlsSocket
 from .lifecycle import Lifecycle, State
 from .loop import WRITE, Registration
 
@@ -118,14 +119,14 @@ class Connect(Registration):
         context, server_name = self.tls
         self.state = self.state.moves["handshake"]
         # A new object on the same descriptor: the registration, by descriptor, carries on.
-        self.sock = context.wrap_socket(self.sock, server_hostname=server_name, do_handshake_on_connect=False)
+        self.sock = TlsSocket(self.sock, context, server_hostname=server_name)
         self._handshake()
 
     def _handshake(self):
         try:
-            waiting = _tls.handshake(self.sock)
+            waiting = self.sock.handshake()
         except OSError as exc:  # (ssl.SSLError included)
-            self._fail("tls", _tls.describe_error(exc))
+            self._fail("tls", describe_error(exc))
             return
         if waiting:
             self.want(waiting)

@@ -17,13 +17,13 @@ import fcntl
 import math
 import os
 import socket
-import ssl
 import struct
 from typing import Protocol
 
 from .lifecycle import Lifecycle, State
 from .loop import READ, WRITE, Registration
 from .tls import describe_error
+from .tlssocket import TlsSocket
 
 __all__ = ["Duplex", "DuplexOwner", "Tally", "READING", "WRITING"]
 
@@ -31,8 +31,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 PIPE_SIZE = 1 << 18  # bytes one splice may move; the kernel caps it at fs.pipe-max-size
 SPLICE_ROUNDS = 4  # splices per wakeup while the other side keeps up
-# Not an error, just "not now"; the TLS ones also come from SSL sockets mid-record.
-_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)  # not an error, just "not now"
 
 
 class Tally:
@@ -49,7 +48,7 @@ ENDED = State("ended")  # this socket's peer has finished sending (EOF)
 READING = Lifecycle("Leg reading", {OPEN: {"eof": ENDED}})
 
 SENDING = State("open")  # writing to it
-NOTIFYING = State("notifying")  # TLS: our close_notify waits until the socket has nothing left to read
+NOTIFYING = State("notifying")  # TLS: our close_notify waits until no record is left to read, then to be sent
 SHUT = State("shut")  # we have finished sending to this socket
 WRITING = Lifecycle("Leg writing", {SENDING: {"shut": SHUT, "notify": NOTIFYING}, NOTIFYING: {"notified": SHUT}})
 
@@ -76,7 +75,7 @@ class Leg(Registration):
         self.reactor = duplex.reactor
         self.sock = sock
         self.fd = sock.fileno()
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls = self.__class__ is TlsLeg
         self.peer = None
         self.events = 0  # interest registered with the reactor; 0 = not registered
         self.pending = None  # memoryview of bytes still to write to this socket
@@ -255,46 +254,17 @@ class Leg(Registration):
             self.reactor.call_soon(peer.pump_more)
 
     def shutdown_write(self):
-        if self.tls:
-            self.writing = self.writing.moves["notify"]
-            self.close_notify()
-        else:
-            self.writing = self.writing.moves["shut"]
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # the other end is gone; its reads will tell
-        if self.peer.writing is not SENDING:
-            self.duplex.close("done")
-
-    def close_notify(self):
-        """End our half of a TLS stream: close_notify, then FIN beneath TLS.
-
-        Python's unwrap() calls SSL_shutdown a second time to look for the
-        peer's close_notify, and that call discards application data already
-        received.  So it only runs once nothing is waiting on the socket;
-        otherwise the next read that drains the socket calls this again.
-        """
-        if self.reading is OPEN:
-            if self.sock.pending():
-                return
-            try:
-                if socket.socket.recv(self.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                    return
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                self.writing = self.writing.moves["notified"]  # the socket is gone: nothing to send
-                return
-        self.writing = self.writing.moves["notified"]
+        self.writing = self.writing.moves["shut"]
         try:
-            self.sock.unwrap()
-        except (ssl.SSLError, OSError, ValueError):
-            pass  # "want read": our close_notify is out, the peer's has not come
-        try:
-            socket.socket.shutdown(self.sock, socket.SHUT_WR)  # SSLSocket.shutdown would drop TLS
+            self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
+            pass  # the other end is gone; its reads will tell
+        self.sent_all()
+
+    def sent_all(self):
+        """This socket has had everything, its end included: once both have, the stream is done."""
+        if self.peer.writing is SHUT:
+            self.duplex.close("done")
 
     def wanted(self):
         """The readiness this leg waits for, from its states and the buffers: the one place it is decided."""
@@ -321,6 +291,66 @@ class Leg(Registration):
                 os.close(end)
             self.pipe = None
             self.piped = 0
+
+
+class TlsLeg(Leg):
+    """A leg over a ``TlsSocket``: plaintext moves as on a plain socket, but its end differs.
+
+    Ending our half is a close_notify, then a FIN beneath TLS.  Sealing it
+    while the TLS engine holds a whole record could lose that record (see
+    ``tlssocket``), so while the socket is still read from it waits for the
+    next read that finds nothing; and it may then wait for the kernel to take
+    it, with any record the engine wrote on its own.  ``NOTIFYING`` covers
+    both waits.  TLS legs never splice.
+    """
+
+    __slots__ = ()
+
+    def shutdown_write(self):
+        self.writing = self.writing.moves["notify"]
+        self.close_notify()
+
+    def close_notify(self):
+        if self.reading is OPEN and self.sock.pending():
+            return  # the next read that finds nothing calls this again
+        try:
+            sent = self.sock.close_notify()
+        except OSError:  # (a broken session, or the other end gone: nothing more can be sent; its reads will tell)
+            sent = True
+        if not sent:
+            self.want(self.wanted())  # WRITE: flush() finishes it
+            return
+        self.writing = self.writing.moves["notified"]
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sent_all()
+        if not self.duplex.closed:
+            self.want(self.wanted())
+
+    def flush(self):
+        if self.pending is not None:
+            Leg.flush(self)
+            return
+        # Only records of the engine's own wait: a close_notify, the answer to a key update.
+        try:
+            empty = self.sock.flush()
+        except OSError as exc:
+            self.duplex.abort(exc)
+            return
+        if empty and self.writing is NOTIFYING:
+            self.close_notify()
+        elif empty:
+            self.want(self.wanted())
+
+    def wanted(self):
+        events = Leg.wanted(self)
+        return events | WRITE if self.sock.backlogged else events
+
+
+def _leg(duplex, sock, tally):
+    return TlsLeg(duplex, sock, tally) if sock.__class__ is TlsSocket else Leg(duplex, sock, tally)
 
 
 class DuplexOwner(Protocol):
@@ -366,12 +396,15 @@ class Duplex:
         # One timer for both limits, at whichever could come first.
         first = min(idle, lifetime) if idle and lifetime else idle or lifetime
         self.timer = reactor.call_later(first, self._check_limits) if first else None
-        client = self.client = Leg(self, dial.client, owner.received)
-        upstream = self.upstream = Leg(self, upstream_sock, owner.sent)
+        client = self.client = _leg(self, dial.client, owner.received)
+        upstream = self.upstream = _leg(self, upstream_sock, owner.sent)
         client.peer = upstream
         upstream.peer = client
         client.adopt(dial.events, client.wanted())
         upstream.adopt(upstream_events, upstream.wanted())
+        for leg in (client, upstream):
+            if leg.tls and leg.sock.pending():  # bytes that came with the end of the handshake raise no event
+                reactor.call_soon(leg.pump_more)
 
     def __repr__(self):
         state = f"closed ({self.reason}{': ' + self.detail if self.detail else ''})" if self.closed else "open"

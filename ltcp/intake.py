@@ -20,6 +20,7 @@ at once.  The whole intake runs inside the server's connect deadline.
 import socket
 
 from . import proxyproto, tls
+from .tlssocket import TlsSocket
 from .lifecycle import Lifecycle, State
 from .loop import HANGUP, READ, Registration
 
@@ -164,8 +165,7 @@ class Intake(Registration):
         if self.listener.tls is not None:
             self.state = self.state.moves["handshake"]
             # A new object on the same descriptor: the registration, by descriptor, carries on.
-            self.client = self.listener.tls.default.wrap_socket(
-                self.client, server_side=True, do_handshake_on_connect=False)
+            self.client = TlsSocket(self.client, self.listener.tls.default, server_side=True)
             self._handshake()
         elif "{sni}" not in self.listener.config.dst_name:
             self._route(None)  # nothing to peek for: a server-speaks-first client would wait in vain
@@ -184,7 +184,7 @@ class Intake(Registration):
 
     def _handshake(self):
         try:
-            waiting = tls.handshake(self.client)
+            waiting = self.client.handshake()
         except OSError as exc:  # (ssl.SSLError included)
             self.failure = tls.describe_error(exc)
             self.fail("tls")

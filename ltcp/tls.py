@@ -20,10 +20,9 @@ import tempfile
 import weakref
 from typing import NamedTuple, Optional
 
-from .loop import READ, WRITE
 from .names import is_dns_name
 
-__all__ = ["ClientHello", "client_identity", "describe_error", "handshake", "parse_client_hello",
+__all__ = ["ClientHello", "client_identity", "describe_error", "parse_client_hello",
            "normalize_server_name", "routing_identity", "routing_name", "server_context", "client_context",
            "material_problems", "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
 
@@ -223,20 +222,6 @@ def describe_error(exc):
     return errno.errorcode.get(exc.errno or 0) or str(exc)
 
 
-def handshake(sock):
-    """Advance a nonblocking TLS handshake: 0 once done, else the event it waits for.
-
-    Raises ``ssl.SSLError`` or ``OSError`` when it fails.
-    """
-    try:
-        sock.do_handshake()
-    except ssl.SSLWantReadError:
-        return READ
-    except ssl.SSLWantWriteError:
-        return WRITE
-    return 0
-
-
 # -- contexts ------------------------------------------------------------------------
 
 class TlsMaterialError(ValueError):
@@ -353,7 +338,7 @@ class ServerContexts:
     """The context a terminating server starts with, switching identity by SNI.
 
     The server name the client asked for is remembered per connection in
-    ``names``, keyed weakly by its socket, so a handshake that never finishes
+    ``names``, keyed weakly by its ``ssl.SSLObject``, so a handshake that never finishes
     leaves nothing behind.  With one identity and no ``{sni}`` routing
     (``names_wanted`` false) nobody asks, and no handshake calls back into
     Python for it.
@@ -378,19 +363,19 @@ class ServerContexts:
             context = self.by_name.get("*." + name.split(".", 1)[1])
         return context
 
-    def _choose(self, ssl_socket, server_name, initial_context):
-        self.names[ssl_socket] = server_name
+    def _choose(self, ssl_object, server_name, initial_context):
+        self.names[ssl_object] = server_name
         name, _ = routing_name(server_name)
         context = self._lookup(name) if name else None
         if context is not None:
-            ssl_socket.context = context
+            ssl_object.context = context
         elif self.require_match:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         return None
 
-    def server_name(self, ssl_socket):
-        """The server name the client sent in its hello, or None."""
-        return self.names.pop(ssl_socket, None)
+    def server_name(self, tls_socket):
+        """The server name the client sent in its hello, or None (given the ``tlssocket.TlsSocket``)."""
+        return self.names.pop(tls_socket.session_object, None)
 
 
 def server_context(tls, names_wanted=True):

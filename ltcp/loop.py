@@ -93,6 +93,7 @@ class Reactor:
         self.now = self.time()  # refreshed once per loop turn; cheap stamps for the hot path
         self._ready = collections.deque()
         self._running = False
+        self._stop_early = False  # stop() came while not running: the next run() returns at once
         self._wakeup_sent = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -168,6 +169,9 @@ class Reactor:
 
     def run(self):
         """Dispatch until ``stop()``; sleeps in ``select`` when there is nothing to do."""
+        if self._stop_early:  # (a worker whose supervisor vanished while it started drained before running)
+            self._stop_early = False
+            return
         self._running = True
         poll = self._poller.poll
         handlers = self._handlers
@@ -205,8 +209,12 @@ class Reactor:
                     self.callback_failed(fn, exc)
 
     def stop(self):
-        """End ``run()`` after the current iteration (reactor thread, or via call_soon_threadsafe)."""
-        self._running = False
+        """End ``run()`` after the current iteration, or the next ``run()`` at once (reactor thread, or via
+        call_soon_threadsafe)."""
+        if self._running:
+            self._running = False
+        else:
+            self._stop_early = True
 
     def close(self):
         self._poller.close()

@@ -400,7 +400,8 @@ class Supervisor:
     def _spawn(self, generation, slot):
         parent, child = socket.socketpair()
         fds = {key: self.sockets[key].fileno() for key in listeners(generation.config)}
-        proc = subprocess.Popen(launch.python_module("ltcp.worker", str(child.fileno()), *self.logging_args),
+        proc = subprocess.Popen(launch.python_module("ltcp.worker", str(child.fileno()), *self.logging_args,
+                                                     str(os.getpid())),
                                 pass_fds=[child.fileno(), *fds.values()], stdin=subprocess.DEVNULL)
         child.close()
         worker = WorkerProcess(slot, generation.number, proc.pid)

@@ -1,10 +1,12 @@
 """A worker process: one reactor, no other thread, serving listening sockets the supervisor opened.
 
-Started by the supervisor as ``python -m ltcp.worker FD LEVEL FORMAT`` (a fresh
-interpreter, so no lock a supervisor thread held can be inherited), it
+Started by the supervisor as ``python -m ltcp.worker FD LEVEL FORMAT [SUPERVISOR]``
+(a fresh interpreter, so no lock a supervisor thread held can be inherited), it
 reads its configuration from the control channel on descriptor FD, serves
 until told to drain (or until the channel closes: the supervisor is gone),
 then sends a last snapshot, so the instance's counters keep its streams.
+SIGTERM and SIGINT drain it too, at any time, and so does the supervisor's
+death (``lifeline``).
 
 It never imports yaml, urllib3 or prometheus_client.
 """
@@ -18,6 +20,7 @@ import sys
 from . import logs
 from .app import App, tune_garbage_collection
 from .control import Channel, Framer, RemoteDiscovery, encode
+from .lifeline import die_with
 from .snapshot import snapshot
 from .tls import TlsMaterialError
 
@@ -106,8 +109,8 @@ class Worker:
         sock.close()
 
 
-# Meant for the supervisor, which tells the workers what to do (a terminal's Ctrl-C
-# reaches the whole process group); SIGUSR1 reopens the access log, which the supervisor writes.
+# Meant for the supervisor, which tells the workers what to do (a reload, an upgrade; SIGINT
+# drains once the worker is up); SIGUSR1 reopens the access log, which the supervisor writes.
 SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
 
 
@@ -125,6 +128,8 @@ def _receive_start(sock, framer):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     fd, level, log_format = int(argv[0]), argv[1], argv[2]
+    if len(argv) > 3:  # (a supervisor of an earlier release, met in an upgrade, passes three)
+        die_with(int(argv[3]))
     logs.configure(level, log_format)
     for signum in SUPERVISOR_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
@@ -137,8 +142,10 @@ def main(argv=None):
     except TlsMaterialError as exc:  # a certificate changed on disk since the supervisor checked it
         log.error("worker cannot start: %s", exc)
         return 2
-    # A service manager may signal every process of the service: SIGTERM drains here too.
-    signal.signal(signal.SIGTERM, lambda signum, frame: worker.app.request_drain())
+    # A service manager may signal every process of the service, and a terminal's Ctrl-C
+    # the whole process group: both drain here too (as the supervisor's order would).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: worker.app.request_drain())
     for message in early:
         worker._received(message)
     return worker.run()

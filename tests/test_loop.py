@@ -194,3 +194,13 @@ def test_failing_timers_and_soon_calls_are_reported_to_their_object(reactor):
     reactor.call_later(0.03, reactor.stop)
     reactor.run()
     assert broken.crashes == ["bug in a timer", "bug in a timer"]
+
+
+def test_a_stop_before_run_is_not_lost(reactor):
+    """A worker that drained before its loop started (its supervisor gone) then ran for ever."""
+    reactor.stop()
+    reactor.run()  # returns at once: the timeout guards against the old behaviour
+    fired = []
+    reactor.call_soon(lambda: (fired.append(1), reactor.stop()))
+    reactor.run()  # a later run is a normal one
+    assert fired == [1]

@@ -5,11 +5,14 @@ sees.  It opens every listening socket, runs one discovery watch per name
 for all workers (``fanout.Hub``), serves the admin port, and starts,
 watches, restarts and drains workers.  It never touches a proxied byte.
 
-Workers are fresh interpreters (``python -m ltcp.worker``) started with
-``subprocess``: the child runs no Python code between fork and exec, so a
-lock one of the supervisor's threads held at that moment cannot deadlock it.
-They inherit the listening sockets and share each one; the kernel wakes one
-waiting worker per connection (``EPOLLEXCLUSIVE``).
+Workers are forked from a template process that has imported the data plane
+and runs no thread (``template``), so a new worker serves within
+milliseconds and shares the template's pages; the supervisor itself never
+forks without exec, since a lock one of its threads held would be copied.
+Where the template cannot be used, a worker is a fresh interpreter
+(``python -m ltcp.worker``).  Workers are the supervisor's children either
+way.  They share the listening sockets; the kernel wakes one waiting worker
+per connection (``EPOLLEXCLUSIVE``).
 
 Generations: each configuration the supervisor serves is a generation of
 workers.  A reload starts the next generation on the same sockets and,
@@ -47,10 +50,12 @@ from .interpreter import build
 from . import __version__
 from .metrics import resident_bytes, supervisor_families
 from . import launch, notify
+from .lifeline import adopt_orphans
 from .names import display_address
 from .reload import listener_key, listeners, plan
 from .server import listen
 from .snapshot import MAX_LISTED_ENDPOINTS, merge, routers_json
+from .template import Template, TemplateError
 from .tls import material_problems
 
 __all__ = ["Supervisor", "serve"]
@@ -284,6 +289,8 @@ class Supervisor:
         self.tokens = itertools.count()
         self.admin = None
         self.admin_port = 0  # the admin port before an upgrade
+        # Workers forked from a template, when this process can adopt them (Linux); else fresh interpreters.
+        self.template = Template(logging_args) if adopt_orphans() else None
         self.access_log = None  # accesslog.FileWriter: every worker's lines go through it
         self.started_at = time.time()
 
@@ -399,20 +406,35 @@ class Supervisor:
 
     def _spawn(self, generation, slot):
         parent, child = socket.socketpair()
-        fds = {key: self.sockets[key].fileno() for key in listeners(generation.config)}
-        proc = subprocess.Popen(launch.python_module("ltcp.worker", str(child.fileno()), *self.logging_args,
-                                                     str(os.getpid())),
-                                pass_fds=[child.fileno(), *fds.values()], stdin=subprocess.DEVNULL)
-        child.close()
-        worker = WorkerProcess(slot, generation.number, proc.pid)
-        worker.link = Link(parent, f"worker-{proc.pid}", lambda message: self._received(generation, worker, message),
-                           lambda: self._closed(generation, worker, proc.wait))
+        sockets = {key: self.sockets[key] for key in listeners(generation.config)}
+        try:
+            pid, wait = self._start_process(child, sockets)
+        finally:
+            child.close()
+        worker = WorkerProcess(slot, generation.number, pid)
+        worker.link = Link(parent, f"worker-{pid}", lambda message: self._received(generation, worker, message),
+                           lambda: self._closed(generation, worker, wait))
         with self.lock:
             generation.workers[slot] = worker
+        fds = {key: sock.fileno() for key, sock in sockets.items()}  # (a fresh interpreter has them by number)
         worker.link.send(("start", generation.config, fds, generation.number))
         worker.link.start()
-        log.info("worker %d started (generation %d, slot %d)", proc.pid, generation.number, slot)
+        log.info("worker %d started (generation %d, slot %d)", pid, generation.number, slot)
         return worker
+
+    def _start_process(self, channel, sockets):
+        """A worker process on ``channel``: forked by the template, else a fresh interpreter; (pid, wait)."""
+        if self.template is not None:
+            try:
+                pid = self.template.spawn(channel, sockets)
+                return pid, functools.partial(_wait_for_child, pid)
+            except TemplateError as exc:
+                log.warning("%s; starting the worker as a new interpreter", exc)
+        fds = [sock.fileno() for sock in sockets.values()]
+        proc = subprocess.Popen(launch.python_module("ltcp.worker", str(channel.fileno()), *self.logging_args,
+                                                     str(os.getpid())),
+                                pass_fds=[channel.fileno(), *fds], stdin=subprocess.DEVNULL)
+        return proc.pid, proc.wait
 
     # -- messages from workers (on their link's reader thread) ----------
 
@@ -605,6 +627,8 @@ class Supervisor:
     def _stop_everything(self):
         if self.admin is not None:
             self.admin.close()
+        if self.template is not None:
+            self.template.close()
         for worker in self._live_workers():
             _kill(worker.pid, signal.SIGKILL)
         with self.lock:
@@ -759,6 +783,8 @@ class Supervisor:
         except concurrent.futures.TimeoutError:
             pass
         self.admin.close()  # (no scrape may wait on a channel being handed over)
+        if self.template is not None:
+            self.template.close()  # (the new code forks from a template of its own)
         workers = [w for w in self._live_workers() if w.exit_code is None]
         # Each channel stops at a frame boundary, so the new code reads on where this one stopped
         # (the workers hold their access log lines meanwhile); asked of all at once, one deadline.

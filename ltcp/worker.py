@@ -24,7 +24,7 @@ from .lifeline import die_with
 from .snapshot import snapshot
 from .tls import TlsMaterialError
 
-__all__ = ["Worker", "main"]
+__all__ = ["Worker", "main", "serve"]
 
 log = logging.getLogger("ltcp.worker")  # (not __name__: run as a script, that is __main__)
 
@@ -126,17 +126,29 @@ def _receive_start(sock, framer):
 
 
 def main(argv=None):
+    """``python -m ltcp.worker FD LEVEL FORMAT [SUPERVISOR]``: a worker in a fresh interpreter."""
     argv = sys.argv[1:] if argv is None else argv
     fd, level, log_format = int(argv[0]), argv[1], argv[2]
     if len(argv) > 3:  # (a supervisor of an earlier release, met in an upgrade, passes three)
         die_with(int(argv[3]))
     logs.configure(level, log_format)
+    return serve(socket.socket(fileno=fd))
+
+
+def serve(sock, sockets=None):
+    """Run a worker on its control channel ``sock``; the exit status.
+
+    ``sockets`` (listener key -> listening socket) come with a fork from the
+    template; a fresh interpreter finds them by the descriptor numbers the
+    start message gives.
+    """
     for signum in SUPERVISOR_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the supervisor's mask is inherited: a worker has one thread
-    sock, framer = socket.socket(fileno=fd), Framer()
+    framer = Framer()
     (_, config, fds, generation), early = _receive_start(sock, framer)
-    sockets = {key: socket.socket(fileno=number) for key, number in fds.items()}
+    if sockets is None:
+        sockets = {key: socket.socket(fileno=number) for key, number in fds.items()}
     try:
         worker = Worker(config, sock, framer, sockets, generation)
     except TlsMaterialError as exc:  # a certificate changed on disk since the supervisor checked it
@@ -146,8 +158,8 @@ def main(argv=None):
     # the whole process group: both drain here too (as the supervisor's order would).
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: worker.app.request_drain())
-    for message in early:
-        worker._received(message)
+    for message in early:  # (once serving: a drain that came with the start must find listeners started)
+        worker.app.reactor.call_soon(worker._received, message)
     return worker.run()
 
 

@@ -1,0 +1,205 @@
+"""The worker template: an interpreter with the data plane imported, which forks workers from itself.
+
+A fresh ``python -m ltcp.worker`` spends about 120 ms of CPU importing ltcp
+and the standard library before it serves, and keeps its own copy of every
+module.  So the supervisor starts this process once (``python -m
+ltcp.template FD LEVEL FORMAT SUPERVISOR``): it imports what a worker needs,
+freezes that heap (no collection writes to those pages again) and waits.
+Each worker is a fork of it: serving within milliseconds, and sharing those
+pages with its siblings.
+
+Why not fork the supervisor: it runs threads (discovery, admin, a reader and a
+writer per worker), and a fork copies whatever lock one of them held at that
+instant.  The template never starts a thread, and holds no listening socket:
+each request brings the worker's descriptors, which go to the worker and are
+closed here.
+
+Workers remain the supervisor's children.  The template forks twice and the
+middle process exits at once, so the worker is re-parented to the
+supervisor, a child subreaper (``lifeline.adopt_orphans``): the supervisor
+reaps, signals and carries workers across an upgrade as it always did, and a
+worker, once its parent is the supervisor, ties its life to it.
+
+One request at a time, on a SOCK_SEQPACKET socket pair (a message and its
+descriptors travel together)::
+
+    ("spawn", keys) + [channel, listening sockets in the order of keys]
+        -> ("spawned", pid) | ("failed", why)
+
+The supervisor's side is ``Template``; a supervisor that cannot use one (it
+failed to start) starts fresh interpreters instead.
+"""
+
+import gc
+import logging
+import os
+import pickle
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from . import launch, logs, worker
+from .lifeline import die_with
+
+__all__ = ["Template", "TemplateError", "main"]
+
+log = logging.getLogger("ltcp.template")  # (not __name__: run as a script, that is __main__)
+
+MAX_MESSAGE = 64 * 1024
+MAX_DESCRIPTORS = 1024  # a channel and the listening sockets of one configuration
+ANSWER_TIMEOUT = 10.0  # seconds for the template to answer a request
+ADOPTION_TIMEOUT = 2.0  # seconds for a new worker to become the supervisor's child
+
+
+class TemplateError(Exception):
+    """The template could not be started, or did not answer."""
+
+
+class Template:
+    """The supervisor's end: starts the template process, and asks it for workers (main thread only)."""
+
+    def __init__(self, logging_args):
+        self.logging_args = logging_args
+        self.sock = None
+        self.proc = None
+
+    def spawn(self, channel, sockets):
+        """Fork a worker for ``channel`` and ``sockets`` (key -> socket); its pid.
+
+        Raises TemplateError (the template is then restarted at the next call).
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        keys = list(sockets)
+        try:
+            socket.send_fds(self.sock, [pickle.dumps(("spawn", keys))],
+                            [channel.fileno(), *(sockets[key].fileno() for key in keys)])
+            answer = self.sock.recv(MAX_MESSAGE)
+        except OSError as exc:
+            self.close()
+            raise TemplateError(f"the worker template failed: {exc.strerror or exc}") from None
+        if not answer:
+            self.close()
+            raise TemplateError("the worker template exited")
+        kind, detail = pickle.loads(answer)
+        if kind != "spawned":
+            raise TemplateError(detail)
+        return detail
+
+    def _start(self):
+        self.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                launch.python_module("ltcp.template", str(theirs.fileno()), *self.logging_args, str(os.getpid())),
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            ours.close()
+            raise TemplateError(f"cannot start the worker template: {exc.strerror or exc}") from None
+        finally:
+            theirs.close()
+        ours.settimeout(ANSWER_TIMEOUT)
+        self.sock = ours
+        log.info("worker template %d started", self.proc.pid)
+
+    def close(self):
+        """Stop the template (it exits when its channel closes); workers it forked are not its to stop."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(ANSWER_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+# -- the template process --------------------------------------------------------------
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    fd, level, log_format, supervisor = int(argv[0]), argv[1], argv[2], int(argv[3])
+    logs.configure(level, log_format)
+    die_with(supervisor)
+    for signum in worker.SUPERVISOR_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    sock = socket.socket(fileno=fd)
+    gc.freeze()  # what is imported by now is shared with every worker: never scanned, never written
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_DESCRIPTORS)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            return 0  # the supervisor closed its end: an upgrade, a shutdown, or it is gone
+        try:
+            kind, keys = pickle.loads(data)
+            if kind != "spawn":
+                raise ValueError(f"unknown request {kind!r}")
+            answer = _fork_worker(sock, fds, keys, supervisor)
+        except Exception as exc:  # a request this template cannot serve: the supervisor falls back
+            log.exception("worker template: request failed")
+            answer = ("failed", f"the worker template failed: {exc}")
+        finally:
+            for number in fds:
+                os.close(number)
+        sock.send(pickle.dumps(answer))
+
+
+def _fork_worker(template_sock, fds, keys, supervisor):
+    """Fork twice; the grandchild becomes a worker, the supervisor's child; ("spawned", pid)."""
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(read_end)
+            pid = os.fork()
+            if pid == 0:
+                os.close(write_end)
+                template_sock.close()
+                _be_worker(fds, keys, supervisor)  # (never returns)
+            os.write(write_end, str(pid).encode())
+        finally:
+            os._exit(0)  # (a failed fork too: the template answers "failed")
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        pid = pipe.read()
+    os.waitpid(middle, 0)
+    if not pid:
+        return "failed", "the worker template could not fork"
+    return "spawned", int(pid)
+
+
+def _be_worker(fds, keys, supervisor):
+    """Serve as a worker, once adopted by the supervisor; exit with its status, never return."""
+    status = 1
+    try:
+        deadline = time.monotonic() + ADOPTION_TIMEOUT
+        while os.getppid() != supervisor:  # the middle process is exiting: the supervisor adopts us
+            if time.monotonic() > deadline:
+                raise SystemExit("ltcp worker: the supervisor is gone")
+            time.sleep(0.0005)
+        die_with(supervisor)
+        random.seed()  # (a copy of the template's state otherwise: every worker would draw alike)
+        channel = socket.socket(fileno=fds[0])
+        sockets = {key: socket.socket(fileno=number) for key, number in zip(keys, fds[1:])}
+        status = worker.serve(channel, sockets)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+        if isinstance(exc.code, str):
+            log.error("%s", exc.code)
+    except BaseException:
+        log.exception("worker failed")
+    finally:
+        logging.shutdown()
+        os._exit(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,7 +50,7 @@ log = logging.getLogger("ltcp.template")  # (not __name__: run as a script, that
 
 MAX_MESSAGE = 64 * 1024
 MAX_DESCRIPTORS = 1024  # a channel and the listening sockets of one configuration
-ANSWER_TIMEOUT = 10.0  # seconds for the template to answer a request
+ANSWER_TIMEOUT = 2.0  # seconds for the template to answer a request (a fork takes milliseconds)
 ADOPTION_TIMEOUT = 2.0  # seconds for a new worker to become the supervisor's child
 
 
@@ -78,11 +78,11 @@ class Template:
             socket.send_fds(self.sock, [pickle.dumps(("spawn", keys))],
                             [channel.fileno(), *(sockets[key].fileno() for key in keys)])
             answer = self.sock.recv(MAX_MESSAGE)
-        except OSError as exc:
-            self.close()
+        except OSError as exc:  # (a timeout included: a template that hangs is replaced)
+            self.close(kill=True)
             raise TemplateError(f"the worker template failed: {exc.strerror or exc}") from None
         if not answer:
-            self.close()
+            self.close(kill=True)
             raise TemplateError("the worker template exited")
         kind, detail = pickle.loads(answer)
         if kind != "spawned":
@@ -90,7 +90,7 @@ class Template:
         return detail
 
     def _start(self):
-        self.close()
+        self.close(kill=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -105,12 +105,14 @@ class Template:
         self.sock = ours
         log.info("worker template %d started", self.proc.pid)
 
-    def close(self):
-        """Stop the template (it exits when its channel closes); workers it forked are not its to stop."""
+    def close(self, kill=False):
+        """Stop the template: it exits when its channel closes (``kill``: now); its workers are not its to stop."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
         if self.proc is not None:
+            if kill:
+                self.proc.kill()
             try:
                 self.proc.wait(ANSWER_TIMEOUT)
             except subprocess.TimeoutExpired:

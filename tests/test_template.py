@@ -1,0 +1,76 @@
+"""Workers forked from the template: the supervisor's children, and a fresh interpreter when the template fails."""
+
+import os
+import re
+import signal
+
+import pytest
+
+from netutil import LtcpProcess, echo, wait_for
+from test_workers import alive, document
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def command(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+
+def templates(ltcp):
+    return [int(pid) for pid in re.findall(r"worker template (\d+) started", ltcp.log)]
+
+
+def replace_a_worker(ltcp):
+    """Kill the first worker; the pid of the one that replaces it."""
+    killed = ltcp.workers[0]
+    slot = re.search(rf"worker {killed} started \(generation 1, slot (\d)\)", ltcp.log).group(1)
+    os.kill(killed, signal.SIGKILL)
+    started = wait_for(lambda: re.findall(rf"worker (\d+) started \(generation 1, slot {slot}\)", ltcp.log)[1:],
+                       timeout=30, message="the replacement to start")
+    replacement = int(started[0])
+    wait_for(lambda: f"worker {replacement} (generation 1) serving" in ltcp.log, message="it to serve")
+    return replacement
+
+
+@pytest.fixture
+def ltcp(backends):
+    process = LtcpProcess(document(backends(echo), workers=2))
+    yield process
+    process.stop()
+
+
+def test_workers_are_forks_of_the_template_and_children_of_the_supervisor(ltcp):
+    template, = templates(ltcp)
+    for pid in ltcp.workers:
+        assert parent(pid) == ltcp.proc.pid
+        assert "ltcp.template" in command(pid)  # a fork, never an exec: the template's pages, shared
+    assert parent(template) == ltcp.proc.pid
+
+
+def test_a_killed_template_is_started_again_for_the_next_worker(ltcp):
+    first, = templates(ltcp)
+    os.kill(first, signal.SIGKILL)
+    replacement = replace_a_worker(ltcp)
+    second = templates(ltcp)[-1]
+    assert second != first and alive(second) and not alive(first)
+    assert "ltcp.template" in command(replacement) and parent(replacement) == ltcp.proc.pid
+
+
+def test_a_template_that_hangs_is_replaced_and_the_worker_starts_anyway(ltcp):
+    """A template that does not answer within 2 s: the worker starts as a fresh interpreter."""
+    stuck, = templates(ltcp)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        replacement = replace_a_worker(ltcp)
+    finally:
+        if alive(stuck):
+            os.kill(stuck, signal.SIGCONT)
+    assert "starting the worker as a new interpreter" in ltcp.log
+    assert "ltcp.worker" in command(replacement) and parent(replacement) == ltcp.proc.pid
+    wait_for(lambda: not alive(stuck), message="the stuck template to be killed")

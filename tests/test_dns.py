@@ -5,17 +5,22 @@ that A and AAAA records can tell them apart; each test binds its own ports.
 """
 
 import json
+import logging
 import shutil
+import socket
 import time
 import urllib.request
 
+import dns.rcode
+import dns.rdatatype
 import hypothesis.strategies as st
 import pytest
-from dnsmasq import Dnsmasq
+from dnsmasq import Dnsmasq, FailingServer
 from hypothesis import given
 from netutil import first_line, Backend, Deliveries, LtcpProcess, client_hello, closed_without_data, named, recv_exactly, wait_for
 
-from ltcp.interpreter.dnslookup import DnsInterpreter, Query, parse_name, refresh_delay, srv_addresses
+from ltcp.interpreter.dnslookup import (DnsInterpreter, Failure, Query, lookup_outcome, merge_families, parse_name,
+                                        refresh_delay, srv_addresses)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,6 +90,57 @@ def test_refresh_follows_the_ttl_within_one_second_and_the_period(ttl, period):
         assert delay == ttl
 
 
+_REFUSED = Failure("AAAA web.test", "refused", "REFUSED")
+_TIMEOUT = Failure("A web.test", "timeout", "no answer in 1.0s")
+
+
+@pytest.mark.parametrize("outcomes, kept, ips, keep", [
+    ({"A": ["127.0.0.2"], "AAAA": ["::1"]}, {}, ["127.0.0.2", "::1"], {"A": ("127.0.0.2",), "AAAA": ("::1",)}),
+    # issue 24: a refused AAAA query never discards the A answer
+    ({"A": ["127.0.0.2"], "AAAA": _REFUSED}, {}, ["127.0.0.2"], {"A": ("127.0.0.2",)}),
+    ({"A": _TIMEOUT, "AAAA": ["::1"]}, {}, ["::1"], {"AAAA": ("::1",)}),
+    # a family that answered once and fails now counts with its last answer; the other's new one replaces its old
+    ({"A": ["127.0.0.3"], "AAAA": _REFUSED}, {"A": ("127.0.0.2",), "AAAA": ("::1",)}, ["127.0.0.3", "::1"],
+     {"A": ("127.0.0.3",), "AAAA": ("::1",)}),
+    # "no such record" is an answer: it replaces what was kept
+    ({"A": [], "AAAA": _REFUSED}, {"A": ("127.0.0.2",)}, [], {"A": ()}),
+    ({"A": _TIMEOUT, "AAAA": _REFUSED}, {"A": ("127.0.0.2",)}, ["127.0.0.2"], {"A": ("127.0.0.2",)}),
+    ({"A": _TIMEOUT, "AAAA": _REFUSED}, {}, [], {}),
+])
+def test_families_combine_so_that_a_failure_discards_no_answer(outcomes, kept, ips, keep):
+    assert merge_families(outcomes, kept) == (ips, keep)
+
+
+_family = st.one_of(st.lists(st.sampled_from(["127.0.0.2", "127.0.0.3", "::1", "::2"]), max_size=3),
+                    st.just(_REFUSED))
+
+
+@given(st.fixed_dictionaries({"A": _family, "AAAA": _family}),
+       st.dictionaries(st.sampled_from(["A", "AAAA"]), st.tuples(st.sampled_from(["10.0.0.1", "::9"]))))
+def test_every_answer_serves_and_a_failed_family_serves_only_its_last_answer(outcomes, kept):
+    ips, keep = merge_families(outcomes, kept)
+    expected = set()
+    for family, outcome in outcomes.items():
+        expected |= set(kept.get(family, ())) if isinstance(outcome, Failure) else set(outcome)
+    assert ips == sorted(expected)
+    answered = {family for family, outcome in outcomes.items() if not isinstance(outcome, Failure)}
+    assert set(keep) == answered | set(kept)  # what answered now, and what failed but answered before
+
+
+_SOME = ["an address"]
+
+
+@pytest.mark.parametrize("answered, failures, addresses, outcome", [
+    (True, [], _SOME, "ok"),
+    (True, [], [], "neg"),  # NXDOMAIN or NODATA for every query
+    (True, [_REFUSED], _SOME, "partial"),
+    (True, [_REFUSED], [], "partial"),  # A said "no records", AAAA was refused
+    (False, [_TIMEOUT, _REFUSED], [], "timeout"),  # nothing answered: counted as the first failure
+])
+def test_a_lookup_is_counted_by_whether_its_queries_answered(answered, failures, addresses, outcome):
+    assert lookup_outcome(answered, failures, addresses) == outcome
+
+
 # -- against dnsmasq --------------------------------------------------------------------
 
 @pytest.fixture
@@ -93,8 +149,8 @@ def dnsmasq(tmp_path):
         pytest.skip("dnsmasq is not installed (apt-get install dnsmasq-base; .ci/run does)")
     servers = []
 
-    def start(hosts="", records=()):
-        server = Dnsmasq(str(tmp_path), hosts, records)
+    def start(hosts="", records=(), local=True):
+        server = Dnsmasq(str(tmp_path), hosts, records, local)
         servers.append(server)
         return server
 
@@ -128,18 +184,73 @@ def on_loopback():
         backend.close()
 
 
-def dns_config(server, dst_name, period=30, **interpreter):
+@pytest.fixture
+def failing():
+    """DNS servers that fail queries (``failing(rcodes)``, see ``FailingServer``), stopped afterwards."""
+    servers = []
+
+    def start(rcodes):
+        server = FailingServer(rcodes)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+
+
+def dns_config(server, dst_name, period=30, connect_timeout_ms=3000, **interpreter):
     return {
         "admin": {"port": 0},
         "routers": [{
             "label": "dns",
             "interpreter": {"kind": "io.l5d.dns", "nameservers": [server.nameserver], "periodSecs": period,
                             **interpreter},
-            "servers": [{"port": 0, "dstName": dst_name, "connectTimeoutMs": 3000}],
+            "servers": [{"port": 0, "dstName": dst_name, "connectTimeoutMs": connect_timeout_ms}],
         }],
     }
 
 
+def dns_log(caplog, name, level=logging.WARNING):
+    """What the DNS interpreter logged of ``name`` at ``level``."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "ltcp.interpreter.dnslookup" and r.levelno == level and f" {name}: " in r.getMessage()]
+
+
+def seconds_to_close(proxy):
+    """How long ltcp takes to close a new client without sending it anything."""
+    started = time.monotonic()
+    with proxy.connect() as conn:
+        assert closed_without_data(conn)
+    return time.monotonic() - started
+
+
+def connect_failures(proxy, name):
+    return proxy.call(lambda: dict(proxy.app.routers[0].binder.balancers[name].connect_failures))
+
+
+def endpoint_count(proxy, name):
+    return proxy.call(lambda: len(proxy.app.routers[0].binder.balancers[name].endpoints))
+
+
+def lookups(proxy):
+    return sum(proxy.app.routers[0].interpreter.stats.snapshot()["requests"].values())
+
+
+def name_state(proxy, name):
+    return proxy.app.routers[0].interpreter.stats.snapshot()["names"][name]
 
 
 def tally(proxy, count):
@@ -208,7 +319,7 @@ def test_nxdomain_fails_fast(dnsmasq, proxies):
     assert failures == {"no_endpoints": 1}
 
 
-def test_a_dead_dns_server_keeps_the_last_answer_and_is_counted(dnsmasq, on_loopback, proxies):
+def test_a_dead_dns_server_keeps_the_last_answer_and_is_counted(dnsmasq, on_loopback, proxies, caplog):
     backends = on_loopback(["127.0.0.2"])
     server = dnsmasq("127.0.0.2 web.test\n")
     proxy = proxies(dns_config(server, f"/inet/web.test/{backends[0].port}", period=2))
@@ -217,10 +328,13 @@ def test_a_dead_dns_server_keeps_the_last_answer_and_is_counted(dnsmasq, on_loop
     stats = proxy.app.routers[0].interpreter.stats
     wait_for(lambda: set(stats.snapshot()["requests"]) - {"ok"}, timeout=15, interval=0.1,
              message="a failed lookup counted")
-    assert set(stats.snapshot()["requests"]) - {"ok"} <= {"timeout", "servfail", "error"}
+    assert set(stats.snapshot()["requests"]) - {"ok"} <= {"timeout", "servfail", "unreachable", "error"}
     assert tally(proxy, 3) == {"127.0.0.2": 3}  # the last good set still serves
+    [warning] = dns_log(caplog, f"/inet/web.test/{backends[0].port}")
+    assert "keeping the last answer (1 address)" in warning
 
 
+@needs_ipv6
 def test_aaaa_records_reach_ipv6_endpoints(dnsmasq, on_loopback, proxies):
     backends = on_loopback(["::1"])
     server = dnsmasq(records=["--host-record=six.test,::1"])
@@ -315,3 +429,102 @@ def test_srv_target_dot_means_not_offered_and_is_never_looked_up(dnsmasq):
         assert interpreter.stats.snapshot()["requests"] == {"neg": 1}  # not a lookup of the root, refused
     finally:
         interpreter.close()
+
+
+# -- when some queries fail (issue 24) --------------------------------------------------
+
+def test_a_name_with_only_a_records_serves_when_its_aaaa_query_is_refused(dnsmasq, on_loopback, proxies, caplog):
+    """The report: dnsmasq with --no-resolv refuses the AAAA query of a name it knows only an A record for."""
+    backends = on_loopback(["127.0.0.2"])
+    server = dnsmasq("127.0.0.2 only4.test\n", local=False)
+    name = f"/inet/only4.test/{backends[0].port}"
+    proxy = proxies(dns_config(server, name))
+    assert tally(proxy, 3) == {"127.0.0.2": 3}
+    wait_for(lambda: lookups(proxy) >= 3, message="three lookups")
+    assert proxy.app.routers[0].interpreter.stats.snapshot()["requests"].keys() == {"partial"}
+    assert name_state(proxy, name)["outcome"] == "partial"
+    assert name_state(proxy, name)["failed"] == ["AAAA only4.test refused"]
+    [warning] = dns_log(caplog, name)  # once, not once per lookup
+    assert "AAAA only4.test refused" in warning and "serving what answered (1 address)" in warning
+    assert connect_failures(proxy, name) == {}
+
+
+@needs_ipv6
+def test_an_aaaa_only_name_serves_when_its_a_query_is_refused_and_merges_a_records_once_they_answer(
+        dnsmasq, on_loopback, proxies, caplog):
+    caplog.set_level(logging.INFO, logger="ltcp.interpreter.dnslookup")
+    backends = on_loopback(["::1", "127.0.0.2"])
+    server = dnsmasq("::1 only6.test\n", local=False)
+    name = f"/inet/only6.test/{backends[0].port}"
+    proxy = proxies(dns_config(server, name))
+    assert tally(proxy, 3) == {"::1": 3}
+    [warning] = dns_log(caplog, name)
+    assert "A only6.test refused" in warning and "serving what answered (1 address)" in warning
+    server.set_hosts("::1 only6.test\n127.0.0.2 only6.test\n")
+    wait_for(lambda: endpoint_count(proxy, name) == 2, message="the A record merged in")
+    assert set(tally(proxy, 20)) == {"::1", "127.0.0.2"}
+    assert dns_log(caplog, name, logging.INFO) == [f"dns: {name}: every query answers again (2 addresses)"]
+    assert name_state(proxy, name)["outcome"] == "ok" and name_state(proxy, name)["failed"] == []
+
+
+@pytest.mark.parametrize("family, rcode, kind", [
+    ("AAAA", dns.rcode.SERVFAIL, "servfail"),
+    ("AAAA", None, "timeout"),
+    pytest.param("A", None, "timeout", marks=needs_ipv6),  # asked first, it must leave the AAAA query time to answer
+])
+def test_a_query_failing_upstream_leaves_the_other_family_serving(family, rcode, kind, dnsmasq, failing, on_loopback,
+                                                                  proxies, caplog):
+    """dnsmasq knows one family of the name and forwards the other's query to a server that answers
+    SERVFAIL, or never."""
+    upstream = failing({} if rcode is None else {dns.rdatatype.from_text(family): rcode})
+    ip = "::1" if family == "A" else "127.0.0.2"
+    backends = on_loopback([ip])
+    server = dnsmasq(f"{ip} web.test\n", records=[f"--server=127.0.0.1#{upstream.port}"], local=False)
+    name = f"/inet/web.test/{backends[0].port}"
+    proxy = proxies(dns_config(server, name, connect_timeout_ms=10000))
+    assert tally(proxy, 3) == {ip: 3}
+    assert dns.rdatatype.from_text(family) in upstream.asked
+    assert name_state(proxy, name)["outcome"] == "partial"
+    assert name_state(proxy, name)["failed"] == [f"{family} web.test {kind}"]
+    [warning] = dns_log(caplog, name)
+    assert f"{family} web.test {kind}" in warning and "serving what answered (1 address)" in warning
+
+
+def test_a_name_no_query_answers_fails_its_clients_fast_and_serves_once_it_resolves(dnsmasq, on_loopback, proxies,
+                                                                                     caplog):
+    backends = on_loopback(["127.0.0.2"])
+    server = dnsmasq("", local=False)  # knows no name: refuses every query
+    name = f"/inet/later.test/{backends[0].port}"
+    proxy = proxies(dns_config(server, name, period=2, connect_timeout_ms=10000))
+    for _ in range(3):
+        assert seconds_to_close(proxy) < 1  # not the 10 s connect timeout
+    assert connect_failures(proxy, name) == {"no_endpoints": 3}  # as for a name that resolves to nothing
+    wait_for(lambda: lookups(proxy) >= 3, message="retries")
+    assert proxy.app.routers[0].interpreter.stats.snapshot()["requests"].keys() == {"refused"}
+    assert name_state(proxy, name) == {"outcome": "refused", "failed": ["A later.test refused", "AAAA later.test refused"]}
+    [warning] = dns_log(caplog, name)
+    assert "A later.test refused" in warning and "AAAA later.test refused" in warning
+    assert "no answer yet, none to keep: its clients fail at once" in warning and "last answer" not in warning
+    server.set_hosts("127.0.0.2 later.test\n")
+    wait_for(lambda: endpoint_count(proxy, name) == 1, timeout=10, message="the name resolved on a retry")
+    assert tally(proxy, 3) == {"127.0.0.2": 3}
+
+
+@pytest.mark.parametrize("name, rcode, failed, within", [
+    ("/inet/web.test/80", dns.rcode.SERVFAIL, ["A web.test servfail", "AAAA web.test servfail"], 1),
+    ("/srv/_web._tcp.test", dns.rcode.SERVFAIL, ["SRV _web._tcp.test servfail"], 1),
+    ("/inet/web.test/80", None, ["A web.test timeout", "AAAA web.test timeout"], 4),  # one 2 s lookup first
+])
+def test_a_name_whose_server_fails_every_query_fails_its_clients_fast(name, rcode, failed, within, failing, proxies,
+                                                                      caplog):
+    server = failing({} if rcode is None else {t: rcode for t in (dns.rdatatype.A, dns.rdatatype.AAAA,
+                                                                   dns.rdatatype.SRV)})
+    proxy = proxies(dns_config(server, name, connect_timeout_ms=10000))
+    assert seconds_to_close(proxy) < within  # the first client waits for the first lookup only
+    assert seconds_to_close(proxy) < 0.5  # the next ones not at all
+    assert connect_failures(proxy, name) == {"no_endpoints": 2}
+    kind = failed[0].split()[-1]
+    assert proxy.app.routers[0].interpreter.stats.snapshot()["requests"].keys() == {kind}
+    assert name_state(proxy, name) == {"outcome": kind, "failed": failed}
+    [warning] = dns_log(caplog, name)
+    assert all(query in warning for query in failed) and "no answer yet, none to keep" in warning

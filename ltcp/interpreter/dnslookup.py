@@ -11,11 +11,16 @@ Two kinds of names:
 
 A name is looked up again when its answer's TTL runs out, clamped between
 one second and ``periodSecs``.  NXDOMAIN, or no record at all, means the
-name resolves to nothing, so its clients fail fast.  SERVFAIL, a refusal, a
-timeout or an unreachable server keep the last good set; they are counted
-and retried with backoff.  dnspython follows CNAME chains and retries a
-truncated answer over TCP.  ``POLL_WORKERS`` threads share one schedule, so
-a name whose server hangs delays only itself.
+name resolves to nothing, so its clients fail fast.
+
+A query DNS does not answer (SERVFAIL, a refusal, a timeout, an unreachable
+server) discards nothing: the other queries' answers serve, merged with the
+failed query's last answer if it had one.  When no query answers, the last
+answer stands; a name that never had one resolves to nothing, so its clients
+fail fast instead of waiting out their connect timeout.  Failures are counted,
+logged once per change and retried with backoff.  dnspython follows CNAME
+chains and retries a truncated answer over TCP.  ``POLL_WORKERS`` threads
+share one schedule, so a name whose server hangs delays only itself.
 """
 
 import logging
@@ -27,6 +32,7 @@ from typing import NamedTuple, Optional
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
@@ -35,7 +41,8 @@ from ..names import canonical_ip, is_dns_name, parse_port
 from .schedule import PollSchedule, backoff
 from .stats import DiscoveryStats
 
-__all__ = ["DnsInterpreter", "Query", "parse_name", "srv_addresses", "refresh_delay"]
+__all__ = ["DnsInterpreter", "Failure", "Query", "lookup_outcome", "merge_families", "parse_name", "refresh_delay",
+           "srv_addresses"]
 
 log = logging.getLogger(__name__)
 
@@ -114,25 +121,152 @@ def refresh_delay(ttl, period):
     return min(max(ttl, MIN_REFRESH), period)
 
 
-class Unresolved(Exception):
-    """A lookup that says nothing about the name (the server failed or did not answer)."""
+class Failure(NamedTuple):
+    """A query DNS did not answer, and how: refused, servfail, timeout, unreachable (no server could
+    be reached) or error (any other failure: an unexpected rcode, a malformed answer)."""
 
-    def __init__(self, message, outcome):
-        super().__init__(message)
-        self.outcome = outcome
+    query: str  # the record type and name asked: "AAAA web.test"
+    kind: str
+    detail: str  # what the server said, or did not, briefly
+
+    def __str__(self):
+        return f"{self.query} {self.kind} ({self.detail})"
+
+
+def merge_families(outcomes, kept):
+    """One host's IPs from its per-family outcomes, and the answers to keep for its next lookup.
+
+    ``outcomes`` maps a family ("A", "AAAA") to the IPs its query gave (empty: no such name or
+    record) or to a ``Failure``.  A failed family counts with its answer in ``kept`` if it ever
+    had one, and with nothing otherwise: one family's failure never discards another's answer.
+    """
+    answers = {}
+    for family, outcome in outcomes.items():
+        if not isinstance(outcome, Failure):
+            answers[family] = tuple(outcome)
+        elif family in kept:
+            answers[family] = kept[family]
+    return sorted({ip for ips in answers.values() for ip in ips}), answers
+
+
+def lookup_outcome(answered, failures, addresses):
+    """How one lookup of a name is counted.
+
+    ``ok`` or ``neg`` when every query answered; ``partial`` when some failed but others
+    answered (what answered serves); else how the first query failed (nothing new is known).
+    """
+    if not failures:
+        return "ok" if addresses else "neg"
+    return "partial" if answered else failures[0].kind
+
+
+class _Lookup:
+    """One lookup of one name: its queries, what answered, what failed, the answers to keep.
+
+    ``kept`` (host -> family -> IPs) holds the answers of the name's previous lookup: a query
+    that fails now counts with its last answer.  One deadline bounds the whole lookup.
+    """
+
+    def __init__(self, resolver, deadline, kept, period):
+        self.resolver = resolver
+        self.deadline = deadline
+        self.kept = kept
+        self.period = period
+        self.keep = {}  # host -> family -> IPs: ``kept`` for the next lookup
+        self.failures = []
+        self.ttls = []  # of every query that answered
+        self.answered = False  # did any query answer?
+        self.stale = False  # does a failed query count with its last answer?
+
+    def run(self, query):
+        """The addresses of ``query``, as far as DNS answered."""
+        if query.kind == "inet":
+            return [Address(ip, query.port) for ip in self.addresses(query.host)]
+        answer = self.query(query.host, dns.rdatatype.SRV)
+        if answer is None or isinstance(answer, Failure):
+            return []
+        records = sorted((r.priority, r.weight, r.port, _target(r.target))
+                         for r in answer)[:MAX_SRV_TARGETS]  # (sorted first: the same cut however rotated)
+        additional, additional_ttl = _additional_addresses(answer.response)
+        self.ttls.append(additional_ttl)
+
+        def addresses_of(target):
+            if not target:
+                return []
+            return additional[target] if target in additional else self.addresses(target)
+
+        return srv_addresses(records, addresses_of)
+
+    def addresses(self, host):
+        """``host``'s IPs from its A and AAAA records, sorted (servers rotate them: no change to deliver).
+
+        The A query may take half the time left, so that a server ignoring one
+        family still leaves the other time to answer.
+        """
+        outcomes = {}
+        for share, rdtype in zip((2, 1), _ADDRESS_TYPES):  # A: half the time left; AAAA: the rest
+            answer = self.query(host, rdtype, share)
+            outcomes[dns.rdatatype.to_text(rdtype)] = (
+                answer if isinstance(answer, Failure) else [canonical_ip(r.address) for r in answer or ()])
+        ips, answers = merge_families(outcomes, self.kept.get(host, {}))
+        self.keep[host] = answers
+        self.stale = self.stale or any(isinstance(outcomes[family], Failure) for family in answers)
+        return ips
+
+    def query(self, host, rdtype, share=1):
+        """``host``'s records of ``rdtype``; None when the name or the records do not exist;
+        a ``Failure`` (also recorded) when DNS did not say.  The query may take 1/``share``
+        of the time left."""
+        asked = f"{dns.rdatatype.to_text(rdtype)} {host}"
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return self._failed(Failure(asked, "timeout", "not asked: the lookup's time was up"))
+        try:
+            answer = self.resolver.resolve(dns.name.from_text(host), rdtype, search=False, lifetime=left / share)
+        except dns.resolver.NXDOMAIN as exc:
+            return self._negative(next(iter(exc.responses().values()), None))
+        except dns.resolver.NoAnswer as exc:
+            return self._negative(exc.response())
+        except dns.resolver.LifetimeTimeout:
+            return self._failed(Failure(asked, "timeout", f"no answer in {left / share:.1f}s"))
+        except dns.resolver.NoNameservers as exc:
+            return self._failed(_server_failure(asked, exc))
+        except (dns.exception.DNSException, OSError) as exc:
+            return self._failed(Failure(asked, "error", str(exc) or type(exc).__name__))
+        self._answer(answer.chaining_result.minimum_ttl)
+        return answer
+
+    def _answer(self, ttl):
+        self.answered = True
+        self.ttls.append(ttl)
+
+    def _negative(self, response):
+        """No such name or record: an answer, holding as long as RFC 2308 says (the SOA's TTL or
+        its minimum, whichever is less), else ``periodSecs``."""
+        ttls = [min(rrset.ttl, rrset[0].minimum) for rrset in getattr(response, "authority", ())
+                if rrset.rdtype == dns.rdatatype.SOA and len(rrset)]
+        self._answer(min(ttls, default=self.period))
+        return None
+
+    def _failed(self, failure):
+        self.failures.append(failure)
+        return failure
 
 
 class _Name:
     """One watched name: what was last delivered and when to look again."""
 
-    __slots__ = ("name", "query", "deliver", "last", "failures", "stopped")
+    __slots__ = ("name", "query", "deliver", "last", "kept", "answered", "trouble", "failures", "stopped")
 
     def __init__(self, name, query, deliver):
         self.name = name
         self.query = query
         self.deliver = deliver
         self.last = ()  # nothing delivered yet
-        self.failures = 0
+        self.kept = {}  # the answers of the last lookup that had any (see _Lookup)
+        self.answered = False  # has any lookup of it ever answered?
+        self.trouble = None  # what was last logged of its failures (None: nothing is failing)
+        self.failures = 0  # lookups in a row with a failed query
         self.stopped = threading.Event()
 
 
@@ -154,7 +288,7 @@ class DnsInterpreter:
         if nameservers:
             self._resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in nameservers]
         self._resolver.lifetime = timeout
-        self._resolver.timeout = timeout / 2  # one server's share: a second server still gets a try
+        self._resolver.timeout = timeout / 4  # one server's share of a query's half: a second server gets a try
         self._schedule = PollSchedule()
         self._entries = {}  # name -> _Name (reactor or hub thread only)
         self._threads = []
@@ -218,94 +352,67 @@ class DnsInterpreter:
                 self._schedule.add(entry, delay)
 
     def _refresh(self, entry):
-        """Look ``entry`` up once and deliver what changed; the delay until the next look."""
+        """Look ``entry`` up once, deliver what changed, say what failed; the delay until the next look."""
         started = time.monotonic()
-        try:
-            addresses, ttl = self._lookup(entry.query, started + self.timeout)
-        except Unresolved as exc:
-            self.stats.request(exc.outcome)
-            entry.failures += 1
-            level = logging.WARNING if entry.failures == 1 else logging.DEBUG
-            log.log(level, "dns: %s: %s (%s); keeping the last answer, retrying with backoff up to %gs",
-                    entry.name, exc, exc.outcome, self.period)
-            self.stats.name_state(entry.name, outcome=exc.outcome)
-            return backoff(entry.failures, FIRST_BACKOFF, self.period)
-        self.stats.observe(time.monotonic() - started)
-        outcome = "ok" if addresses else "neg"
+        lookup = _Lookup(self._resolver, started + self.timeout, entry.kept, self.period)
+        addresses = lookup.run(entry.query)
+        outcome = lookup_outcome(lookup.answered, lookup.failures, addresses)
         self.stats.request(outcome)
-        entry.failures = 0
-        delay = refresh_delay(ttl, self.period)
-        self.stats.name_state(entry.name, outcome=outcome, ttl=round(ttl, 3), updated=time.time())
-        update = addresses or None
+        failed = [f"{failure.query} {failure.kind}" for failure in lookup.failures]
+        ttl = min(lookup.ttls, default=None)
+        if lookup.answered:
+            self.stats.observe(time.monotonic() - started)
+            self.stats.name_state(entry.name, outcome=outcome, failed=failed, ttl=round(ttl, 3), updated=time.time())
+            entry.kept, entry.answered = lookup.keep, True
+            update = addresses or None
+        else:  # nothing new: the last answer stands; with none, clients fail at once rather than wait for one
+            self.stats.name_state(entry.name, outcome=outcome, failed=failed)
+            update = entry.last if entry.answered else None
+        self._report(entry, lookup, update)
         if update != entry.last and not entry.stopped.is_set():
             entry.last = update
             entry.deliver(update)
-        return delay
+        return self._next_delay(entry, lookup.failures, ttl)
 
-    def _lookup(self, query, deadline):
-        """(addresses, ttl) for ``query``; addresses empty when DNS says there are none."""
-        if query.kind == "inet":
-            ips, ttl = self._addresses(query.host, deadline)
-            return [Address(ip, query.port) for ip in ips], ttl
-        answer, ttl = self._resolve(query.host, dns.rdatatype.SRV, deadline)
-        if answer is None:
-            return [], ttl
-        records = sorted((r.priority, r.weight, r.port, _target(r.target))
-                         for r in answer)[:MAX_SRV_TARGETS]  # (sorted first: the same cut however rotated)
-        additional, additional_ttl = _additional_addresses(answer.response)
-        ttls = [ttl, additional_ttl]
+    def _next_delay(self, entry, failures, ttl):
+        """When what answered expires (``ttl``, None if nothing did); sooner, on the backoff, while a query fails."""
+        if not failures:
+            entry.failures = 0
+            return refresh_delay(ttl, self.period)
+        entry.failures += 1
+        retry = backoff(entry.failures, FIRST_BACKOFF, self.period)
+        return retry if ttl is None else min(retry, refresh_delay(ttl, self.period))
 
-        def addresses_of(target):
-            if not target:
-                return []
-            if target in additional:
-                return additional[target]
-            ips, target_ttl = self._addresses(target, deadline)
-            ttls.append(target_ttl)
-            return ips
-
-        return srv_addresses(records, addresses_of), min(ttls)
-
-    def _addresses(self, host, deadline):
-        """(IPs of ``host`` from its A and AAAA records, sorted, the shortest TTL among them).
-
-        Sorted because servers rotate the order of records: the same set in
-        another order is no change to deliver.
-        """
-        ips, ttls = [], []
-        for rdtype in _ADDRESS_TYPES:
-            answer, ttl = self._resolve(host, rdtype, deadline)
-            ttls.append(ttl)
-            if answer is not None:
-                ips.extend(canonical_ip(r.address) for r in answer)
-        return sorted(ips), min(ttls)
-
-    def _resolve(self, host, rdtype, deadline):
-        """(answer, ttl), or (None, ttl to look again) when the name or the records do not exist."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Unresolved("no answer in time", "timeout")
-        try:
-            answer = self._resolver.resolve(dns.name.from_text(host), rdtype, search=False, lifetime=left)
-        except dns.resolver.NXDOMAIN as exc:
-            return None, self._negative_ttl(next(iter(exc.responses().values()), None))
-        except dns.resolver.NoAnswer as exc:
-            return None, self._negative_ttl(exc.response())
-        except dns.resolver.LifetimeTimeout:
-            raise Unresolved("no answer in time", "timeout") from None
-        except dns.resolver.NoNameservers as exc:
-            raise Unresolved(_first_error(exc), "servfail") from None
-        except (dns.exception.DNSException, OSError) as exc:
-            raise Unresolved(str(exc) or type(exc).__name__, "error") from None
-        return answer, answer.chaining_result.minimum_ttl
+    def _report(self, entry, lookup, update):
+        """Log what fails and what serves when that changes; a retry that changes nothing only at DEBUG."""
+        if not lookup.failures:
+            if entry.trouble is not None:
+                log.info("dns: %s: every query answers again (%s)", entry.name, _count(update))
+            entry.trouble = None
+            return
+        if lookup.answered:
+            serving = "stale" if lookup.stale else "partial"
+        else:
+            serving = "kept" if entry.answered else "none"
+        trouble = (frozenset((failure.query, failure.kind) for failure in lookup.failures), serving)
+        level = logging.DEBUG if trouble == entry.trouble else logging.WARNING
+        entry.trouble = trouble
+        log.log(level, "dns: %s: %s; %s; retrying with backoff up to %gs", entry.name,
+                ", ".join(map(str, lookup.failures)), _SERVING[serving].format(_count(update)), self.period)
 
 
-    def _negative_ttl(self, response):
-        """How long "no such name or record" holds (RFC 2308: the SOA's TTL or its minimum, whichever
-        is less), else ``periodSecs``."""
-        ttls = [min(rrset.ttl, rrset[0].minimum) for rrset in getattr(response, "authority", ())
-                if rrset.rdtype == dns.rdatatype.SOA and len(rrset)]
-        return min(ttls, default=self.period)
+_SERVING = {  # what a name serves while some of its queries fail
+    "partial": "serving what answered ({})",
+    "stale": "serving what answered and the last answer of what failed ({})",
+    "kept": "keeping the last answer ({})",
+    "none": "no answer yet, none to keep: its clients fail at once until one comes",
+}
+
+
+def _count(addresses):
+    """"no addresses", "1 address", "3 addresses"."""
+    n = len(addresses or ())
+    return f"{n or 'no'} address{'' if n == 1 else 'es'}"
 
 
 def _target(name):
@@ -324,10 +431,19 @@ def _additional_addresses(response):
     return {name: sorted(ips) for name, ips in found.items()}, min(ttls)
 
 
-def _first_error(exc):
-    """What the servers said, briefly, from a NoNameservers error."""
+def _server_failure(asked, exc):
+    """A ``Failure`` from dnspython's NoNameservers: how the first server failed (they rarely differ)."""
     errors = exc.kwargs.get("errors") or []
-    if errors:
-        server, _, _, error, *_ = errors[0]
-        return f"{server}: {error}"
-    return "every server failed"
+    if not errors:
+        return Failure(asked, "unreachable", "no nameserver to ask")
+    server, _, _, error, response = errors[0]
+    rcode = response.rcode() if response is not None else None
+    if rcode == dns.rcode.REFUSED:
+        kind = "refused"
+    elif rcode == dns.rcode.SERVFAIL:
+        kind = "servfail"
+    elif isinstance(error, OSError):
+        kind = "unreachable"
+    else:
+        kind = "error"
+    return Failure(asked, kind, f"{server}: {error}")

@@ -19,7 +19,6 @@ from . import logs
 from .app import App, tune_garbage_collection
 from .control import Channel, Framer, RemoteDiscovery, encode
 from .snapshot import snapshot
-from .tls import TlsMaterialError
 
 __all__ = ["Worker", "main"]
 
@@ -30,10 +29,10 @@ MAX_LOG_BACKLOG = 4 << 20  # bytes queued for the supervisor beyond which access
 
 
 class Worker:
-    def __init__(self, config, sock, framer, sockets, generation):
+    def __init__(self, config, material, sock, framer, sockets, generation):
         self.generation = generation
         self.remote = {router.label: RemoteDiscovery(router.label, self.send) for router in config.routers}
-        self.app = App(config, interpreters=self.remote, sockets=sockets, log_sink=self._send_log)
+        self.app = App(config, interpreters=self.remote, sockets=sockets, log_sink=self._send_log, material=material)
         self.channel = Channel(self.app.reactor, sock, self._received, self._orphaned, framer)
 
     def send(self, message):
@@ -112,7 +111,8 @@ SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUS
 
 
 def _receive_start(sock, framer):
-    """Block for the first message, ("start", config, sockets by key -> fd, generation); and any after it."""
+    """Block for the first message, ("start", config, material, sockets by key -> fd, generation); and any after
+    it."""
     while True:
         data = sock.recv(1 << 20)
         if not data:
@@ -130,13 +130,9 @@ def main(argv=None):
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the supervisor's mask is inherited: a worker has one thread
     sock, framer = socket.socket(fileno=fd), Framer()
-    (_, config, fds, generation), early = _receive_start(sock, framer)
+    (_, config, material, fds, generation), early = _receive_start(sock, framer)
     sockets = {key: socket.socket(fileno=number) for key, number in fds.items()}
-    try:
-        worker = Worker(config, sock, framer, sockets, generation)
-    except TlsMaterialError as exc:  # a certificate changed on disk since the supervisor checked it
-        log.error("worker cannot start: %s", exc)
-        return 2
+    worker = Worker(config, material, sock, framer, sockets, generation)
     # A service manager may signal every process of the service: SIGTERM drains here too.
     signal.signal(signal.SIGTERM, lambda signum, frame: worker.app.request_drain())
     for message in early:

@@ -34,8 +34,8 @@ def proxies():
     """Start proxies with ``proxies(document)``; all are stopped afterwards."""
     started = []
 
-    def start(document, admin=False):
-        proxy = Proxy(document, admin)
+    def start(document, admin=False, material=None):
+        proxy = Proxy(document, admin, material)
         started.append(proxy)
         return proxy
 

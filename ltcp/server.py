@@ -107,15 +107,18 @@ class StreamBudget:
 def listen(config):
     """A listening socket for one server's address (OSError naming the address if it cannot be had)."""
     family = socket.AF_INET6 if ":" in config.ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted sockets inherit TCP_NODELAY on Linux: one setsockopt here, none per client.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((config.ip, config.port))
-        sock.listen(BACKLOG)
+    try:  # (the socket itself too: out of descriptors, the address is what the operator needs to hear)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted sockets inherit TCP_NODELAY on Linux: one setsockopt here, none per client.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((config.ip, config.port))
+            sock.listen(BACKLOG)
+        except OSError:
+            sock.close()
+            raise
     except OSError as exc:
-        sock.close()
         raise OSError(exc.errno, f"cannot listen on {config.address}: {exc.strerror}") from None
     return sock
 

@@ -22,12 +22,14 @@ socket is reset by either.
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import functools
 import itertools
 import pickle
 import logging
 import os
 import queue
+import resource
 import select
 import signal
 import socket
@@ -359,21 +361,31 @@ class Supervisor:
         log.info("router %s listening on %s for %s", router.label, address, server.dst_name)
 
     def _open_listeners(self, config, announce=None):
-        """Open the sockets ``config`` needs that are not open yet; the keys opened (all or none)."""
+        """Open the sockets ``config`` needs that are not open yet; the keys opened (all or none).
+
+        Out of descriptors, the error says how many the configuration needs
+        and how many the limit leaves free, not just "Too many open files".
+        """
+        servers = [(router, server, listener_key(router.label, index, server))
+                   for router in config.routers for index, server in enumerate(router.servers)]
         opened = []
         try:
-            for router in config.routers:
-                for index, server in enumerate(router.servers):
-                    key = listener_key(router.label, index, server)
-                    if key not in self.sockets:
-                        self.sockets[key] = listen(server)
-                        opened.append(key)
-                    if announce:
-                        announce(router, server, self.sockets[key])
-        except OSError:
+            for router, server, key in servers:
+                if key not in self.sockets:
+                    self.sockets[key] = listen(server)
+                    opened.append(key)
+                if announce:
+                    announce(router, server, self.sockets[key])
+        except OSError as exc:
             for key in opened:
                 self.sockets.pop(key).close()
-            raise
+            if exc.errno != errno.EMFILE:
+                raise
+            needed = sum(key not in self.sockets for _, _, key in servers)
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            free = limit - len(os.listdir("/proc/self/fd")) + 1  # (listdir's own descriptor is free again)
+            raise OSError(exc.errno, f"{exc.strerror}: {needed} new listening sockets are needed and {free} of "
+                                     f"the {limit} descriptors this process may open are free") from None
         return opened
 
     def _generation(self, config, material, hubs, number):

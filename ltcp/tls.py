@@ -13,6 +13,7 @@ across TCP segments), stops at ``MAX_HELLO_BYTES``, and reports one of:
 
 import base64
 import contextlib
+import datetime
 import errno
 import ipaddress
 import os
@@ -26,7 +27,8 @@ from .names import is_dns_name
 
 __all__ = ["ClientHello", "client_identity", "describe_error", "handshake", "parse_client_hello",
            "normalize_server_name", "routing_identity", "routing_name", "server_context", "client_context",
-           "client_contexts", "attempt", "material_problems", "read_material", "TlsMaterial", "TlsMaterialError",
+           "client_contexts", "attempt", "expiry_warnings", "material_problems", "read_material", "TlsMaterial",
+           "TlsMaterialError",
            "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
 
 NEED_MORE, NOT_TLS, MALFORMED, HELLO = "need_more", "not_tls", "malformed", "hello"
@@ -341,9 +343,14 @@ def _pem_blocks(data):
     return blocks
 
 
+def _certificate_bodies(data):
+    """The base64 lines of each PEM certificate block in ``data``."""
+    return [body for label, body in _pem_blocks(data) if label == "CERTIFICATE"]
+
+
 def _certificates(path, material):
     """The DER of each certificate in a file, which must hold only well-formed ones (at least one)."""
-    bodies = [body for label, body in _pem_blocks(material.pem(path)) if label == "CERTIFICATE"]
+    bodies = _certificate_bodies(material.pem(path))
     if not bodies:
         raise TlsMaterialError(f"{path}: holds no PEM certificate")
     certificates = []
@@ -499,6 +506,88 @@ def client_contexts(client, material):
     """A context for each distinct TLS setting of a router's client, by setting (built once per process)."""
     settings = dict.fromkeys(setting for _, setting in _client_settings(client))
     return {setting: client_context(setting, material) for setting in settings}
+
+
+def expiry_warnings(material, now):
+    """A line for each certificate in ``material`` that is not valid at ``now`` (an aware datetime).
+
+    Such certificates are loaded all the same, as HAProxy and nginx do: a
+    renewal late by minutes should not take a listener down, but it must not
+    go unnoticed either.
+    """
+    return [f"{path}: certificate {index} {why}; loaded all the same" for path in material.paths
+            for index, body in enumerate(_certificate_bodies(material.pem(path)), 1)
+            if (why := _out_of_date(body, now))]
+
+
+def _out_of_date(body, now):
+    """Why a certificate is not valid at ``now``, or None (also when its dates cannot be read: OpenSSL could)."""
+    validity = _validity(body)
+    if validity is None:
+        return None
+    subject, not_before, not_after = validity
+    if now > not_after:
+        return f"({subject}) expired on {not_after:%Y-%m-%d %H:%M:%S} UTC (notAfter)"
+    if now < not_before:
+        return f"({subject}) is not valid before {not_before:%Y-%m-%d %H:%M:%S} UTC (notBefore)"
+    return None
+
+
+# The standard library reads a certificate's dates only through a private function
+# (ssl._ssl._test_decode_cert), so they are read here: a short walk of the DER, RFC 5280 4.1.
+_VERSION, _UTC_TIME, _GENERALIZED_TIME = 0xA0, 0x17, 0x18
+_SUBJECT_LABELS = {b"\x55\x04\x06": "C", b"\x55\x04\x0a": "O", b"\x55\x04\x0b": "OU", b"\x55\x04\x03": "CN"}
+
+
+def _validity(body):
+    """(subject, notBefore, notAfter) of a PEM certificate's base64 lines; None if they cannot be read."""
+    try:
+        ((_, certificate),) = _der_elements(memoryview(base64.b64decode(b"".join(body))))
+        _, tbs = _der_elements(certificate)[0]
+        fields = _der_elements(tbs)
+        if fields[0][0] == _VERSION:
+            fields = fields[1:]
+        (_, validity), (_, subject) = fields[3:5]  # after serialNumber, signature and issuer
+        not_before, not_after = (_der_time(tag, value) for tag, value in _der_elements(validity))
+        return _subject(subject), not_before, not_after
+    except (ValueError, IndexError):
+        return None
+
+
+def _der_elements(data):
+    """[(tag, contents)] of the DER elements one after another in ``data`` (one level deep)."""
+    reader, elements = _Reader(data), []
+    while reader.left:
+        tag, size = reader.number(1), reader.number(1)
+        if size & 0x80:  # the long form: the length is in the next (size & 0x7f) bytes
+            if not 0 < size & 0x7F <= 4:
+                raise ValueError("unsupported DER length")
+            size = reader.number(size & 0x7F)
+        elements.append((tag, reader.take(size)))
+    return elements
+
+
+def _der_time(tag, value):
+    """A UTCTime (two-digit years: 1950..2049) or a GeneralizedTime, as an aware datetime."""
+    text = bytes(value).decode("ascii")
+    if tag == _UTC_TIME:
+        text = ("19" if text[:2] >= "50" else "20") + text
+    elif tag != _GENERALIZED_TIME:
+        raise ValueError("not a time")
+    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+def _subject(name):
+    """A subject's country, organisation, unit and common name, as text for a log line."""
+    parts = []
+    for _, rdn in _der_elements(name):
+        for _, attribute in _der_elements(rdn):
+            (_, oid), (_, value) = _der_elements(attribute)[:2]
+            label = _SUBJECT_LABELS.get(bytes(oid))
+            if label:
+                text = bytes(value).decode("utf-8", "replace")
+                parts.append(label + "=" + "".join(c if c.isprintable() else "?" for c in text))
+    return ", ".join(parts) or "no subject"
 
 
 def attempt(build, *args):

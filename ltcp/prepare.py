@@ -3,15 +3,16 @@
 ``--check``, the supervisor's start and every reload call ``prepare``, so
 none can accept what another refuses, and a generation's workers are handed
 the very bytes that were checked (``tls.TlsMaterial``), never the paths.
-A certificate out of its validity period is valid but unwise: it is
-logged as a warning, once per load, by the supervisor alone.
+What is valid but unwise (a server that never times a stream out, a
+certificate out of its validity period) is logged as a warning, once per
+load, by the supervisor alone.
 """
 
 import datetime
 import logging
 from typing import Any, NamedTuple
 
-from .config import ConfigError, load
+from .config import ConfigError, load, missing_timeouts
 from .tls import TlsMaterial, expiry_warnings, material_problems, read_material
 
 __all__ = ["Prepared", "prepare"]
@@ -31,6 +32,6 @@ def prepare(path):
     problems = material_problems(config, material)
     if problems:
         raise ConfigError(problems)
-    for line in expiry_warnings(material, datetime.datetime.now(datetime.timezone.utc)):
+    for line in missing_timeouts(config) + expiry_warnings(material, datetime.datetime.now(datetime.timezone.utc)):
         log.warning("%s", line)
     return Prepared(config, material)

@@ -1,7 +1,8 @@
 """What the operator is told about a configuration that is valid but risky, or that cannot be served.
 
 Warnings come from the supervisor (and ``--check``) once per load, never
-once per worker: certificates out of their validity period.
+once per worker: certificates out of their validity period, servers that
+never time a stream out.
 """
 
 import datetime
@@ -83,6 +84,18 @@ def test_out_of_date_certificates_are_warned_about_and_served(instances, backend
     check = subprocess.run([sys.executable, "-m", "ltcp", "--check", str(ltcp.path)], capture_output=True, text=True,
                            timeout=60)
     assert check.returncode == 0 and f"{tmp_path}/future.crt: certificate 1 (" in check.stderr, check.stderr
+
+
+def test_servers_without_timeouts_are_warned_about_once_each_at_start_and_reload(instances, backends):
+    warning = "neither idleTimeoutMs nor connectionLifetimeSecs is set, so a stream whose peer stops reading is held"
+    servers = [{"port": 0, "dstName": "/svc/a", **TIMEOUTS},
+               {"port": 0, "dstName": "/svc/a", "connectionLifetimeSecs": 60},
+               {"port": 0, "dstName": "/svc/a"}]
+    ltcp = instances(document(backends(echo), workers=2, servers=servers))
+    assert ltcp.log.count(warning) == 1
+    assert f"routers[0].servers[2] (router r, 127.0.0.1:0): {warning}" in ltcp.log
+    reload_via_sighup(ltcp, expect=True)
+    assert ltcp.log.count(warning) == 2
 
 
 def test_a_reload_out_of_descriptors_names_the_address_and_what_it_needs(instances, backends):

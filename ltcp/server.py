@@ -165,7 +165,7 @@ class Listener:
                         or access_log is not None)
         self.tls = None
         self.unusable = unusable  # why this process does not serve this server, or None
-        self.context_failures = 0  # 1 once it has not been served for it: counted, and summed over workers
+        self.context_failures = 0  # 1 if this process could not build its contexts (a count: workers' add up)
         if config.tls and unusable is None:
             self.tls, self.unusable = tls.attempt(tls.server_context, config.tls, material, names_wanted)
         self._intake = bool(config.proxy_protocol or config.tls or "{sni}" in config.dst_name)

@@ -28,8 +28,7 @@ from .names import is_dns_name
 __all__ = ["ClientHello", "client_identity", "describe_error", "handshake", "parse_client_hello",
            "normalize_server_name", "routing_identity", "routing_name", "server_context", "client_context",
            "client_contexts", "attempt", "expiry_warnings", "material_problems", "read_material", "TlsMaterial",
-           "TlsMaterialError",
-           "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
+           "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
 
 NEED_MORE, NOT_TLS, MALFORMED, HELLO = "need_more", "not_tls", "malformed", "hello"
 MAX_HELLO_BYTES = 16 * 1024  # the whole ClientHello handshake message, across records

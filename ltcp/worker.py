@@ -2,7 +2,9 @@
 
 Started by the supervisor as ``python -m ltcp.worker FD LEVEL FORMAT`` (a fresh
 interpreter, so no lock a supervisor thread held can be inherited), it
-reads its configuration from the control channel on descriptor FD, serves
+reads its configuration and its TLS material (the bytes of the key and
+certificate files, as the supervisor checked them: never the files
+themselves) from the control channel on descriptor FD, serves
 until told to drain (or until the channel closes: the supervisor is gone),
 then sends a last snapshot, so the instance's counters keep its streams.
 

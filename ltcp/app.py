@@ -12,6 +12,7 @@ from .accesslog import FileWriter, StreamLog
 from .loop import Reactor
 from .router import Router
 from .server import StreamBudget
+from .tls import read_material
 
 __all__ = ["App", "tune_garbage_collection"]
 
@@ -78,10 +79,12 @@ class App:
     router runs its own in this process.  ``sockets`` are listening sockets
     already open, by ``router.listener_key``.  ``log_sink(data, lines)``
     takes the access log's chunks (a worker's control channel); without one,
-    an app with an access log writes the file itself.
+    an app with an access log writes the file itself.  ``material`` holds
+    the TLS files' bytes (``tls.TlsMaterial``, as the supervisor checked
+    them); without it they are read now.
     """
 
-    def __init__(self, config, interpreters=None, sockets=None, log_sink=None):
+    def __init__(self, config, interpreters=None, sockets=None, log_sink=None, material=None):
         self.config = config
         self.reactor = Reactor()
         self.log_writer = None  # the access log's file, when this process writes it
@@ -101,8 +104,9 @@ class App:
             from .interpreter import build
             interpreters = {router.label: checked(build(router.interpreter), router.client)
                             for router in config.routers}
-        self.routers = [Router(self.reactor, router, self.buffer, self.budget, interpreters[router.label], sockets,
-                               self.access_log) for router in config.routers]
+        material = read_material(config) if material is None else material
+        self.routers = [Router(self.reactor, router, self.buffer, self.budget, interpreters[router.label], material,
+                               sockets, self.access_log) for router in config.routers]
 
     @property
     def listeners(self):

@@ -21,7 +21,6 @@ from .connector import Connect
 from .endpoint import RETIRED, EndpointSet
 from .lifecycle import Lifecycle, State
 from .loop import ERRORS, HANGUP, READ, WRITE, Registration
-from .tls import client_context
 
 __all__ = ["Balancer", "Dial", "DialOwner", "DIAL"]
 
@@ -39,7 +38,7 @@ CANCELLED = "cancelled"  # an attempt its stream abandoned: no failure at all
 class Balancer:
     """Endpoints of one destination name and how connections are spread over them."""
 
-    def __init__(self, reactor, name, settings, budget, router="", rng=None):
+    def __init__(self, reactor, name, settings, budget, router="", rng=None, tls=None):
         self.reactor = reactor
         self.name = name
         self.prefix = f"{router} {name}".strip()  # how log lines name this destination
@@ -59,7 +58,7 @@ class Balancer:
         self.queued = None  # the newest update that arrived during a merge
         self.dials = 0  # streams between accept and established that use this balancer
         self.connect_failures = collections.Counter()  # cause -> count
-        self.tls = (client_context(settings.tls), settings.tls.dns_name) if settings.tls else None
+        self.tls = tls  # (client context, server name) when the endpoints speak TLS
         self.proxy_header = {"v1": proxyproto.build_v1, "v2": proxyproto.build_v2}.get(settings.proxy_protocol)
 
     def __repr__(self):

@@ -19,11 +19,12 @@ MAX_DESTINATIONS = 1000
 
 
 class Binder:
-    def __init__(self, reactor, interpreter, client_config, budget, label="", capacity=MAX_DESTINATIONS):
+    def __init__(self, reactor, interpreter, client_config, budget, tls_contexts, label="", capacity=MAX_DESTINATIONS):
         self.reactor = reactor
         self.label = label
         self.interpreter = interpreter
         self.client_config = client_config
+        self.tls_contexts = tls_contexts  # client TLS setting -> its context (tls.client_contexts)
         self.budget = budget
         self.capacity = capacity
         self.balancers = {}
@@ -40,8 +41,9 @@ class Binder:
         if len(self.balancers) >= self.capacity and not self._evict():
             return None
         self.creations += 1
-        balancer = self.balancers[name] = Balancer(self.reactor, name, self.client_config.settings_for(name),
-                                                   self.budget, self.label)
+        settings = self.client_config.settings_for(name)
+        tls = (self.tls_contexts[settings.tls], settings.tls.dns_name) if settings.tls else None
+        balancer = self.balancers[name] = Balancer(self.reactor, name, settings, self.budget, self.label, tls=tls)
         self.interpreter.watch(name, functools.partial(self.reactor.call_soon_threadsafe, balancer.update))
         return balancer
 

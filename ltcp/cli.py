@@ -5,9 +5,9 @@ import os
 import sys
 
 from . import __version__
-from .config import ConfigError, load
-from .tls import material_problems
+from .config import ConfigError
 from .logs import FORMATS, configure
+from .prepare import prepare
 from .worker import Worker  # noqa: F401  (so --check proves that what every worker runs loads)
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -55,14 +55,11 @@ def main(argv=None):
     configure(args.log_level, args.log_format)
     name = "<stdin>" if args.config == "-" else args.config
     try:
-        config = load(args.config)
+        config, material = prepare(args.config)
     except ConfigError as exc:
         return _refuse(name, exc.errors)
-    problems = material_problems(config)
-    if problems:
-        return _refuse(name, problems)
     from .supervisor import serve  # (under --check too: an upgrade's check proves the new code loads)
     if args.check:
         print(f"ok: {summary(config)}")
         return 0
-    return serve(config, args.config, (args.log_level, args.log_format))
+    return serve(config, material, args.config, (args.log_level, args.log_format))

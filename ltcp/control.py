@@ -7,7 +7,9 @@ trust model holds, and configurations and snapshots cross as they are.
 
 supervisor -> worker::
 
-    ("start", config, sockets, generation)   first, once: sockets maps listener_key -> fd
+    ("start", config, material, sockets, generation)
+                                             first, once: the TLS files' bytes (tls.TlsMaterial) as the
+                                             supervisor checked them; sockets maps listener_key -> fd
     ("update", label, name, addresses)       a watched name's endpoint set (None: resolves to nothing)
     ("snapshot", token, listed)              please answer with your snapshot
     ("drain",)                               stop accepting, finish streams within graceSecs, exit

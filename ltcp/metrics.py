@@ -51,6 +51,8 @@ FAMILIES = {  # key: (family class, name, help, labels)
                  _SERVER),
     "fallbacks": (CounterMetricFamily, "ltcp_sni_fallbacks", "Streams sent to defaultDstName, by cause",
                   _SERVER + ["cause"]),
+    "context_failures": (CounterMetricFamily, "ltcp_tls_context_failures",
+                         "Workers that could not build the server's TLS contexts, and so did not serve it", _SERVER),
     "connect_failures": (CounterMetricFamily, "ltcp_connect_failures",
                          "Failed connects to endpoints (and streams with none), by cause", _DST + ["cause"]),
     "endpoints": (GaugeMetricFamily, "ltcp_endpoints", "Endpoints by state", _DST + ["state"]),
@@ -106,6 +108,7 @@ def _render_server(f, values, server):
         f["stream_failures"].add_metric(values + [cause], count)
     for cause, count in sorted(server["sni_fallbacks"].items()):
         f["fallbacks"].add_metric(values + [cause], count)
+    f["context_failures"].add_metric(values, server.get("tls_context_failures", 0))  # (absent before this version)
     _add_histogram(f["connect_latency"], values, server["connect_latency"])
     _add_histogram(f["duration"], values, server["stream_duration"])
 

@@ -107,15 +107,18 @@ class StreamBudget:
 def listen(config):
     """A listening socket for one server's address (OSError naming the address if it cannot be had)."""
     family = socket.AF_INET6 if ":" in config.ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted sockets inherit TCP_NODELAY on Linux: one setsockopt here, none per client.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((config.ip, config.port))
-        sock.listen(BACKLOG)
+    try:  # (the socket itself too: out of descriptors, the address is what the operator needs to hear)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted sockets inherit TCP_NODELAY on Linux: one setsockopt here, none per client.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((config.ip, config.port))
+            sock.listen(BACKLOG)
+        except OSError:
+            sock.close()
+            raise
     except OSError as exc:
-        sock.close()
         raise OSError(exc.errno, f"cannot listen on {config.address}: {exc.strerror}") from None
     return sock
 
@@ -123,7 +126,10 @@ def listen(config):
 class Listener:
     """One configured server: a listening socket and the streams it accepted."""
 
-    def __init__(self, reactor, config, binder, buffer, label, budget, sock=None, access_log=None):
+    def __init__(self, reactor, config, binder, buffer, label, budget, material, sock=None, access_log=None,
+                 unusable=None):
+        """``material``: the TLS files' bytes to build this server's contexts from; ``unusable``: why this
+        process cannot serve it at all (its router's client contexts failed), or None."""
         self.reactor = reactor
         self.budget = budget
         self.config = config
@@ -157,12 +163,19 @@ class Listener:
         # The SNI costs a callback per handshake: taken when a name, a PROXY v2 header or the log needs it.
         names_wanted = ("{sni}" in config.dst_name or "v2" in binder.client_config.proxy_protocols
                         or access_log is not None)
-        self.tls = tls.server_context(config.tls, names_wanted) if config.tls else None
+        self.tls = None
+        self.unusable = unusable  # why this process does not serve this server, or None
+        self.context_failures = 0  # 1 if this process could not build its contexts (a count: workers' add up)
+        if config.tls and unusable is None:
+            self.tls, self.unusable = tls.attempt(tls.server_context, config.tls, material, names_wanted)
         self._intake = bool(config.proxy_protocol or config.tls or "{sni}" in config.dst_name)
         # A name with placeholders is no name until the intake fills it in (logs show none meanwhile).
         self._dst_name = None if "{" in config.dst_name else config.dst_name
 
     def start(self):
+        if self.unusable is not None:
+            self._serve_nothing()
+            return
         opened = self.sock is None
         if opened:
             self.sock = listen(self.config)
@@ -173,6 +186,17 @@ class Listener:
         self._listen()
         if opened:  # (a supervisor says it once for all its workers)
             log.info("router %s listening on %s for %s", self.label, self.display_address, self.config.dst_name)
+
+    def _serve_nothing(self):
+        """This process cannot build the server's TLS contexts: it leaves the socket to the others, counts it and
+        says why.  Its other servers serve on, and so do other workers."""
+        self.closed = True
+        self.context_failures += 1
+        if self.sock is not None:
+            self.address = self.sock.getsockname()[:2]
+            self.sock.close()
+        log.error("router %s: %s is not served by this process: %s", self.label,
+                  self.display_address if self.address else self.config.address, self.unusable)
 
     @property
     def display_address(self):

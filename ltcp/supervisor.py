@@ -25,12 +25,14 @@ socket is reset by either.
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import functools
 import itertools
 import pickle
 import logging
 import os
 import queue
+import resource
 import select
 import signal
 import socket
@@ -52,11 +54,11 @@ from .metrics import resident_bytes, supervisor_families
 from . import launch, notify
 from .lifeline import adopt_orphans
 from .names import display_address
+from .prepare import prepare
 from .reload import listener_key, listeners, plan
 from .server import listen
 from .snapshot import MAX_LISTED_ENDPOINTS, merge, routers_json
 from .template import Template, TemplateError
-from .tls import material_problems
 
 __all__ = ["Supervisor", "serve"]
 
@@ -257,18 +259,25 @@ def _discovery(router):
 
 
 class Generation:
-    """The workers serving one configuration, and the discovery they subscribe to."""
+    """The workers serving one configuration, and the discovery they subscribe to.
 
-    def __init__(self, number, config, hubs):
+    ``material`` holds the TLS files' bytes as they were checked: each of its
+    workers, a replacement for one that died too, builds its contexts from
+    them, whatever the disk holds by then (None for workers an upgrade
+    inherited, which are never restarted).
+    """
+
+    def __init__(self, number, config, hubs, material=None):
         self.number = number
         self.config = config
+        self.material = material  # tls.TlsMaterial
         self.hubs = hubs  # router label -> Hub
         self.workers = {}  # slot -> WorkerProcess, while it runs
         self.restartable = True  # False for workers inherited through an upgrade, and failed starts
 
 
 class Supervisor:
-    def __init__(self, config, path, logging_args):
+    def __init__(self, config, material, path, logging_args):
         self.path = path  # re-read on reload; "-" (standard input) cannot be
         self.logging_args = logging_args  # (level, format), for the workers
         self.events = Events(HANDLED_SIGNALS)  # work for the main thread, from signals, links and admin
@@ -277,7 +286,7 @@ class Supervisor:
         self.lock = threading.RLock()
         self.sockets = {}  # listener key -> listening socket
         self.generations = []  # live ones, oldest first
-        self.current = Generation(0, config, {})
+        self.current = Generation(0, config, {}, material)
         self.stopping = False
         self.restarts = 0
         self.crashes = {}  # slot -> deaths in a row, each soon after a start
@@ -302,14 +311,14 @@ class Supervisor:
         Raises OSError or RuntimeError when it cannot; nothing is left running then.  After an
         upgrade (``inherited``), new code that cannot serve leaves the previous workers serving.
         """
-        config = self.current.config
+        config, material = self.current.config, self.current.material
         raise_descriptor_limit()  # discovery, health checks and admin clients share it
         previous = self._inherit(inherited) if inherited else None
         try:
             self._configure_access_log(config)
             self._read_inherited(previous)  # (after the log is open: their held lines go to it)
             self._open_listeners(config, self._announce)
-            generation = self._generation(config, hubs={}, number=self._next_number())
+            generation = self._generation(config, material, hubs={}, number=self._next_number())
             problem = self._start_workers(generation)
             if problem:
                 self._abandon(generation)
@@ -359,31 +368,41 @@ class Supervisor:
         log.info("router %s listening on %s for %s", router.label, address, server.dst_name)
 
     def _open_listeners(self, config, announce=None):
-        """Open the sockets ``config`` needs that are not open yet; the keys opened (all or none)."""
+        """Open the sockets ``config`` needs that are not open yet; the keys opened (all or none).
+
+        Out of descriptors, the error says how many the configuration needs
+        and how many the limit leaves free, not just "Too many open files".
+        """
+        servers = [(router, server, listener_key(router.label, index, server))
+                   for router in config.routers for index, server in enumerate(router.servers)]
         opened = []
         try:
-            for router in config.routers:
-                for index, server in enumerate(router.servers):
-                    key = listener_key(router.label, index, server)
-                    if key not in self.sockets:
-                        self.sockets[key] = listen(server)
-                        opened.append(key)
-                    if announce:
-                        announce(router, server, self.sockets[key])
-        except OSError:
+            for router, server, key in servers:
+                if key not in self.sockets:
+                    self.sockets[key] = listen(server)
+                    opened.append(key)
+                if announce:
+                    announce(router, server, self.sockets[key])
+        except OSError as exc:
             for key in opened:
                 self.sockets.pop(key).close()
-            raise
+            if exc.errno != errno.EMFILE:
+                raise
+            needed = sum(key not in self.sockets for _, _, key in servers)
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            free = limit - len(os.listdir("/proc/self/fd")) + 1  # (listdir's own descriptor is free again)
+            raise OSError(exc.errno, f"{exc.strerror}: {needed} new listening sockets are needed and {free} of "
+                                     f"the {limit} descriptors this process may open are free") from None
         return opened
 
-    def _generation(self, config, hubs, number):
+    def _generation(self, config, material, hubs, number):
         """A generation for ``config``, reusing ``hubs`` by label and starting discovery for the rest."""
         hubs = {router.label: hubs.get(router.label) or Hub(router.label, _discovery(router), update_frame)
                 for router in config.routers}
         for hub in hubs.values():
             if not hub.started:
                 hub.start()
-        generation = Generation(number, config, hubs)
+        generation = Generation(number, config, hubs, material)
         with self.lock:
             self.generations.append(generation)
         return generation
@@ -417,7 +436,7 @@ class Supervisor:
         with self.lock:
             generation.workers[slot] = worker
         fds = {key: sock.fileno() for key, sock in sockets.items()}  # (a fresh interpreter has them by number)
-        worker.link.send(("start", generation.config, fds, generation.number))
+        worker.link.send(("start", generation.config, generation.material, fds, generation.number))
         worker.link.start()
         log.info("worker %d started (generation %d, slot %d)", pid, generation.number, slot)
         return worker
@@ -685,23 +704,20 @@ class Supervisor:
         refused = self._not_now("reload")
         if refused:
             return refused
-        try:
-            config = load(self.path)
+        try:  # every file read again and checked, as --check does: a generation serves only what it checked
+            config, material = prepare(self.path)
         except ConfigError as exc:
             return self._reload_failed(exc.errors)
-        problems = material_problems(config)
-        if problems:
-            return self._reload_failed(problems)
         try:  # opened now, used once the reload has succeeded
             log_changed, log_writer = self._open_access_log(config)
         except OSError as exc:
             return self._reload_failed([f"accessLog: cannot open {config.access_log.path}: {exc.strerror}"])
-        outcome = self._reload_with(config, log_changed, log_writer)
+        outcome = self._reload_with(config, material, log_changed, log_writer)
         if log_changed and log_writer is not None and self.access_log is not log_writer:
             log_writer.close()  # the reload was refused: the old log goes on
         return outcome
 
-    def _reload_with(self, config, log_changed, log_writer):
+    def _reload_with(self, config, material, log_changed, log_writer):
         old = self.current
         steps = plan(old.config, config)
         try:
@@ -711,7 +727,7 @@ class Supervisor:
         for key in opened:
             log.info("reload: listening on %s", display_address(self.sockets[key].getsockname()))
         kept = {label: hub for label, hub in old.hubs.items() if label in steps.discovery}
-        generation = self._generation(config, kept, self._next_number())
+        generation = self._generation(config, material, kept, self._next_number())
         problem = self._start_workers(generation)
         if problem:
             self._abandon(generation)
@@ -1020,11 +1036,12 @@ def _kill(pid, signum):
         pass
 
 
-def serve(config, path, logging_args):
-    """Run the supervisor until it has drained; the process exit status."""
+def serve(config, material, path, logging_args):
+    """Run the supervisor until it has drained, serving ``config`` with ``material`` (see ``prepare``); the exit
+    status."""
     # Blocked before any thread starts, so every thread inherits the mask (see Events).
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    supervisor = Supervisor(config, path, logging_args)
+    supervisor = Supervisor(config, material, path, logging_args)
     signal.set_wakeup_fd(supervisor.events.wakeup_fd, warn_on_full_buffer=False)
     supervisor.install_signal_handlers()
     try:

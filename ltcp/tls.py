@@ -12,11 +12,13 @@ across TCP segments), stops at ``MAX_HELLO_BYTES``, and reports one of:
 """
 
 import base64
+import contextlib
+import datetime
 import errno
 import ipaddress
 import os
 import ssl
-import tempfile
+import types
 import weakref
 from typing import NamedTuple, Optional
 
@@ -24,7 +26,8 @@ from .names import is_dns_name
 
 __all__ = ["ClientHello", "client_identity", "describe_error", "parse_client_hello",
            "normalize_server_name", "routing_identity", "routing_name", "server_context", "client_context",
-           "material_problems", "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
+           "client_contexts", "attempt", "expiry_warnings", "material_problems", "read_material", "TlsMaterial",
+           "TlsMaterialError", "NEED_MORE", "NOT_TLS", "MALFORMED", "HELLO"]
 
 NEED_MORE, NOT_TLS, MALFORMED, HELLO = "need_more", "not_tls", "malformed", "hello"
 MAX_HELLO_BYTES = 16 * 1024  # the whole ClientHello handshake message, across records
@@ -231,15 +234,85 @@ class TlsMaterialError(ValueError):
 MAX_PEM_BYTES = 1 << 20
 
 
-def _pem_blocks(path):
-    """[(label, body lines)] of the PEM blocks in a file, read line by line (linear in any input)."""
+class TlsMaterial:
+    """The bytes of every TLS file a configuration names, read once by ``read_material``.
+
+    ``--check``, the supervisor's start and every reload check one of these,
+    and the generation's workers (restarted ones too) build their contexts
+    from it, never from the disk: every worker serves what was checked.  A
+    file that could not be read holds the reason instead, raised on use.
+    """
+
+    __slots__ = ("_files",)
+
+    def __init__(self, files):
+        self._files = types.MappingProxyType(dict(files))  # path -> bytes, or why they could not be read
+
+    @property
+    def paths(self):
+        return tuple(self._files)
+
+    def pem(self, path):
+        """The bytes read from ``path``; TlsMaterialError if there are none."""
+        data = self._files.get(path, f"{path}: not read with the configuration")
+        if isinstance(data, str):
+            raise TlsMaterialError(data)
+        return data
+
+    def __reduce__(self):  # (it crosses to the workers; a mapping proxy does not pickle)
+        return TlsMaterial, (dict(self._files),)
+
+    def __repr__(self):  # (never the bytes: they hold private keys)
+        return f"<TlsMaterial of {len(self._files)} files>"
+
+
+def read_material(config):
+    """Read every key, certificate and CA file ``config`` names, each once."""
+    return TlsMaterial({path: _read(path) for path in _files(config)})
+
+
+def _read(path):
+    """A file's bytes, or one line saying why they cannot be had."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_PEM_BYTES + 1)
     except OSError as exc:
-        raise TlsMaterialError(f"{path}: cannot read: {exc.strerror}") from None
+        return f"{path}: cannot read: {exc.strerror}"
     if len(data) > MAX_PEM_BYTES:
-        raise TlsMaterialError(f"{path}: larger than {MAX_PEM_BYTES >> 20} MiB; not a PEM file")
+        return f"{path}: larger than {MAX_PEM_BYTES >> 20} MiB; not a PEM file"
+    return data
+
+
+def _files(config):
+    """Every TLS file ``config`` names, each once, in order."""
+    paths = []
+    for router in config.routers:
+        for server in router.servers:
+            if server.tls is not None:
+                paths += [path for _, identity in _identities(server.tls)
+                          for path in (identity.private_key, *identity.certs)]
+                paths += server.tls.client_auth.trust_certs if server.tls.client_auth else ()
+        for _, client_tls in _client_settings(router.client):
+            paths += client_tls.trust_certs
+    return dict.fromkeys(paths)
+
+
+def _identities(tls):
+    """(place, identity) of each identity of a terminating server, the default first."""
+    named = [(f"identities[{name}]", identity) for name, identity in tls.identities.items()]
+    return [("defaultIdentity", tls.default_identity)] + named if tls.default_identity else named
+
+
+def _client_settings(client):
+    """(place, setting) of each TLS setting of a router's client: its own, then its prefixes'."""
+    settings = [("client.tls", client.tls)]
+    settings += [(f"client.configs[{k}].tls", prefixed.overrides.get("tls"))
+                 for k, prefixed in enumerate(client.configs)]
+    return [(place, setting) for place, setting in settings if setting is not None]
+
+
+def _pem_blocks(data):
+    """[(label, body lines)] of the PEM blocks in ``data``, read line by line (linear in any input)."""
     blocks, label, body = [], None, []
     for line in data.splitlines():
         line = line.strip()
@@ -254,22 +327,36 @@ def _pem_blocks(path):
     return blocks
 
 
-def check_certificates(path):
-    """Refuse a file that does not hold only well-formed PEM certificates (at least one)."""
-    certificates = [body for label, body in _pem_blocks(path) if label == "CERTIFICATE"]
-    if not certificates:
+def _certificate_bodies(data):
+    """The base64 lines of each PEM certificate block in ``data``."""
+    return [body for label, body in _pem_blocks(data) if label == "CERTIFICATE"]
+
+
+def _certificates(path, material):
+    """The DER of each certificate in a file, which must hold only well-formed ones (at least one)."""
+    bodies = _certificate_bodies(material.pem(path))
+    if not bodies:
         raise TlsMaterialError(f"{path}: holds no PEM certificate")
-    for index, body in enumerate(certificates):
+    certificates = []
+    for index, body in enumerate(bodies):
         try:
             der = base64.b64decode(b"".join(body), validate=False)
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)
         except (ValueError, ssl.SSLError):
             raise TlsMaterialError(f"{path}: certificate {index + 1} is not a valid X.509 certificate") from None
+        certificates.append(der)
+    return certificates
 
 
-def check_private_key(path):
-    """Refuse a file without a usable private key, saying what it holds instead."""
-    blocks = _pem_blocks(path)
+def _trusted(paths, material):
+    """Every certificate of the CA files ``paths``, as one DER string for ``load_verify_locations(cadata=)``."""
+    return b"".join(der for path in paths for der in _certificates(path, material))
+
+
+def _private_key(path, material):
+    """A file's bytes, refused unless they hold a usable private key (saying what they hold instead)."""
+    data = material.pem(path)
+    blocks = _pem_blocks(data)
     labels = {label for label, _ in blocks}
     if "ENCRYPTED PRIVATE KEY" in labels or any(line.startswith(b"Proc-Type:") and b"ENCRYPTED" in line
                                                 for label, body in blocks if label.endswith("PRIVATE KEY")
@@ -280,6 +367,20 @@ def check_private_key(path):
         if "CERTIFICATE" in labels:
             raise TlsMaterialError(f"{path}: holds a certificate, not a private key")
         raise TlsMaterialError(f"{path}: holds no PEM private key")
+    return data
+
+
+@contextlib.contextmanager
+def _in_memory(name, data):
+    """A path to ``data`` that exists only in memory (a memfd): OpenSSL loads keys from paths, and no key
+    may be written to disk."""
+    fd = os.memfd_create(name)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def _no_password():
@@ -291,25 +392,17 @@ def _harden(context):
     context.options |= ssl.OP_NO_COMPRESSION
 
 
-def _load_identity(context, identity):
-    """Load a key and its certificate chain, given as one or more PEM files.
+def _load_identity(context, identity, material):
+    """Load a key and its certificate chain (one or more PEM files) from ``material``.
 
     Each file is checked first, so that a mistake is reported with its file
     and reason rather than as OpenSSL's "PEM lib".
     """
-    for path in identity.certs:
-        check_certificates(path)
-    check_private_key(identity.private_key)
-    with tempfile.TemporaryDirectory(prefix="ltcp-") as directory:
-        chain = identity.certs[0]
-        if len(identity.certs) > 1:
-            chain = os.path.join(directory, "chain.pem")
-            with open(chain, "wb") as out:
-                for path in identity.certs:
-                    with open(path, "rb") as part:
-                        out.write(part.read().rstrip(b"\n") + b"\n")
+    chain = "".join(ssl.DER_cert_to_PEM_cert(der) for path in identity.certs for der in _certificates(path, material))
+    key = _private_key(identity.private_key, material)
+    with _in_memory("ltcp-chain", chain.encode("ascii")) as chain_path, _in_memory("ltcp-key", key) as key_path:
         try:
-            context.load_cert_chain(chain, identity.private_key, password=_no_password)
+            context.load_cert_chain(chain_path, key_path, password=_no_password)
         except TlsMaterialError as exc:
             raise TlsMaterialError(f"{identity.private_key}: {exc}") from None
         except ssl.SSLError as exc:
@@ -320,16 +413,14 @@ def _load_identity(context, identity):
                                    f"{exc.reason or exc}") from None
 
 
-def _server_side(identity, tls):
+def _server_side(identity, tls, material):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(context)
-    _load_identity(context, identity)
+    _load_identity(context, identity, material)
     if tls.alpn_protocols:
         context.set_alpn_protocols(list(tls.alpn_protocols))
     if tls.client_auth is not None:  # (every identity's context alike: SNI may switch between them)
-        for path in tls.client_auth.trust_certs:
-            check_certificates(path)
-            context.load_verify_locations(cafile=path)
+        context.load_verify_locations(cadata=_trusted(tls.client_auth.trust_certs, material))
         context.verify_mode = ssl.CERT_REQUIRED if tls.client_auth.required else ssl.CERT_OPTIONAL
     return context
 
@@ -344,10 +435,10 @@ class ServerContexts:
     Python for it.
     """
 
-    def __init__(self, tls, names_wanted=True):
-        self.by_name = {name: _server_side(identity, tls) for name, identity in tls.identities.items()}
+    def __init__(self, tls, material, names_wanted=True):
+        self.by_name = {name: _server_side(identity, tls, material) for name, identity in tls.identities.items()}
         if tls.default_identity is not None:
-            self.default = _server_side(tls.default_identity, tls)
+            self.default = _server_side(tls.default_identity, tls, material)
         else:
             self.default = next(iter(self.by_name.values()))
         self.require_match = tls.default_identity is None
@@ -378,61 +469,138 @@ class ServerContexts:
         return self.names.pop(tls_socket.session_object, None)
 
 
-def server_context(tls, names_wanted=True):
-    return ServerContexts(tls, names_wanted)
+def server_context(tls, material, names_wanted=True):
+    """A terminating server's contexts, built from ``material`` alone."""
+    return ServerContexts(tls, material, names_wanted)
 
 
-_client_contexts = {}
-
-
-def client_context(client_tls):
-    """A verifying client context for ``client_tls`` (cached: one per distinct setting)."""
-    context = _client_contexts.get(client_tls)
-    if context is None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        _harden(context)
-        if client_tls.trust_certs:
-            for path in client_tls.trust_certs:
-                check_certificates(path)
-                context.load_verify_locations(cafile=path)
-        else:
-            context.load_default_certs()
-        context = _client_contexts[client_tls] = context
+def client_context(client_tls, material):
+    """A verifying client context for ``client_tls``, trusting its ``trustCerts`` from ``material`` (else the
+    system store)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(context)
+    if client_tls.trust_certs:
+        context.load_verify_locations(cadata=_trusted(client_tls.trust_certs, material))
+    else:
+        context.load_default_certs()
     return context
 
 
-def material_problems(config):
-    """Build every TLS context ``config`` names; one line per failure, naming its place and file.
+def client_contexts(client, material):
+    """A context for each distinct TLS setting of a router's client, by setting (built once per process)."""
+    settings = dict.fromkeys(setting for _, setting in _client_settings(client))
+    return {setting: client_context(setting, material) for setting in settings}
 
-    ``--check`` runs this, and so does ``serve`` before it opens anything, so a
-    configuration that passes the check starts.
+
+def expiry_warnings(material, now):
+    """A line for each certificate in ``material`` that is not valid at ``now`` (an aware datetime).
+
+    Such certificates are loaded all the same, as HAProxy and nginx do: a
+    renewal late by minutes should not take a listener down, but it must not
+    go unnoticed either.
+    """
+    return [f"{path}: certificate {index} {why}; loaded all the same" for path in material.paths
+            for index, body in enumerate(_certificate_bodies(material.pem(path)), 1)
+            if (why := _out_of_date(body, now))]
+
+
+def _out_of_date(body, now):
+    """Why a certificate is not valid at ``now``, or None (also when its dates cannot be read: OpenSSL could)."""
+    validity = _validity(body)
+    if validity is None:
+        return None
+    subject, not_before, not_after = validity
+    if now > not_after:
+        return f"({subject}) expired on {not_after:%Y-%m-%d %H:%M:%S} UTC (notAfter)"
+    if now < not_before:
+        return f"({subject}) is not valid before {not_before:%Y-%m-%d %H:%M:%S} UTC (notBefore)"
+    return None
+
+
+# The standard library reads a certificate's dates only through a private function
+# (ssl._ssl._test_decode_cert), so they are read here: a short walk of the DER, RFC 5280 4.1.
+_VERSION, _UTC_TIME, _GENERALIZED_TIME = 0xA0, 0x17, 0x18
+_SUBJECT_LABELS = {b"\x55\x04\x06": "C", b"\x55\x04\x0a": "O", b"\x55\x04\x0b": "OU", b"\x55\x04\x03": "CN"}
+
+
+def _validity(body):
+    """(subject, notBefore, notAfter) of a PEM certificate's base64 lines; None if they cannot be read."""
+    try:
+        ((_, certificate),) = _der_elements(memoryview(base64.b64decode(b"".join(body))))
+        _, tbs = _der_elements(certificate)[0]
+        fields = _der_elements(tbs)
+        if fields[0][0] == _VERSION:
+            fields = fields[1:]
+        (_, validity), (_, subject) = fields[3:5]  # after serialNumber, signature and issuer
+        not_before, not_after = (_der_time(tag, value) for tag, value in _der_elements(validity))
+        return _subject(subject), not_before, not_after
+    except (ValueError, IndexError):
+        return None
+
+
+def _der_elements(data):
+    """[(tag, contents)] of the DER elements one after another in ``data`` (one level deep)."""
+    reader, elements = _Reader(data), []
+    while reader.left:
+        tag, size = reader.number(1), reader.number(1)
+        if size & 0x80:  # the long form: the length is in the next (size & 0x7f) bytes
+            if not 0 < size & 0x7F <= 4:
+                raise ValueError("unsupported DER length")
+            size = reader.number(size & 0x7F)
+        elements.append((tag, reader.take(size)))
+    return elements
+
+
+def _der_time(tag, value):
+    """A UTCTime (two-digit years: 1950..2049) or a GeneralizedTime, as an aware datetime."""
+    text = bytes(value).decode("ascii")
+    if tag == _UTC_TIME:
+        text = ("19" if text[:2] >= "50" else "20") + text
+    elif tag != _GENERALIZED_TIME:
+        raise ValueError("not a time")
+    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+def _subject(name):
+    """A subject's country, organisation, unit and common name, as text for a log line."""
+    parts = []
+    for _, rdn in _der_elements(name):
+        for _, attribute in _der_elements(rdn):
+            (_, oid), (_, value) = _der_elements(attribute)[:2]
+            label = _SUBJECT_LABELS.get(bytes(oid))
+            if label:
+                text = bytes(value).decode("utf-8", "replace")
+                parts.append(label + "=" + "".join(c if c.isprintable() else "?" for c in text))
+    return ", ".join(parts) or "no subject"
+
+
+def attempt(build, *args):
+    """``(build(*args), None)``, or ``(None, why)`` in one line when no context can be built so."""
+    try:
+        return build(*args), None
+    except TlsMaterialError as exc:
+        return None, str(exc)
+    except (ssl.SSLError, ValueError, OSError) as exc:  # what the checks did not foresee, still one line
+        return None, getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+
+
+def material_problems(config, material):
+    """Build every TLS context ``config`` names from ``material``; one line per failure, naming its place and file.
+
+    What passes here is what the workers will build: the same functions over the same bytes.
     """
     problems = []
     for i, router in enumerate(config.routers):
         for j, server in enumerate(router.servers):
             if server.tls is not None:
-                place = f"routers[{i}].servers[{j}].tls"
-                identities = [(f"{place}.identities[{name}]", identity)
-                              for name, identity in server.tls.identities.items()]
-                if server.tls.default_identity is not None:
-                    identities.insert(0, (f"{place}.defaultIdentity", server.tls.default_identity))
-                for where, identity in identities:
-                    problems += _problem(where, _server_side, identity, server.tls)
-        client = router.client
-        settings = [(f"routers[{i}].client.tls", client.tls)]
-        settings += [(f"routers[{i}].client.configs[{k}].tls", prefixed.overrides.get("tls"))
-                     for k, prefixed in enumerate(client.configs)]
-        for where, client_tls in settings:
-            if client_tls is not None:
-                problems += _problem(where, client_context, client_tls)
+                for place, identity in _identities(server.tls):
+                    problems += _problem(f"routers[{i}].servers[{j}].tls.{place}", _server_side, identity, server.tls,
+                                         material)
+        for place, client_tls in _client_settings(router.client):
+            problems += _problem(f"routers[{i}].{place}", client_context, client_tls, material)
     return problems
 
 
 def _problem(where, build, *args):
-    try:
-        build(*args)
-    except TlsMaterialError as exc:
-        return [f"{where}: {exc}"]
-    except (ssl.SSLError, ValueError) as exc:  # what the checks above did not foresee, still one line
-        return [f"{where}: {getattr(exc, 'reason', None) or exc}"]
-    return []
+    _, why = attempt(build, *args)
+    return [f"{where}: {why}"] if why else []

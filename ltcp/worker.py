@@ -1,8 +1,10 @@
 """A worker process: one reactor, no other thread, serving listening sockets the supervisor opened.
 
-Started by the supervisor as ``python -m ltcp.worker FD LEVEL FORMAT [SUPERVISOR]``
-(a fresh interpreter, so no lock a supervisor thread held can be inherited), it
-reads its configuration from the control channel on descriptor FD, serves
+Forked from the template (``template``), or started as ``python -m ltcp.worker
+FD LEVEL FORMAT [SUPERVISOR]`` (a fresh interpreter), it reads its
+configuration and its TLS material (the bytes of the key and certificate
+files, as the supervisor checked them: never the files themselves) from the
+control channel on descriptor FD, serves
 until told to drain (or until the channel closes: the supervisor is gone),
 then sends a last snapshot, so the instance's counters keep its streams.
 SIGTERM and SIGINT drain it too, at any time, and so does the supervisor's
@@ -22,7 +24,6 @@ from .app import App, tune_garbage_collection
 from .control import Channel, Framer, RemoteDiscovery, encode
 from .lifeline import die_with
 from .snapshot import snapshot
-from .tls import TlsMaterialError
 
 __all__ = ["Worker", "main", "serve"]
 
@@ -33,10 +34,10 @@ MAX_LOG_BACKLOG = 4 << 20  # bytes queued for the supervisor beyond which access
 
 
 class Worker:
-    def __init__(self, config, sock, framer, sockets, generation):
+    def __init__(self, config, material, sock, framer, sockets, generation):
         self.generation = generation
         self.remote = {router.label: RemoteDiscovery(router.label, self.send) for router in config.routers}
-        self.app = App(config, interpreters=self.remote, sockets=sockets, log_sink=self._send_log)
+        self.app = App(config, interpreters=self.remote, sockets=sockets, log_sink=self._send_log, material=material)
         self.channel = Channel(self.app.reactor, sock, self._received, self._orphaned, framer)
 
     def send(self, message):
@@ -115,7 +116,8 @@ SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUS
 
 
 def _receive_start(sock, framer):
-    """Block for the first message, ("start", config, sockets by key -> fd, generation); and any after it."""
+    """Block for the first message, ("start", config, material, sockets by key -> fd, generation); and any after
+    it."""
     while True:
         data = sock.recv(1 << 20)
         if not data:
@@ -146,14 +148,10 @@ def serve(sock, sockets=None):
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the supervisor's mask is inherited: a worker has one thread
     framer = Framer()
-    (_, config, fds, generation), early = _receive_start(sock, framer)
+    (_, config, material, fds, generation), early = _receive_start(sock, framer)
     if sockets is None:
         sockets = {key: socket.socket(fileno=number) for key, number in fds.items()}
-    try:
-        worker = Worker(config, sock, framer, sockets, generation)
-    except TlsMaterialError as exc:  # a certificate changed on disk since the supervisor checked it
-        log.error("worker cannot start: %s", exc)
-        return 2
+    worker = Worker(config, material, sock, framer, sockets, generation)
     # A service manager may signal every process of the service, and a terminal's Ctrl-C
     # the whole process group: both drain here too (as the supervisor's order would).
     for signum in (signal.SIGTERM, signal.SIGINT):

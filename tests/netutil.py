@@ -212,12 +212,12 @@ def blackhole():
 
 
 class Proxy:
-    """An ltcp App running on a background thread."""
+    """An ltcp App running on a background thread (``material``: its TLS files' bytes, else read from disk)."""
 
-    def __init__(self, document, admin=False):
+    def __init__(self, document, admin=False, material=None):
         text = document if isinstance(document, str) else yaml.safe_dump(document)
         config = loads(text, "test.yaml", os.getcwd())
-        self.app = App(config)
+        self.app = App(config, material=material)
         self.app.start()
         self.admin = None
         if admin:

@@ -140,7 +140,7 @@ def test_a_scrape_leaves_a_workers_snapshot_as_it_was():
     from ltcp.wheel import LAG_BUCKETS
 
     config = _config(7000)
-    supervisor = Supervisor(config, "-", "info")
+    supervisor = Supervisor(config, None, "-", "info")
     generation = Generation(1, config, {})
     worker = WorkerProcess(0, 1, pid=1)
     worker.state = "serving"

@@ -122,11 +122,12 @@ class Balancer:
         self._drop_pooled(lambda pooled: pooled.endpoint.sockaddr not in fresh
                           or (not pooled.endpoint.healthy and pooled.endpoint not in usable))
         waiters, self.waiters = self.waiters, {}
+        call_now = self.reactor.call_now  # (a bug in one waiter's step ends that stream, not the others)
         for dial in waiters:
             if fresh:
-                dial.next_attempt()
+                call_now(dial.next_attempt)
             else:
-                dial.fail("no_endpoints")
+                call_now(dial.fail, "no_endpoints")
         self._fill_pool()
 
     def _cancel_penalty(self, endpoint):
@@ -445,9 +446,9 @@ class Dial(Registration):
         self.tries += 1
         reactor = self.reactor
         self._wake_at(reactor.now + balancer.settings.connect_timeout_ms / 1000)
-        endpoint.begin_connect()
         self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, None, self._connected, preface,
                                balancer.tls)
+        endpoint.begin_connect()  # (once the attempt exists: fail() ends what began, and only that)
 
     def _connected(self, sock, cause, detail=""):
         self.attempt = None

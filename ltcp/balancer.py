@@ -346,9 +346,8 @@ class Dial(Registration):
     Meanwhile the client is watched: one that resets ends the dial at once.
     Ends in exactly one of ``owner.established(dial, endpoint, sock, events)``
     or ``owner.dial_failed(dial, cause)``, the two moves out of its lifecycle
-    (``DIAL``); the client socket is handed over registered for ``events``.
-    (Should the owner raise while taking the stream over, a bug, the dial
-    reports ``dial_failed(dial, "bug")`` from the established state.)
+    (``DIAL``); the client socket is handed over registered for ``events``,
+    and from then on the stream is the owner's, even should taking it over fail.
     """
 
     __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt", "state", "timer", "expiring",
@@ -470,26 +469,13 @@ class Dial(Registration):
             self._wake_at(self.reactor.now + min(1.0, RETRY_BACKOFF * 2 ** max(0, self.tries - QUICK_ATTEMPTS)))
 
     def _finish(self, endpoint, sock, events):
-        """Hand the connected socket (registered for ``events``, or not at all) to the owner.
-
-        A bug in the owner while it takes the stream over ends the stream here,
-        since no callback of ours is left to be told.
-        """
+        """Hand the connected socket (registered for ``events``, or not at all) to the owner."""
         self.state = self.state.moves["establish"]
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.balancer.dials -= 1
-        try:
-            self.owner.established(self, endpoint, sock, events)
-        except Exception:
-            log.exception("%s: handing over the stream from %s to %s failed", self.balancer.prefix,
-                          self.envelope.source, endpoint.address)
-            self.reactor.discard(sock)
-            sock.close()
-            self.reactor.discard(self.client)  # whoever registered it last
-            self.events = 0
-            self.owner.dial_failed(self, "bug")
+        self.owner.established(self, endpoint, sock, events)
 
     def fail(self, cause):
         self.state = self.state.moves["fail"]

@@ -362,16 +362,17 @@ class Duplex:
         self.detail = ""
         self.from_client = self.to_client = 0  # bytes, once closed: read from the client, written to it
         self.started = self.last_active = reactor.now
-        idle, lifetime = envelope.idle_timeout, envelope.lifetime
-        # One timer for both limits, at whichever could come first.
-        first = min(idle, lifetime) if idle and lifetime else idle or lifetime
-        self.timer = reactor.call_later(first, self._check_limits) if first else None
         client = self.client = Leg(self, dial.client, owner.received)
         upstream = self.upstream = Leg(self, upstream_sock, owner.sent)
         client.peer = upstream
         upstream.peer = client
         client.adopt(dial.events, client.wanted())
         upstream.adopt(upstream_events, upstream.wanted())
+        idle, lifetime = envelope.idle_timeout, envelope.lifetime
+        # One timer for both limits, at whichever could come first; armed last, so
+        # that a duplex whose construction failed leaves nothing behind to fire.
+        first = min(idle, lifetime) if idle and lifetime else idle or lifetime
+        self.timer = reactor.call_later(first, self._check_limits) if first else None
 
     def __repr__(self):
         state = f"closed ({self.reason}{': ' + self.detail if self.detail else ''})" if self.closed else "open"

@@ -121,7 +121,19 @@ def listen(config):
 
 
 class Listener:
-    """One configured server: a listening socket and the streams it accepted."""
+    """One configured server: a listening socket and the streams it accepted.
+
+    Who answers for a stream, so that its counts cannot leak: from accept until
+    it ends, a stream is counted in ``active`` and in the budget, and one holder
+    answers for it, an Intake or a Dial (in ``dials``) or a Duplex (in
+    ``streams``).  A holder ends the stream by telling the listener
+    (``dial_failed``, ``stream_closed``), and the reactor turns a bug in any of
+    its callbacks into ``crashed``, which ends it too.  A stream changes hands
+    only here, in ``_accepted``, ``dial`` and ``established``, and the old
+    holder leaves its set only once the new one is in; between the two, the
+    listener is the holder, so a bug there ends the stream here (``_lost``).
+    Either way the end is counted once, as ``bug``, and both sockets are closed.
+    """
 
     def __init__(self, reactor, config, binder, buffer, label, budget, sock=None, access_log=None):
         self.reactor = reactor
@@ -240,61 +252,85 @@ class Listener:
         self.pause_timer = None
         self.resume()
 
+    # -- streams changing hands (the ownership rule in the class docstring) ----------------
+
     def _accepted(self, client, source):
-        client.setblocking(False)
         self.accepted += 1
         self.active += 1
         self.budget.acquire()
         now = self.reactor.now
         envelope = Envelope(source, self._dst_name, now, now + self._connect_timeout, self._lifetime, self._idle)
-        if self._intake:
-            intake = Intake(self, client, envelope)
-            self.dials.add(intake)
-            self._start(intake)
-        else:
-            self.dial(None, client, envelope)
-
-    def _start(self, stream):
-        """Run a stream's first step here, where a bug in it ends that stream and not our caller."""
         try:
-            stream.start()
+            client.setblocking(False)
+            if self._intake:
+                self._hand_over(None, Intake(self, client, envelope))
+            else:
+                self._route(None, client, envelope)
         except Exception as exc:
-            self.reactor.callback_failed(stream.start, exc)
+            self._lost(exc, None, client, envelope)
 
     def dial(self, intake, client, envelope):
-        """Start connecting the stream to its destination (after its intake, if any)."""
-        self.dials.discard(intake)
+        """The intake is done: start connecting the stream to its destination."""
+        try:
+            self._route(intake, client, envelope)
+        except Exception as exc:
+            self._lost(exc, intake, client, envelope)
+
+    def _route(self, previous, client, envelope):
         balancer = self.binder.bind(envelope.dst_name)
         if balancer is None:
-            self.failures["route_cache_full"] += 1
-            client.close()
-            self._logged(envelope, None, 0, 0, "route_cache_full")
-            self._stream_ended()
+            self.dials.discard(previous)
+            self._ended_unconnected(client, envelope, None, "route_cache_full")
             return
-        dial = Dial(balancer, client, envelope, self)
-        self.dials.add(dial)
-        self._start(dial)
+        self._hand_over(previous, Dial(balancer, client, envelope, self))
+
+    def _hand_over(self, previous, holder):
+        """``holder`` (an Intake or a Dial) takes the stream over from ``previous``, and takes its first step.
+
+        A bug in that step is the holder's to end, as in any of its callbacks.
+        """
+        self.dials.add(holder)
+        self.dials.discard(previous)
+        self.reactor.call_now(holder.start)
 
     def established(self, dial, endpoint, upstream, upstream_events):
-        duplex = Duplex(self, dial, upstream, upstream_events, self.buffer)
+        try:
+            duplex = Duplex(self, dial, upstream, upstream_events, self.buffer)
+        except Exception as exc:
+            self._lost(exc, dial, dial.client, dial.envelope, upstream)
+            return
+        self.streams.add(duplex)
         self.dials.discard(dial)
         dial.balancer.stream_opened(endpoint)  # paired with stream_closed below
         self.connect_latency.observe(self.reactor.now - dial.envelope.accepted_at)
-        self.streams.add(duplex)
+
+    def _lost(self, exc, previous, client, envelope, upstream=None):
+        """A bug while the stream changed hands: no holder has it, so it ends here (cause ``bug``)."""
+        log.error("%s %s: the stream from %s ended by a bug while it changed hands", self.label, envelope.dst_name,
+                  envelope.source, exc_info=exc)
+        self.dials.discard(previous)
+        if upstream is not None:
+            self.reactor.discard(upstream)
+            upstream.close()
+        self.reactor.discard(client)  # whoever registered it last
+        self._ended_unconnected(client, envelope, getattr(previous, "endpoint", None), "bug")
 
     def dial_failed(self, dial, cause):
         """A stream ends before reaching an endpoint (``dial`` is a Dial or an Intake)."""
         self.dials.discard(dial)
         if cause == "resources":
             self._out_of_descriptors("connect")
-        self.failures[cause] += 1
         if log.isEnabledFor(logging.DEBUG):
             envelope = dial.envelope
             log.debug("%s %s: stream from %s failed: %s%s", self.label, envelope.dst_name, envelope.source, cause,
                       f" ({dial.failure})" if dial.failure else "")
-        dial.client.close()
-        endpoint = getattr(dial, "endpoint", None)  # (an intake has none)
-        self._logged(dial.envelope, endpoint.address if endpoint else None, 0, 0, cause)
+        self._ended_unconnected(dial.client, dial.envelope, getattr(dial, "endpoint", None), cause)
+
+    def _ended_unconnected(self, client, envelope, endpoint, cause):
+        """The end of a stream that never reached an endpoint (``endpoint``: the last one tried, if any)."""
+        self.failures[cause] += 1
+        client.close()
+        self._logged(envelope, endpoint.address if endpoint else None, 0, 0, cause)
         self._stream_ended()
 
     def stream_closed(self, duplex):

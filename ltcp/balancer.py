@@ -200,7 +200,7 @@ class Balancer:
             return None
         pooled = self.pool.popleft()
         pooled.want(0)  # its callback must not outlive it: the stream registers its own
-        self.budget.release_pooled()
+        self.budget.pool.give_back()
         self.reactor.call_soon(self._fill_pool)
         return pooled.endpoint, pooled.sock
 
@@ -211,7 +211,7 @@ class Balancer:
         settings = self.settings
         for _ in range(settings.min_connections - len(self.pool) - self.pool_connecting):
             endpoint = self.pick()
-            if endpoint is None or not self.budget.acquire_pooled():
+            if endpoint is None or not self.budget.pool.take():
                 return
             endpoint.begin_connect()
             self.pool_connecting += 1
@@ -222,11 +222,11 @@ class Balancer:
         self.pool_connecting -= 1
         self.attempt_ended(endpoint, cause, detail)
         if sock is None:
-            self.budget.release_pooled()
+            self.budget.pool.give_back()
             self._refill_later()
             return
         if self.closed or endpoint.sockaddr not in self.endpoints:
-            self.budget.release_pooled()
+            self.budget.pool.give_back()
             self.reactor.unregister(sock)
             sock.close()
             if endpoint.state is RETIRED:
@@ -248,7 +248,7 @@ class Balancer:
             if condition(pooled):
                 pooled.want(0)
                 pooled.sock.close()
-                self.budget.release_pooled()
+                self.budget.pool.give_back()
             else:
                 keep.append(pooled)
         self.pool = keep

@@ -171,10 +171,18 @@ class Leg(Registration):
     # -- the splice path ------------------------------------------------------------
 
     def open_pipe(self):
+        """Splice to this socket from now on, if the budget's share of pipes has one left.
+
+        Otherwise stay on the copying path (and ask again at the next full buffer).
+        """
+        pipes = self.duplex.owner.pipes
+        if not pipes.take():
+            return
         try:
             read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return  # out of descriptors: stay on the copying path
+            pipes.give_back()
+            return  # out of descriptors all the same: stay on the copying path
         try:
             fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
@@ -321,14 +329,16 @@ class Leg(Registration):
                 os.close(end)
             self.pipe = None
             self.piped = 0
+            self.duplex.owner.pipes.give_back()
 
 
 class DuplexOwner(Protocol):
-    """What a duplex reports to (a listener): two running byte tallies, and its end."""
+    """What a duplex reports to (a listener): two running byte tallies, and its end; where its pipes come from."""
 
     received: Tally
     sent: Tally
     view: memoryview  # of the shared transfer buffer, made once
+    pipes: object  # the budget's share of splice pipes (a server.Share): take() one, give_back() it
 
     def stream_closed(self, duplex: "Duplex") -> None: ...
 

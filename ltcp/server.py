@@ -20,7 +20,7 @@ from .intake import Intake
 from .loop import READ
 from .names import display_address
 
-__all__ = ["Envelope", "Listener", "StreamBudget", "listen"]
+__all__ = ["Envelope", "Listener", "Share", "StreamBudget", "listen"]
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,49 @@ class Envelope:
         return f"<Envelope {self.source} -> {self.dst_name}>"
 
 
+class Share:
+    """A part of the descriptor budget set aside for one use, counted in units.
+
+    When it is used up, ``take`` says so and the caller does without (no pooled
+    connection, no splice pipe), rather than run the process out of descriptors.
+    """
+
+    __slots__ = ("capacity", "used")
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.used = 0
+
+    def take(self):
+        """Count one more unit, if the share has room; whether it had."""
+        if self.used >= self.capacity:
+            return False
+        self.used += 1
+        return True
+
+    def give_back(self):
+        if self.used <= 0:
+            raise RuntimeError("a unit given back that was never taken")
+        self.used -= 1
+
+
 class StreamBudget:
     """How many streams the whole process may hold, shared by every listener.
 
     Sized from the descriptor limit so that a stream, once accepted, can
     always open its upstream socket: accepting every client first and then
     finding no descriptor left for any upstream would stall them all.
-    Pre-established connections (``minConnections``) have a share of their
-    own, so that SNI names multiplying pools cannot eat the streams' share.
+    What else a stream may open has a share of its own, so that it cannot
+    eat the streams' descriptors: pre-established connections
+    (``minConnections``, which SNI names can multiply) and the pipes a duplex
+    splices bulk data through.
     """
 
-    def __init__(self, capacity, pool_capacity=0):
+    def __init__(self, capacity, pool_capacity=0, pipe_capacity=0):
         self.capacity = capacity
         self.used = 0
-        self.pool_capacity = pool_capacity  # idle pre-established connections, every balancer together
-        self.pooled = 0  # pooled connections open or connecting
+        self.pool = Share(pool_capacity)  # idle pre-established connections, every balancer together
+        self.pipes = Share(pipe_capacity)  # splice pipes (two descriptors each), every stream together
         self.waiting = set()  # listeners paused until a stream ends
         self.on_empty = None  # called when the last stream ends (graceful drain)
 
@@ -90,18 +118,6 @@ class StreamBudget:
                 listener.resume()
         if not self.used and self.on_empty is not None:
             self.on_empty()
-
-    def acquire_pooled(self):
-        """Count one more pre-established connection, if their share has room; whether it had."""
-        if self.pooled >= self.pool_capacity:
-            return False
-        self.pooled += 1
-        return True
-
-    def release_pooled(self):
-        if self.pooled <= 0:
-            raise RuntimeError("a pooled connection released that was never acquired")
-        self.pooled -= 1
 
 
 def listen(config):
@@ -138,6 +154,7 @@ class Listener:
     def __init__(self, reactor, config, binder, buffer, label, budget, sock=None, access_log=None):
         self.reactor = reactor
         self.budget = budget
+        self.pipes = budget.pipes  # what a duplex of ours takes a splice pipe from
         self.config = config
         self.binder = binder
         self.buffer = buffer

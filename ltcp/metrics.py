@@ -51,6 +51,8 @@ FAMILIES = {  # key: (family class, name, help, labels)
                  _SERVER),
     "fallbacks": (CounterMetricFamily, "ltcp_sni_fallbacks", "Streams sent to defaultDstName, by cause",
                   _SERVER + ["cause"]),
+    "paused": (CounterMetricFamily, "ltcp_listener_paused_seconds",
+               "Time a listener held back accepting, by the limit that stopped it", _SERVER + ["reason"]),
     "connect_failures": (CounterMetricFamily, "ltcp_connect_failures",
                          "Failed connects to endpoints (and streams with none), by cause", _DST + ["cause"]),
     "endpoints": (GaugeMetricFamily, "ltcp_endpoints", "Endpoints by state", _DST + ["state"]),
@@ -106,6 +108,8 @@ def _render_server(f, values, server):
         f["stream_failures"].add_metric(values + [cause], count)
     for cause, count in sorted(server["sni_fallbacks"].items()):
         f["fallbacks"].add_metric(values + [cause], count)
+    for reason, seconds in sorted(server.get("paused_seconds", {}).items()):  # (workers older than it: none)
+        f["paused"].add_metric(values + [reason], seconds)
     _add_histogram(f["connect_latency"], values, server["connect_latency"])
     _add_histogram(f["duration"], values, server["stream_duration"])
 

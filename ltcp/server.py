@@ -1,8 +1,13 @@
 """Listening sockets: accept, build the Envelope, hand the stream to its balancer.
 
 A listener stops accepting (drops its registration) rather than accepting and
-dropping: at ``maxConcurrency`` until a stream ends, and for a short pause
-when the process runs out of file descriptors.
+dropping: at ``maxConcurrency`` or the process's stream budget until a stream
+ends, and for a short pause when the process runs out of file descriptors.
+Held back so by a limit, it logs it once per episode: from the first time
+until it has accepted freely for ``CALM`` seconds, however often it was held
+back and let go meanwhile (a listener at its limit is let go, accepts one
+client and is held back again as each stream ends).  The time held back is
+counted by reason.
 """
 
 import _socket
@@ -28,7 +33,13 @@ BACKLOG = 1024
 ACCEPT_BATCH = 64  # accepts per readiness event, so one busy listener cannot starve the rest
 FD_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE
 BUG_PAUSE = 1.0  # seconds to stop accepting after a bug in the accept path
+CALM = 5.0  # seconds of accepting freely that end an episode of being held back
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+# Why a listener stopped accepting (the reason label of ltcp_listener_paused_seconds_total).
+MAX_CONCURRENCY = "max_concurrency"
+STREAM_BUDGET = "stream_budget"
+OUT_OF_DESCRIPTORS = "out_of_descriptors"
 
 
 class Envelope:
@@ -52,6 +63,19 @@ class Envelope:
 
     def __repr__(self):
         return f"<Envelope {self.source} -> {self.dst_name}>"
+
+
+class Pause:
+    """One episode of a listener held back by limits: the first limit, when, and what went unlogged."""
+
+    __slots__ = ("why", "since", "released", "again", "timer")
+
+    def __init__(self, why, since):
+        self.why = why  # the first limit, in words, for the log
+        self.since = since  # reactor time it was first held back
+        self.released = since  # reactor time it was last let go
+        self.again = 0  # times it was held back since, not logged
+        self.timer = None  # looks whether the listener has been calm for long enough
 
 
 class Share:
@@ -168,6 +192,10 @@ class Listener:
         self.listening = False
         self.closed = False
         self.pause_timer = None
+        self.held = None  # the limit holding accepting back now, if one does (MAX_CONCURRENCY, ...)
+        self.held_since = 0.0
+        self.paused_seconds = collections.Counter()  # reason -> seconds held back by it, once let go
+        self.pause = None  # the episode of being held back, until calm again
         self.active = 0
         self.accepted = 0
         self.finished = 0
@@ -212,8 +240,10 @@ class Listener:
             # Workers share the socket: each readiness wakes one of them, not all.
             self.reactor.register(self.sock, READ | select.EPOLLEXCLUSIVE, self._acceptable)
             self.listening = True
+            if self.held is not None:
+                self._let_go()
 
-    def _pause(self):
+    def _unlisten(self):
         if self.listening:
             self.reactor.unregister(self.sock)
             self.listening = False
@@ -234,9 +264,7 @@ class Listener:
         accept, family, wrap = self.sock._accept, self.family, _socket.socket
         for _ in range(ACCEPT_BATCH):
             if self.active >= limit or budget.used >= budget.capacity:
-                self._pause()
-                if self.active < limit:
-                    budget.waiting.add(self)
+                self._saturated()
                 return
             try:
                 fd, source = accept()
@@ -250,18 +278,72 @@ class Listener:
                 continue  # ECONNABORTED and friends: that client is already gone
             self._accepted(wrap(family, socket.SOCK_STREAM, 0, fd), source)
 
-    def _out_of_descriptors(self, reason):
-        """Stop accepting for a moment: logged once per burst, never a busy loop."""
+    def _saturated(self):
+        """At ``maxConcurrency`` or the stream budget: stop accepting until a stream ends."""
+        limit, budget = self.config.max_concurrency, self.budget
+        if self.active >= limit:
+            self._held_back(MAX_CONCURRENCY, f"maxConcurrency {limit} reached")
+        else:
+            budget.waiting.add(self)
+            self._held_back(STREAM_BUDGET, f"this process's descriptor budget of {budget.capacity} streams is in use")
+
+    def _out_of_descriptors(self, what):
+        """Stop accepting for a moment, never a busy loop; only the episode's first time is logged."""
         self.failures["out_of_descriptors"] += 1
+        if self.closed:
+            return  # (a connect of a stream still draining: there is no accepting to hold back)
         if self.pause_timer is None:
-            log.warning("router %s on %s is out of descriptors (%s); pausing accepts for %gs",
-                        self.label, self.display_address, reason, FD_PAUSE)
-            self._pause()
             self.pause_timer = self.reactor.call_later(FD_PAUSE, self._pause_over)
+        self._held_back(OUT_OF_DESCRIPTORS, f"out of descriptors ({what})")
+
+    def _held_back(self, reason, why):
+        """A limit stops accepting: logged if this begins an episode, counted as one more time if not."""
+        now = self.reactor.now
+        if self.held is None:  # (held already, if a connect ran out of descriptors meanwhile)
+            self._unlisten()
+            self.held, self.held_since = reason, now
+        if self.pause is None:
+            self.pause = Pause(why, now)
+            log.warning("router %s on %s stopped accepting: %s%s", self.label, self.display_address, why,
+                        f"; trying again every {FD_PAUSE:g}s" if reason is OUT_OF_DESCRIPTORS else "")
+        else:
+            self.pause.again += 1
+
+    def _let_go(self):
+        """Listening again: count the time held back, and end the episode once calm for ``CALM`` seconds."""
+        now = self.reactor.now
+        self.paused_seconds[self.held] += now - self.held_since
+        self.held = None
+        pause = self.pause
+        pause.released = now
+        if pause.timer is None:
+            pause.timer = self.reactor.call_later(CALM, self._calm)
+
+    def _calm(self):
+        """Has the listener accepted freely since it was let go?  Then the episode is over."""
+        pause = self.pause
+        pause.timer = None
+        if self.held is not None:
+            return  # held back again: letting it go looks again
+        calm_until = pause.released + CALM
+        if self.reactor.now < calm_until:
+            pause.timer = self.reactor.call_at(calm_until, self._calm)
+            return
+        self.pause = None
+        log.info("router %s on %s accepting again after %.1fs (%s%s)", self.label, self.display_address,
+                 pause.released - pause.since, pause.why,
+                 f"; held back {pause.again} more times, not logged" if pause.again else "")
+
+    def paused_time(self):
+        """Seconds held back, by reason, the time held back now included."""
+        seconds = dict(self.paused_seconds)
+        if self.held is not None:
+            seconds[self.held] = seconds.get(self.held, 0) + self.reactor.now - self.held_since
+        return seconds
 
     def crashed(self, exc):
         """A bug while accepting: stop for a moment instead of failing again on every wakeup."""
-        self._pause()
+        self._unlisten()
         if self.pause_timer is None:
             self.pause_timer = self.reactor.call_later(BUG_PAUSE, self._pause_over)
 
@@ -378,10 +460,16 @@ class Listener:
     def close(self):
         """Stop accepting; streams already open carry on."""
         self.closed = True
-        self._pause()
+        self._unlisten()
         if self.pause_timer is not None:
             self.pause_timer.cancel()
             self.pause_timer = None
+        if self.held is not None:
+            self.paused_seconds[self.held] += self.reactor.now - self.held_since
+            self.held = None
+        if self.pause is not None and self.pause.timer is not None:
+            self.pause.timer.cancel()
+        self.pause = None
         if self.sock is not None:
             self.sock.close()
 

@@ -971,6 +971,7 @@ def _totals(snapshots):
         for server in router["servers"]:
             server["active"] = 0
             server["listening"] = False
+            server["paused"] = None
     return merged
 
 

@@ -10,15 +10,20 @@ error was logged once with its traceback, and the listener still accepts.
 
 import errno
 import logging
+import re
+import signal
+import time
 
 import pytest
+import trustme
+import urllib3
 
 from ltcp import balancer, server
 from ltcp.balancer import Balancer
 from ltcp.binder import Binder
 from ltcp.duplex import Leg
 from ltcp.tls import TlsMaterialError
-from netutil import closed_without_data, echo, recv_exactly, settled, static_config, wait_for
+from netutil import LtcpProcess, closed_without_data, echo, recv_exactly, settled, static_config, wait_for
 
 PROXY_HEADER = b"PROXY TCP4 203.0.113.7 198.51.100.1 40000 7474\r\n"
 
@@ -110,3 +115,32 @@ def test_a_client_ca_file_gone_bad_leaks_nothing_and_drains_at_once(proxies, bac
     proxy.app.request_drain()
     proxy.thread.join(5)  # nothing open: the drain ends at once, not after graceSecs
     assert not proxy.thread.is_alive(), "the drain waited for streams that no longer exist"
+
+
+def test_a_worker_whose_client_ca_went_bad_drains_at_once_with_every_count(backends, tmp_path):
+    """As reported: the CA file passed the check at start and went bad before the first stream needed it."""
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    backend = backends(echo)
+    document = static_config({"/svc/a": [backend.addr]},
+                             client={"tls": {"dnsName": "backend.example.com", "trustCerts": [str(ca)]}})
+    document["admin"]["graceSecs"] = 30
+    ltcp = LtcpProcess(document)
+    try:
+        ca.write_text("no longer a certificate\n")
+        clients = [ltcp.connect() for _ in range(10)]
+        for c in clients:
+            c.sendall(b"ping")
+        assert all(closed_without_data(c) for c in clients)
+        for c in clients:
+            c.close()
+        text = urllib3.PoolManager(retries=False, timeout=10).request("GET", ltcp.admin + "/metrics").data.decode()
+        assert re.search(r'^ltcp_stream_failures_total\{[^}]*cause="bug"[^}]*\} 10\.0$', text, re.M), text
+        assert re.search(r"^ltcp_active_streams\{[^}]*\} 0\.0$", text, re.M)
+        started = time.monotonic()
+        ltcp.proc.send_signal(signal.SIGTERM)
+        assert ltcp.proc.wait(20) == 0
+        assert time.monotonic() - started < 10, "the drain waited for streams that no longer exist"
+        assert "drain finished" in ltcp.log and "SIGKILL" not in ltcp.log
+    finally:
+        ltcp.stop()

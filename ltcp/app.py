@@ -51,21 +51,25 @@ def raise_descriptor_limit():
 
 
 def stream_budget(config, control_plane=True):
-    """How many streams, and pooled connections, fit in the descriptor limit (raised to the hard limit first).
+    """How many streams, pooled connections and splice pipes fit in the descriptor limit (raised first).
 
-    When any client keeps pre-established connections, a quarter of the
-    descriptors is set aside for them (every destination's pool together);
-    the rest holds streams, two descriptors each.
+    A quarter of the descriptors is set aside for the pipes duplexes splice
+    bulk data through (two descriptors each, one pipe per direction), and,
+    when any client keeps pre-established connections, another quarter for
+    them (every destination's pool together); the rest holds streams, two
+    descriptors each.  A stream that finds no pipe left copies instead.
     """
     soft = raise_descriptor_limit()
     available = soft - reserved_descriptors(config, control_plane)
     pooling = any(r.client.min_connections or any(c.overrides.get("min_connections") for c in r.client.configs)
                   for r in config.routers)
-    pool = max(0, available // 4) if pooling else 0
-    streams = max(1, (available - pool) // 2)
-    log.info("descriptor limit %d: at most %d concurrent streams in this process%s", soft, streams,
-             f" and {pool} pre-established connections" if pool else "")
-    return StreamBudget(streams, pool)
+    share = max(0, available // 4)
+    pool = share if pooling else 0
+    pipes = share // 2
+    streams = max(1, (available - pool - 2 * pipes) // 2)
+    log.info("descriptor limit %d: at most %d concurrent streams in this process (%d splice pipes%s)", soft, streams,
+             pipes, f", {pool} pre-established connections" if pool else "")
+    return StreamBudget(streams, pool, pipes)
 
 
 class App:

@@ -121,11 +121,12 @@ class Balancer:
         self._drop_pooled(lambda pooled: pooled.endpoint.sockaddr not in fresh
                           or (not pooled.endpoint.healthy and pooled.endpoint not in usable))
         waiters, self.waiters = self.waiters, {}
+        call_now = self.reactor.call_now  # (a bug in one waiter's step ends that stream, not the others)
         for dial in waiters:
             if fresh:
-                dial.next_attempt()
+                call_now(dial.next_attempt)
             else:
-                dial.fail("no_endpoints")
+                call_now(dial.fail, "no_endpoints")
         self._fill_pool()
 
     def _cancel_penalty(self, endpoint):
@@ -198,7 +199,7 @@ class Balancer:
             return None
         pooled = self.pool.popleft()
         pooled.want(0)  # its callback must not outlive it: the stream registers its own
-        self.budget.release_pooled()
+        self.budget.pool.give_back()
         self.reactor.call_soon(self._fill_pool)
         return pooled.endpoint, pooled.sock
 
@@ -209,7 +210,7 @@ class Balancer:
         settings = self.settings
         for _ in range(settings.min_connections - len(self.pool) - self.pool_connecting):
             endpoint = self.pick()
-            if endpoint is None or not self.budget.acquire_pooled():
+            if endpoint is None or not self.budget.pool.take():
                 return
             endpoint.begin_connect()
             self.pool_connecting += 1
@@ -220,11 +221,11 @@ class Balancer:
         self.pool_connecting -= 1
         self.attempt_ended(endpoint, cause, detail)
         if sock is None:
-            self.budget.release_pooled()
+            self.budget.pool.give_back()
             self._refill_later()
             return
         if self.closed or endpoint.sockaddr not in self.endpoints:
-            self.budget.release_pooled()
+            self.budget.pool.give_back()
             self.reactor.unregister(sock)
             sock.close()
             if endpoint.state is RETIRED:
@@ -246,7 +247,7 @@ class Balancer:
             if condition(pooled):
                 pooled.want(0)
                 pooled.sock.close()
-                self.budget.release_pooled()
+                self.budget.pool.give_back()
             else:
                 keep.append(pooled)
         self.pool = keep
@@ -344,9 +345,8 @@ class Dial(Registration):
     Meanwhile the client is watched: one that resets ends the dial at once.
     Ends in exactly one of ``owner.established(dial, endpoint, sock, events)``
     or ``owner.dial_failed(dial, cause)``, the two moves out of its lifecycle
-    (``DIAL``); the client socket is handed over registered for ``events``.
-    (Should the owner raise while taking the stream over, a bug, the dial
-    reports ``dial_failed(dial, "bug")`` from the established state.)
+    (``DIAL``); the client socket is handed over registered for ``events``,
+    and from then on the stream is the owner's, even should taking it over fail.
     """
 
     __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt", "state", "timer", "expiring",
@@ -444,9 +444,9 @@ class Dial(Registration):
         self.tries += 1
         reactor = self.reactor
         self._wake_at(reactor.now + balancer.settings.connect_timeout_ms / 1000)
-        endpoint.begin_connect()
         self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, None, self._connected, preface,
                                balancer.tls)
+        endpoint.begin_connect()  # (once the attempt exists: fail() ends what began, and only that)
 
     def _connected(self, sock, cause, detail=""):
         self.attempt = None
@@ -468,26 +468,13 @@ class Dial(Registration):
             self._wake_at(self.reactor.now + min(1.0, RETRY_BACKOFF * 2 ** max(0, self.tries - QUICK_ATTEMPTS)))
 
     def _finish(self, endpoint, sock, events):
-        """Hand the connected socket (registered for ``events``, or not at all) to the owner.
-
-        A bug in the owner while it takes the stream over ends the stream here,
-        since no callback of ours is left to be told.
-        """
+        """Hand the connected socket (registered for ``events``, or not at all) to the owner."""
         self.state = self.state.moves["establish"]
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.balancer.dials -= 1
-        try:
-            self.owner.established(self, endpoint, sock, events)
-        except Exception:
-            log.exception("%s: handing over the stream from %s to %s failed", self.balancer.prefix,
-                          self.envelope.source, endpoint.address)
-            self.reactor.discard(sock)
-            sock.close()
-            self.reactor.discard(self.client)  # whoever registered it last
-            self.events = 0
-            self.owner.dial_failed(self, "bug")
+        self.owner.established(self, endpoint, sock, events)
 
     def fail(self, cause):
         self.state = self.state.moves["fail"]

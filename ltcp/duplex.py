@@ -170,10 +170,18 @@ class Leg(Registration):
     # -- the splice path ------------------------------------------------------------
 
     def open_pipe(self):
+        """Splice to this socket from now on, if the budget's share of pipes has one left.
+
+        Otherwise stay on the copying path (and ask again at the next full buffer).
+        """
+        pipes = self.duplex.owner.pipes
+        if not pipes.take():
+            return
         try:
             read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return  # out of descriptors: stay on the copying path
+            pipes.give_back()
+            return  # out of descriptors all the same: stay on the copying path
         try:
             fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
@@ -291,6 +299,7 @@ class Leg(Registration):
                 os.close(end)
             self.pipe = None
             self.piped = 0
+            self.duplex.owner.pipes.give_back()
 
 
 class TlsLeg(Leg):
@@ -354,11 +363,12 @@ def _leg(duplex, sock, tally):
 
 
 class DuplexOwner(Protocol):
-    """What a duplex reports to (a listener): two running byte tallies, and its end."""
+    """What a duplex reports to (a listener): two running byte tallies, and its end; where its pipes come from."""
 
     received: Tally
     sent: Tally
     view: memoryview  # of the shared transfer buffer, made once
+    pipes: object  # the budget's share of splice pipes (a server.Share): take() one, give_back() it
 
     def stream_closed(self, duplex: "Duplex") -> None: ...
 
@@ -392,10 +402,6 @@ class Duplex:
         self.detail = ""
         self.from_client = self.to_client = 0  # bytes, once closed: read from the client, written to it
         self.started = self.last_active = reactor.now
-        idle, lifetime = envelope.idle_timeout, envelope.lifetime
-        # One timer for both limits, at whichever could come first.
-        first = min(idle, lifetime) if idle and lifetime else idle or lifetime
-        self.timer = reactor.call_later(first, self._check_limits) if first else None
         client = self.client = _leg(self, dial.client, owner.received)
         upstream = self.upstream = _leg(self, upstream_sock, owner.sent)
         client.peer = upstream
@@ -405,6 +411,11 @@ class Duplex:
         for leg in (client, upstream):
             if leg.tls and leg.sock.pending():  # bytes that came with the end of the handshake raise no event
                 reactor.call_soon(leg.pump_more)
+        idle, lifetime = envelope.idle_timeout, envelope.lifetime
+        # One timer for both limits, at whichever could come first; armed last, so
+        # that a duplex whose construction failed leaves nothing behind to fire.
+        first = min(idle, lifetime) if idle and lifetime else idle or lifetime
+        self.timer = reactor.call_later(first, self._check_limits) if first else None
 
     def __repr__(self):
         state = f"closed ({self.reason}{': ' + self.detail if self.detail else ''})" if self.closed else "open"

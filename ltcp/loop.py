@@ -120,6 +120,18 @@ class Reactor:
         """Run ``fn(*args)`` on the next loop iteration (reactor thread only)."""
         self._ready.append((fn, args))
 
+    def call_now(self, fn, *args):
+        """Run ``fn(*args)`` at once, under the loop's rule for bugs (see the class docstring).
+
+        For a step one object takes on another's behalf (a listener starting a
+        stream, a balancer resuming its waiters): a bug in it ends what ``fn``
+        belongs to, never the caller nor the others it serves.
+        """
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.callback_failed(fn, exc)
+
     def call_soon_threadsafe(self, fn, *args):
         """Queue ``fn(*args)`` from any thread and wake the reactor."""
         self._ready.append((fn, args))

@@ -53,6 +53,8 @@ FAMILIES = {  # key: (family class, name, help, labels)
                   _SERVER + ["cause"]),
     "context_failures": (CounterMetricFamily, "ltcp_tls_context_failures",
                          "Workers that could not build the server's TLS contexts, and so did not serve it", _SERVER),
+    "paused": (CounterMetricFamily, "ltcp_listener_paused_seconds",
+               "Time a listener held back accepting, by the limit that stopped it", _SERVER + ["reason"]),
     "connect_failures": (CounterMetricFamily, "ltcp_connect_failures",
                          "Failed connects to endpoints (and streams with none), by cause", _DST + ["cause"]),
     "endpoints": (GaugeMetricFamily, "ltcp_endpoints", "Endpoints by state", _DST + ["state"]),
@@ -109,6 +111,8 @@ def _render_server(f, values, server):
     for cause, count in sorted(server["sni_fallbacks"].items()):
         f["fallbacks"].add_metric(values + [cause], count)
     f["context_failures"].add_metric(values, server.get("tls_context_failures", 0))  # (absent before this version)
+    for reason, seconds in sorted(server.get("paused_seconds", {}).items()):  # (workers older than it: none)
+        f["paused"].add_metric(values + [reason], seconds)
     _add_histogram(f["connect_latency"], values, server["connect_latency"])
     _add_histogram(f["duration"], values, server["stream_duration"])
 

@@ -1,8 +1,13 @@
 """Listening sockets: accept, build the Envelope, hand the stream to its balancer.
 
 A listener stops accepting (drops its registration) rather than accepting and
-dropping: at ``maxConcurrency`` until a stream ends, and for a short pause
-when the process runs out of file descriptors.
+dropping: at ``maxConcurrency`` or the process's stream budget until a stream
+ends, and for a short pause when the process runs out of file descriptors.
+Held back so by a limit, it logs it once per episode: from the first time
+until it has accepted freely for ``CALM`` seconds, however often it was held
+back and let go meanwhile (a listener at its limit is let go, accepts one
+client and is held back again as each stream ends).  The time held back is
+counted by reason.
 """
 
 import _socket
@@ -20,7 +25,7 @@ from .intake import Intake
 from .loop import READ
 from .names import display_address
 
-__all__ = ["Envelope", "Listener", "StreamBudget", "listen"]
+__all__ = ["Envelope", "Listener", "Share", "StreamBudget", "listen"]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,13 @@ BACKLOG = 1024
 ACCEPT_BATCH = 64  # accepts per readiness event, so one busy listener cannot starve the rest
 FD_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE
 BUG_PAUSE = 1.0  # seconds to stop accepting after a bug in the accept path
+CALM = 5.0  # seconds of accepting freely that end an episode of being held back
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+# Why a listener stopped accepting (the reason label of ltcp_listener_paused_seconds_total).
+MAX_CONCURRENCY = "max_concurrency"
+STREAM_BUDGET = "stream_budget"
+OUT_OF_DESCRIPTORS = "out_of_descriptors"
 
 
 class Envelope:
@@ -54,21 +65,62 @@ class Envelope:
         return f"<Envelope {self.source} -> {self.dst_name}>"
 
 
+class Pause:
+    """One episode of a listener held back by limits: the first limit, when, and what went unlogged."""
+
+    __slots__ = ("why", "since", "released", "again", "timer")
+
+    def __init__(self, why, since):
+        self.why = why  # the first limit, in words, for the log
+        self.since = since  # reactor time it was first held back
+        self.released = since  # reactor time it was last let go
+        self.again = 0  # times it was held back since, not logged
+        self.timer = None  # looks whether the listener has been calm for long enough
+
+
+class Share:
+    """A part of the descriptor budget set aside for one use, counted in units.
+
+    When it is used up, ``take`` says so and the caller does without (no pooled
+    connection, no splice pipe), rather than run the process out of descriptors.
+    """
+
+    __slots__ = ("capacity", "used")
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.used = 0
+
+    def take(self):
+        """Count one more unit, if the share has room; whether it had."""
+        if self.used >= self.capacity:
+            return False
+        self.used += 1
+        return True
+
+    def give_back(self):
+        if self.used <= 0:
+            raise RuntimeError("a unit given back that was never taken")
+        self.used -= 1
+
+
 class StreamBudget:
     """How many streams the whole process may hold, shared by every listener.
 
     Sized from the descriptor limit so that a stream, once accepted, can
     always open its upstream socket: accepting every client first and then
     finding no descriptor left for any upstream would stall them all.
-    Pre-established connections (``minConnections``) have a share of their
-    own, so that SNI names multiplying pools cannot eat the streams' share.
+    What else a stream may open has a share of its own, so that it cannot
+    eat the streams' descriptors: pre-established connections
+    (``minConnections``, which SNI names can multiply) and the pipes a duplex
+    splices bulk data through.
     """
 
-    def __init__(self, capacity, pool_capacity=0):
+    def __init__(self, capacity, pool_capacity=0, pipe_capacity=0):
         self.capacity = capacity
         self.used = 0
-        self.pool_capacity = pool_capacity  # idle pre-established connections, every balancer together
-        self.pooled = 0  # pooled connections open or connecting
+        self.pool = Share(pool_capacity)  # idle pre-established connections, every balancer together
+        self.pipes = Share(pipe_capacity)  # splice pipes (two descriptors each), every stream together
         self.waiting = set()  # listeners paused until a stream ends
         self.on_empty = None  # called when the last stream ends (graceful drain)
 
@@ -91,18 +143,6 @@ class StreamBudget:
         if not self.used and self.on_empty is not None:
             self.on_empty()
 
-    def acquire_pooled(self):
-        """Count one more pre-established connection, if their share has room; whether it had."""
-        if self.pooled >= self.pool_capacity:
-            return False
-        self.pooled += 1
-        return True
-
-    def release_pooled(self):
-        if self.pooled <= 0:
-            raise RuntimeError("a pooled connection released that was never acquired")
-        self.pooled -= 1
-
 
 def listen(config):
     """A listening socket for one server's address (OSError naming the address if it cannot be had)."""
@@ -124,7 +164,19 @@ def listen(config):
 
 
 class Listener:
-    """One configured server: a listening socket and the streams it accepted."""
+    """One configured server: a listening socket and the streams it accepted.
+
+    Who answers for a stream, so that its counts cannot leak: from accept until
+    it ends, a stream is counted in ``active`` and in the budget, and one holder
+    answers for it, an Intake or a Dial (in ``dials``) or a Duplex (in
+    ``streams``).  A holder ends the stream by telling the listener
+    (``dial_failed``, ``stream_closed``), and the reactor turns a bug in any of
+    its callbacks into ``crashed``, which ends it too.  A stream changes hands
+    only here, in ``_accepted``, ``dial`` and ``established``, and the old
+    holder leaves its set only once the new one is in; between the two, the
+    listener is the holder, so a bug there ends the stream here (``_lost``).
+    Either way the end is counted once, as ``bug``, and both sockets are closed.
+    """
 
     def __init__(self, reactor, config, binder, buffer, label, budget, material, sock=None, access_log=None,
                  unusable=None):
@@ -132,6 +184,7 @@ class Listener:
         process cannot serve it at all (its router's client contexts failed), or None."""
         self.reactor = reactor
         self.budget = budget
+        self.pipes = budget.pipes  # what a duplex of ours takes a splice pipe from
         self.config = config
         self.binder = binder
         self.buffer = buffer
@@ -145,6 +198,10 @@ class Listener:
         self.listening = False
         self.closed = False
         self.pause_timer = None
+        self.held = None  # the limit holding accepting back now, if one does (MAX_CONCURRENCY, ...)
+        self.held_since = 0.0
+        self.paused_seconds = collections.Counter()  # reason -> seconds held back by it, once let go
+        self.pause = None  # the episode of being held back, until calm again
         self.active = 0
         self.accepted = 0
         self.finished = 0
@@ -207,8 +264,10 @@ class Listener:
             # Workers share the socket: each readiness wakes one of them, not all.
             self.reactor.register(self.sock, READ | select.EPOLLEXCLUSIVE, self._acceptable)
             self.listening = True
+            if self.held is not None:
+                self._let_go()
 
-    def _pause(self):
+    def _unlisten(self):
         if self.listening:
             self.reactor.unregister(self.sock)
             self.listening = False
@@ -229,9 +288,7 @@ class Listener:
         accept, family, wrap = self.sock._accept, self.family, _socket.socket
         for _ in range(ACCEPT_BATCH):
             if self.active >= limit or budget.used >= budget.capacity:
-                self._pause()
-                if self.active < limit:
-                    budget.waiting.add(self)
+                self._saturated()
                 return
             try:
                 fd, source = accept()
@@ -245,18 +302,72 @@ class Listener:
                 continue  # ECONNABORTED and friends: that client is already gone
             self._accepted(wrap(family, socket.SOCK_STREAM, 0, fd), source)
 
-    def _out_of_descriptors(self, reason):
-        """Stop accepting for a moment: logged once per burst, never a busy loop."""
+    def _saturated(self):
+        """At ``maxConcurrency`` or the stream budget: stop accepting until a stream ends."""
+        limit, budget = self.config.max_concurrency, self.budget
+        if self.active >= limit:
+            self._held_back(MAX_CONCURRENCY, f"maxConcurrency {limit} reached")
+        else:
+            budget.waiting.add(self)
+            self._held_back(STREAM_BUDGET, f"this process's descriptor budget of {budget.capacity} streams is in use")
+
+    def _out_of_descriptors(self, what):
+        """Stop accepting for a moment, never a busy loop; only the episode's first time is logged."""
         self.failures["out_of_descriptors"] += 1
+        if self.closed:
+            return  # (a connect of a stream still draining: there is no accepting to hold back)
         if self.pause_timer is None:
-            log.warning("router %s on %s is out of descriptors (%s); pausing accepts for %gs",
-                        self.label, self.display_address, reason, FD_PAUSE)
-            self._pause()
             self.pause_timer = self.reactor.call_later(FD_PAUSE, self._pause_over)
+        self._held_back(OUT_OF_DESCRIPTORS, f"out of descriptors ({what})")
+
+    def _held_back(self, reason, why):
+        """A limit stops accepting: logged if this begins an episode, counted as one more time if not."""
+        now = self.reactor.now
+        if self.held is None:  # (held already, if a connect ran out of descriptors meanwhile)
+            self._unlisten()
+            self.held, self.held_since = reason, now
+        if self.pause is None:
+            self.pause = Pause(why, now)
+            log.warning("router %s on %s stopped accepting: %s%s", self.label, self.display_address, why,
+                        f"; trying again every {FD_PAUSE:g}s" if reason is OUT_OF_DESCRIPTORS else "")
+        else:
+            self.pause.again += 1
+
+    def _let_go(self):
+        """Listening again: count the time held back, and end the episode once calm for ``CALM`` seconds."""
+        now = self.reactor.now
+        self.paused_seconds[self.held] += now - self.held_since
+        self.held = None
+        pause = self.pause
+        pause.released = now
+        if pause.timer is None:
+            pause.timer = self.reactor.call_later(CALM, self._calm)
+
+    def _calm(self):
+        """Has the listener accepted freely since it was let go?  Then the episode is over."""
+        pause = self.pause
+        pause.timer = None
+        if self.held is not None:
+            return  # held back again: letting it go looks again
+        calm_until = pause.released + CALM
+        if self.reactor.now < calm_until:
+            pause.timer = self.reactor.call_at(calm_until, self._calm)
+            return
+        self.pause = None
+        log.info("router %s on %s accepting again after %.1fs (%s%s)", self.label, self.display_address,
+                 pause.released - pause.since, pause.why,
+                 f"; held back {pause.again} more times, not logged" if pause.again else "")
+
+    def paused_time(self):
+        """Seconds held back, by reason, the time held back now included."""
+        seconds = dict(self.paused_seconds)
+        if self.held is not None:
+            seconds[self.held] = seconds.get(self.held, 0) + self.reactor.now - self.held_since
+        return seconds
 
     def crashed(self, exc):
         """A bug while accepting: stop for a moment instead of failing again on every wakeup."""
-        self._pause()
+        self._unlisten()
         if self.pause_timer is None:
             self.pause_timer = self.reactor.call_later(BUG_PAUSE, self._pause_over)
 
@@ -264,61 +375,85 @@ class Listener:
         self.pause_timer = None
         self.resume()
 
+    # -- streams changing hands (the ownership rule in the class docstring) ----------------
+
     def _accepted(self, client, source):
-        client.setblocking(False)
         self.accepted += 1
         self.active += 1
         self.budget.acquire()
         now = self.reactor.now
         envelope = Envelope(source, self._dst_name, now, now + self._connect_timeout, self._lifetime, self._idle)
-        if self._intake:
-            intake = Intake(self, client, envelope)
-            self.dials.add(intake)
-            self._start(intake)
-        else:
-            self.dial(None, client, envelope)
-
-    def _start(self, stream):
-        """Run a stream's first step here, where a bug in it ends that stream and not our caller."""
         try:
-            stream.start()
+            client.setblocking(False)
+            if self._intake:
+                self._hand_over(None, Intake(self, client, envelope))
+            else:
+                self._route(None, client, envelope)
         except Exception as exc:
-            self.reactor.callback_failed(stream.start, exc)
+            self._lost(exc, None, client, envelope)
 
     def dial(self, intake, client, envelope):
-        """Start connecting the stream to its destination (after its intake, if any)."""
-        self.dials.discard(intake)
+        """The intake is done: start connecting the stream to its destination."""
+        try:
+            self._route(intake, client, envelope)
+        except Exception as exc:
+            self._lost(exc, intake, client, envelope)
+
+    def _route(self, previous, client, envelope):
         balancer = self.binder.bind(envelope.dst_name)
         if balancer is None:
-            self.failures["route_cache_full"] += 1
-            client.close()
-            self._logged(envelope, None, 0, 0, "route_cache_full")
-            self._stream_ended()
+            self.dials.discard(previous)
+            self._ended_unconnected(client, envelope, None, "route_cache_full")
             return
-        dial = Dial(balancer, client, envelope, self)
-        self.dials.add(dial)
-        self._start(dial)
+        self._hand_over(previous, Dial(balancer, client, envelope, self))
+
+    def _hand_over(self, previous, holder):
+        """``holder`` (an Intake or a Dial) takes the stream over from ``previous``, and takes its first step.
+
+        A bug in that step is the holder's to end, as in any of its callbacks.
+        """
+        self.dials.add(holder)
+        self.dials.discard(previous)
+        self.reactor.call_now(holder.start)
 
     def established(self, dial, endpoint, upstream, upstream_events):
-        duplex = Duplex(self, dial, upstream, upstream_events, self.buffer)
+        try:
+            duplex = Duplex(self, dial, upstream, upstream_events, self.buffer)
+        except Exception as exc:
+            self._lost(exc, dial, dial.client, dial.envelope, upstream)
+            return
+        self.streams.add(duplex)
         self.dials.discard(dial)
         dial.balancer.stream_opened(endpoint)  # paired with stream_closed below
         self.connect_latency.observe(self.reactor.now - dial.envelope.accepted_at)
-        self.streams.add(duplex)
+
+    def _lost(self, exc, previous, client, envelope, upstream=None):
+        """A bug while the stream changed hands: no holder has it, so it ends here (cause ``bug``)."""
+        log.error("%s %s: the stream from %s ended by a bug while it changed hands", self.label, envelope.dst_name,
+                  envelope.source, exc_info=exc)
+        self.dials.discard(previous)
+        if upstream is not None:
+            self.reactor.discard(upstream)
+            upstream.close()
+        self.reactor.discard(client)  # whoever registered it last
+        self._ended_unconnected(client, envelope, getattr(previous, "endpoint", None), "bug")
 
     def dial_failed(self, dial, cause):
         """A stream ends before reaching an endpoint (``dial`` is a Dial or an Intake)."""
         self.dials.discard(dial)
         if cause == "resources":
             self._out_of_descriptors("connect")
-        self.failures[cause] += 1
         if log.isEnabledFor(logging.DEBUG):
             envelope = dial.envelope
             log.debug("%s %s: stream from %s failed: %s%s", self.label, envelope.dst_name, envelope.source, cause,
                       f" ({dial.failure})" if dial.failure else "")
-        dial.client.close()
-        endpoint = getattr(dial, "endpoint", None)  # (an intake has none)
-        self._logged(dial.envelope, endpoint.address if endpoint else None, 0, 0, cause)
+        self._ended_unconnected(dial.client, dial.envelope, getattr(dial, "endpoint", None), cause)
+
+    def _ended_unconnected(self, client, envelope, endpoint, cause):
+        """The end of a stream that never reached an endpoint (``endpoint``: the last one tried, if any)."""
+        self.failures[cause] += 1
+        client.close()
+        self._logged(envelope, endpoint.address if endpoint else None, 0, 0, cause)
         self._stream_ended()
 
     def stream_closed(self, duplex):
@@ -349,10 +484,16 @@ class Listener:
     def close(self):
         """Stop accepting; streams already open carry on."""
         self.closed = True
-        self._pause()
+        self._unlisten()
         if self.pause_timer is not None:
             self.pause_timer.cancel()
             self.pause_timer = None
+        if self.held is not None:
+            self.paused_seconds[self.held] += self.reactor.now - self.held_since
+            self.held = None
+        if self.pause is not None and self.pause.timer is not None:
+            self.pause.timer.cancel()
+        self.pause = None
         if self.sock is not None:
             self.sock.close()
 

@@ -48,6 +48,8 @@ def _server(listener):
         "address": listener.display_address if listener.address else None,
         "dst_name": listener.config.dst_name,
         "listening": listener.listening,
+        "paused": listener.held,  # the limit holding it back now, or None
+        "paused_seconds": listener.paused_time(),
         "active": listener.active,
         "accepted": listener.accepted,
         "closed": listener.finished,

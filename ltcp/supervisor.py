@@ -1014,6 +1014,7 @@ def _totals(snapshots):
         for server in router["servers"]:
             server["active"] = 0
             server["listening"] = False
+            server["paused"] = None
     return merged
 
 

@@ -310,7 +310,7 @@ def settled(app):
 
     After a fault test: no stream counted in the budget or a listener, no dial
     or waiter left on a balancer, no connect or stream left on an endpoint,
-    pooled connections all accounted for, and nothing registered with the
+    pooled connections all accounted for, no splice pipe, and nothing registered with the
     reactor but listeners, the wakeup pipe and pooled connections.
     """
     problems = []
@@ -330,8 +330,10 @@ def settled(app):
             problems.extend(repr(endpoint) for endpoint in endpoints if endpoint.active)
             if sum(endpoint.pending for endpoint in endpoints) != balancer.pool_connecting:
                 problems.append(f"{balancer!r}: connects pending on endpoints, {balancer.pool_connecting} for its pool")
-    if app.budget.pooled != pooled:
-        problems.append(f"budget: {app.budget.pooled} pooled, {pooled} in pools")
+    if app.budget.pool.used != pooled:
+        problems.append(f"budget: {app.budget.pool.used} pooled, {pooled} in pools")
+    if app.budget.pipes.used:
+        problems.append(f"budget: {app.budget.pipes.used} splice pipes")
     registered = len(app.reactor._handlers)
     expected = 1 + sum(1 for listener in app.listeners if listener.listening) + pooled
     if registered != expected:

@@ -187,16 +187,16 @@ def test_pooled_connections_stay_within_their_share_as_sni_multiplies_pools(prox
         "client": {"minConnections": 10}}]})
     budget = proxy.app.budget
     binder = proxy.app.routers[0].binder
-    proxy.call(lambda: (setattr(budget, "pool_capacity", 40), setattr(binder, "capacity", 20)))
+    proxy.call(lambda: (setattr(budget.pool, "capacity", 40), setattr(binder, "capacity", 20)))
     for i in range(60):
         with proxy.connect() as c:
             c.sendall(client_hello(f"n{i}.example"))
             assert c.recv(7) == b"pooled\n"
-        assert proxy.call(lambda: budget.pooled) <= 40
+        assert proxy.call(lambda: budget.pool.used) <= 40
     wait_for(lambda: backend.open <= 40, message="idle pooled connections within their share")
 
     def pools():
-        return budget.pooled, sum(len(b.pool) + b.pool_connecting for b in binder.balancers.values())
+        return budget.pool.used, sum(len(b.pool) + b.pool_connecting for b in binder.balancers.values())
 
     counted, held = proxy.call(pools)
     assert counted == held <= 40  # evicted balancers' pools were closed and returned their share

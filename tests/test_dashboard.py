@@ -22,6 +22,7 @@ READ_PAGE = """(() => !document.getElementById("instance") ? {updates: 0} : ({
   images: document.querySelectorAll("img").length,
   routers: [...document.querySelectorAll("section.router")].map((r) => r.dataset.label),
   servers: [...document.querySelectorAll("section.router > table td:first-child")].map((td) => td.textContent),
+  badges: [...document.querySelectorAll("section.router > table .badge")].map((badge) => badge.textContent),
   destinations: Object.fromEntries([...document.querySelectorAll("section.destination")].map((d) => [
     d.querySelector("h3").textContent,
     Object.fromEntries([...d.querySelectorAll("table tr")].filter((tr) => tr.cells[0].tagName === "TD").map((tr) =>
@@ -91,6 +92,29 @@ def test_the_dashboard_shows_the_routers_state_and_follows_discovery(browser, ba
     finally:
         ltcp.stop()
         holder.close()
+
+
+def test_a_listener_held_back_wears_a_badge_while_it_is(browser, backends):
+    live = backends(named("live"))
+    ltcp = LtcpProcess({"admin": {"port": 0}, "routers": [{
+        "label": "r", "interpreter": {"kind": "io.l5d.static", "names": {"/svc/a": [live.addr]}},
+        "servers": [{"port": 0, "dstName": "/svc/a", "maxConcurrency": 1}]}]})
+    held = ltcp.connect()
+    waiting = None
+    try:
+        assert recv_exactly(held, 5) == b"live\n"
+        waiting = ltcp.connect()
+        browser.open(ltcp.admin + "/")
+        page(browser, lambda s: s["badges"] == ["held back: maxConcurrency"], "the badge on the held-back server")
+        held.close()
+        assert recv_exactly(waiting, 5) == b"live\n"
+        waiting.close()
+        page(browser, lambda s: s["badges"] == [], "the badge gone once the listener accepts again")
+    finally:
+        held.close()
+        if waiting is not None:
+            waiting.close()
+        ltcp.stop()
 
 
 def test_the_page_only_reads_and_forbids_inline_script(tmp_path):

@@ -123,12 +123,23 @@ function instance(state) {
   if (state.draining) list.appendChild(el("div", "draining", "draining"));
 }
 
+// Why a listener is held back (the "paused" of /routers.json), as the configuration says it.
+const HELD_BACK = {max_concurrency: "maxConcurrency", stream_budget: "descriptor budget",
+                   out_of_descriptors: "out of descriptors"};
+
+function listening(s) {
+  const shown = s.listening ? el("span", "yes", "yes") : el("span", "no", "no");
+  if (!s.paused) return shown;
+  const cell = el("span");
+  cell.append(shown, el("span", "held back: " + (HELD_BACK[s.paused] || s.paused), "badge"));
+  return cell;
+}
+
 function server(router, s, at) {
   const r = rates(router.label + " " + s.address, at, s);
   const show = (v, f) => (v === null ? "-" : f(v));
   return [
-    {text: s.address, className: "name"}, {text: s.dst_name, className: "name"},
-    s.listening ? {text: "yes", className: "yes"} : {text: "no", className: "no"},
+    {text: s.address, className: "name"}, {text: s.dst_name, className: "name"}, listening(s),
     s.active, show(r.accepts, (v) => v.toFixed(1)), spark(r.series.accepts),
     show(r.in, (v) => bytes(v) + "/s"), show(r.out, (v) => bytes(v) + "/s"), counts(s.failures),
   ];

@@ -179,21 +179,26 @@ def test_one_discovery_watch_per_name_whatever_the_number_of_workers(instances, 
             "label": "n", "interpreter": {"kind": "io.l5d.namerd.http", "baseUrl": namerd.url, "periodSecs": 1},
             "servers": [{"port": 0, "dstName": "/svc/a"}]}]}
         ltcp = instances(config)
-        clients = []
-        for stopped in ltcp.workers:  # each worker in turn is the only one accepting, so both route to /svc/a
-            os.kill(stopped, signal.SIGSTOP)
-            try:
-                for _ in range(20):
-                    clients.append(socket.create_connection(("127.0.0.1", ltcp.port), timeout=10))
-                    clients[-1].sendall(b"hi")
-                    assert recv_exactly(clients[-1], 2) == b"hi"
-            finally:
-                os.kill(stopped, signal.SIGCONT)
-        state = routers(ltcp)
-        assert all(w["accepted"] == 20 for w in state["workers"]), state["workers"]
+        # An idle worker first in the kernel's line takes every connection (EPOLLEXCLUSIVE): keep it
+        # busy with clients in parallel until the other has taken some too, so both route to /svc/a.
+        def round_trips(stop):
+            while not stop.is_set():
+                with socket.create_connection(("127.0.0.1", ltcp.port), timeout=10) as c:
+                    c.sendall(b"hi")
+                    assert recv_exactly(c, 2) == b"hi"
+
+        stop = threading.Event()
+        clients = [threading.Thread(target=round_trips, args=(stop,)) for _ in range(16)]
+        for thread in clients:
+            thread.start()
+        try:
+            wait_for(lambda: all(w["accepted"] > 0 for w in routers(ltcp)["workers"]), interval=0.1,
+                     message="both workers to take a connection")
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(10)
         assert namerd.requests("/svc/a") == 1 and namerd.watchers("/svc/a") == 1
-        for c in clients:
-            c.close()
     finally:
         namerd.close()
 

@@ -8,6 +8,8 @@
     POST /shutdown       graceful drain (answers at once)
     POST /abort          exit 1 immediately
 
+HEAD is served wherever GET is (the same answer without its body).
+
 It runs on control-plane threads (``httpd``) and reaches data-plane state only
 through its ``view``: the supervisor's (which asks every worker for a
 snapshot over its control channel and merges them) or ``ReactorView``'s (a
@@ -85,7 +87,7 @@ def refusal(method, headers, admin_ip):
     host = headers.get("Host")
     if host is not None and not _names_this_server(_host_part(host), admin_ip):
         return f"Host {host!r} is not this admin server"
-    if method != "GET":
+    if method not in ("GET", "HEAD"):  # (only reads)
         origin = headers.get("Origin")
         if origin is not None and (host is None or _authority(origin) != host.strip().lower()):
             return f"a {method} from another origin ({origin})"
@@ -197,8 +199,9 @@ class AdminServer:
         if route is None:
             return plain(404, "not found")
         method, action = route
-        if request.method != method:
-            return Response(405, b"method not allowed\n", headers=[("Allow", method)])
+        allowed = ("GET", "HEAD") if method == "GET" else (method,)  # (httpd drops a HEAD's body)
+        if request.method not in allowed:
+            return Response(405, b"method not allowed\n", headers=[("Allow", ", ".join(allowed))])
         try:
             return action()
         except concurrent.futures.TimeoutError:

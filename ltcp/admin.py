@@ -136,7 +136,7 @@ class ReactorView:
     def routers(self):
         return routers_json(self.snapshot(MAX_LISTED_ENDPOINTS))
 
-    def families(self):
+    def families(self, data):
         return []
 
     def instance(self):

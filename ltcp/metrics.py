@@ -127,7 +127,7 @@ def _add_histogram(family, values, histogram):
 
 
 def supervisor_families(state):
-    """The process model's own families: workers by state, restarts, reloads."""
+    """The process model's own families: workers by state and their snapshots' ages, restarts, reloads."""
     workers = GaugeMetricFamily("ltcp_workers", "Worker processes, by state", labels=["state"])
     for name in ("starting", "serving", "draining"):
         workers.add_metric([name], state["workers"].count(name))
@@ -135,8 +135,14 @@ def supervisor_families(state):
                                   labels=["outcome"])
     for outcome, count in sorted(state["reloads"].items()):
         reloads.add_metric([outcome], count)
+    ages = GaugeMetricFamily("ltcp_worker_snapshot_age_seconds",
+                             "How old the counts shown for a worker are (large: it stopped answering)",
+                             labels=["pid"])
+    for pid, age in sorted(state["snapshot_ages"].items()):
+        ages.add_metric([str(pid)], age)
     return [
         workers,
+        ages,
         CounterMetricFamily("ltcp_worker_restarts", "Workers started again after exiting unexpectedly",
                             value=state["restarts"]),
         reloads,
@@ -155,7 +161,8 @@ class LtcpCollector:
         return []  # families are only known at scrape time; skip registration-time collection
 
     def collect(self):
-        return render(self.view.snapshot()) + self.view.families()
+        data = self.view.snapshot()
+        return render(data) + self.view.families(data)
 
 
 class ProcessCollector:

@@ -1,10 +1,11 @@
 import logging
+import signal
 import threading
 
 import pytest
 
 from ltcp.loop import Reactor
-from netutil import Backend, Proxy
+from netutil import Backend, LtcpProcess, Proxy
 
 
 @pytest.fixture
@@ -56,6 +57,25 @@ def backends():
     yield start
     for backend in started:
         backend.close()
+
+
+@pytest.fixture
+def instances(tmp_path):
+    """Start ``python -m ltcp FILE`` with ``instances(document)``; each is stopped (exit 0, no traceback) afterwards."""
+    started = []
+
+    def start(config, **kwargs):
+        ltcp = LtcpProcess(config, path=tmp_path / f"ltcp{len(started)}.yaml", **kwargs)
+        started.append(ltcp)
+        return ltcp
+
+    yield start
+    for ltcp in started:
+        if ltcp.proc.poll() is None:
+            ltcp.proc.send_signal(signal.SIGTERM)
+            assert ltcp.proc.wait(30) == 0
+        ltcp.reader.join(5)
+        assert "Traceback" not in ltcp.log, ltcp.log
 
 
 def pytest_configure(config):

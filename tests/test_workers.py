@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ltcp.testing.namerd import NamerdServer
-from netutil import LtcpProcess, echo, recv_all, recv_exactly, wait_for
+from netutil import echo, recv_all, recv_exactly, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,24 +145,6 @@ class LongStream:
         rest = recv_all(self.sock)
         self.sock.close()
         return self.error, self.sent, rest
-
-
-@pytest.fixture
-def instances(tmp_path):
-    started = []
-
-    def start(config, **kwargs):
-        ltcp = LtcpProcess(config, path=tmp_path / f"ltcp{len(started)}.yaml", **kwargs)
-        started.append(ltcp)
-        return ltcp
-
-    yield start
-    for ltcp in started:
-        if ltcp.proc.poll() is None:
-            ltcp.proc.send_signal(signal.SIGTERM)
-            assert ltcp.proc.wait(30) == 0
-        ltcp.reader.join(5)
-        assert "Traceback" not in ltcp.log, ltcp.log
 
 
 def test_two_workers_serve_one_instance_and_admin_counts_every_connection(instances, backends):

@@ -9,8 +9,9 @@ library: a worker takes snapshots without loading ``prometheus_client``.
 import itertools
 
 from .histogram import Histogram
+from .wheel import LAG_BUCKETS
 
-__all__ = ["MAX_LISTED_ENDPOINTS", "merge", "routers_json", "snapshot"]
+__all__ = ["MAX_LISTED_ENDPOINTS", "empty_snapshot", "merge", "routers_json", "snapshot"]
 
 
 MAX_LISTED_ENDPOINTS = 1000  # per destination in /routers.json; all are counted
@@ -29,6 +30,11 @@ def snapshot(app, listed=0):
         "draining": app.draining,
         "access_log_dropped": app.access_log.dropped if app.access_log is not None else 0,
     }
+
+
+def empty_snapshot():
+    """The snapshot of no reactor: what there is to show while no worker serves, and none has counted."""
+    return {"routers": [], "reactor_lag": Histogram(LAG_BUCKETS), "draining": False, "access_log_dropped": 0}
 
 
 def _router(router, listed):

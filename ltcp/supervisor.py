@@ -50,7 +50,7 @@ from . import launch, notify
 from .names import display_address
 from .reload import listener_key, listeners, plan
 from .server import listen
-from .snapshot import MAX_LISTED_ENDPOINTS, merge, routers_json
+from .snapshot import MAX_LISTED_ENDPOINTS, empty_snapshot, merge, routers_json
 from .tls import material_problems
 
 __all__ = ["Supervisor", "serve"]
@@ -937,26 +937,27 @@ class Supervisor:
 
         Workers that do not answer within ``SNAPSHOT_WAIT`` (stopped, stuck) are
         shown by their last snapshot, marked stale with its age: a scrape never
-        waits longer than that, and not at all for a worker already late.
+        waits longer than that, and not at all for a worker already late.  With
+        no worker serving (all starting, or crashed), it is what finished workers
+        counted, or nothing: the admin server still answers, and says so.
         """
         with self.lock:
-            running = [w for g in self.generations for w in g.workers.values() if w.link is not None]
+            live = [w for w in self._all_workers_locked() if w.exit_code is None]
+            running = [w for w in live if w.link is not None]
             workers = [w for w in running if w.state != "starting" and w.final is None]
             # Finished but not yet reaped: counted from their final snapshot, never twice, never not at all.
             finals = [w.final for w in running if w.final is not None]
             departed = self.departed
             hubs = dict(self.current.hubs)
         self._ask(workers, listed)
-        answered = [w for w in workers if w.last is not None]  # a stuck worker's counts are stale, not gone
-        if not answered:
-            raise concurrent.futures.TimeoutError("no worker answered")
-        merged = merge([w.last for w in answered] + finals + ([departed] if departed else []))
+        answered = [w.last for w in workers if w.last is not None]  # a stuck worker's counts are stale, not gone
+        merged = merge(answered + finals + ([departed] if departed else []) or [empty_snapshot()])
         # New dicts, not edits: a merge of one snapshot is that snapshot, kept as a worker's last or final.
         routers = [{**router, "discovery": hubs[router["label"]].interpreter.stats.snapshot()}
                    if router["label"] in hubs else router for router in merged["routers"]]
         now = time.monotonic()
         data = {**merged, "routers": routers, "draining": self.stopping,
-                "workers": [_worker_entry(w, now) for w in answered]}
+                "workers": [_worker_entry(w, now) for w in live]}
         writer = self.access_log
         if writer is not None:
             written, dropped = writer.counts()
@@ -1029,11 +1030,13 @@ def _answered(question, deadline, pid):
 
 
 def _worker_entry(worker, now):
-    """A worker as /routers.json lists it: its streams, and how old the snapshot they come from is."""
-    servers = [server for router in worker.last["routers"] for server in router["servers"]]
+    """A worker as /routers.json lists it: its streams, and how old the snapshot they come from is (None: none)."""
+    counted = worker.final or worker.last
+    servers = [server for router in counted["routers"] for server in router["servers"]] if counted else []
     return {**worker.describe(), "streams": sum(s["active"] for s in servers),
             "accepted": sum(s["accepted"] for s in servers),
-            "snapshot_age_secs": round(now - worker.answered_at, 3), "stale": worker.late}
+            "snapshot_age_secs": None if worker.answered_at is None else round(now - worker.answered_at, 3),
+            "stale": worker.late}
 
 
 def _totals(snapshots):

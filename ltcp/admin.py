@@ -133,9 +133,6 @@ class ReactorView:
     def snapshot(self, listed=0):
         return on_reactor(self.app.reactor, lambda: snapshot(self.app, listed))
 
-    def routers(self):
-        return routers_json(self.snapshot(MAX_LISTED_ENDPOINTS))
-
     def families(self, data):
         return []
 
@@ -163,7 +160,8 @@ class AdminServer:
         self.registry.register(LtcpCollector(view))
         self.registry.register(ProcessCollector())  # process_*: the names dashboards expect
         self._metrics = _Cached(lambda: generate_latest(self.registry))
-        self._routers = _Cached(lambda: json.dumps(view.routers(), indent=2).encode() + b"\n")
+        self._routers = _Cached(lambda: json.dumps(routers_json(view.snapshot(MAX_LISTED_ENDPOINTS)), indent=2).encode()
+                                + b"\n")
         self._state = _Cached(self._render_state)
         self._routes = {"/": ("GET", _asset("index.html", "text/html; charset=utf-8")),
                         "/dashboard.js": ("GET", _asset("dashboard.js", "text/javascript; charset=utf-8")),

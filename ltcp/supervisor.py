@@ -50,7 +50,7 @@ from . import launch, notify
 from .names import display_address
 from .reload import listener_key, listeners, plan
 from .server import listen
-from .snapshot import MAX_LISTED_ENDPOINTS, empty_snapshot, merge, routers_json
+from .snapshot import destination_names, empty_snapshot, finished, merge, only_destinations
 from .tls import material_problems
 
 __all__ = ["Supervisor", "serve"]
@@ -490,7 +490,7 @@ class Supervisor:
             if writer is not None:
                 writer.submit(message[1], message[2])
         elif kind == "final":
-            worker.final = _totals([message[1]])  # once, here: scrapes merge it until the worker is reaped
+            worker.final = finished([message[1]])  # once, here: scrapes merge it until the worker is reaped
         else:
             log.warning("worker %d: unknown message %r ignored", worker.pid, kind)
 
@@ -537,7 +537,7 @@ class Supervisor:
                 del generation.workers[worker.slot]
             counted = worker.final or worker.last  # killed: what it had counted at the last scrape
             if counted is not None:
-                self.departed = _totals([self.departed, counted] if self.departed else [counted])
+                self.departed = self._departed_with(counted)
         expected = worker.state == "draining" or self.stopping
         worker.state = "exited"
         self.kill_at.pop(worker, None)
@@ -826,7 +826,7 @@ class Supervisor:
         state = {"listeners": {key: sock.fileno() for key, sock in self.sockets.items()},
                  "workers": [(w.pid, _channel_fd(w), w.generation, paused[w], w.state) for w in workers],
                  "reloads": self.reloads, "restarts": self.restarts, "admin_port": self.admin.address[1],
-                 "departed": _totals(carried) if carried else None, "config": self.current.config}
+                 "departed": finished(carried) if carried else None, "config": self.current.config}
         handed = [*state["listeners"].values(), *(entry[1] for entry in state["workers"] if entry[1] >= 0)]
         carrier = _carry(state)  # a memfd: no size limit, unlike the environment
         for fd in handed:
@@ -933,7 +933,7 @@ class Supervisor:
     # -- what the admin server shows (on its threads) ---------------------
 
     def snapshot(self, listed=0):
-        """Every serving worker's snapshot merged, plus what finished workers counted.
+        """Every serving worker's snapshot merged, plus what finished workers counted; and by generation.
 
         Workers that do not answer within ``SNAPSHOT_WAIT`` (stopped, stuck) are
         shown by their last snapshot, marked stale with its age: a scrape never
@@ -946,18 +946,23 @@ class Supervisor:
             running = [w for w in live if w.link is not None]
             workers = [w for w in running if w.state != "starting" and w.final is None]
             # Finished but not yet reaped: counted from their final snapshot, never twice, never not at all.
-            finals = [w.final for w in running if w.final is not None]
-            departed = self.departed
+            finished_counts = [w.final for w in running if w.final is not None]
+            if self.departed is not None:
+                finished_counts.append(self.departed)
             hubs = dict(self.current.hubs)
+            current = self.current.number
         self._ask(workers, listed)
-        answered = [w.last for w in workers if w.last is not None]  # a stuck worker's counts are stale, not gone
-        merged = merge(answered + finals + ([departed] if departed else []) or [empty_snapshot()])
+        answered = [w for w in workers if w.last is not None]  # a stuck worker's counts are stale, not gone
+        answers = [w.last for w in answered]
+        # Finished workers' destinations count while a live worker routes to them (no series for ever).
+        names = destination_names(answers)
+        merged = merge(answers + [only_destinations(c, names) for c in finished_counts] or [empty_snapshot()])
         # New dicts, not edits: a merge of one snapshot is that snapshot, kept as a worker's last or final.
         routers = [{**router, "discovery": hubs[router["label"]].interpreter.stats.snapshot()}
                    if router["label"] in hubs else router for router in merged["routers"]]
         now = time.monotonic()
-        data = {**merged, "routers": routers, "draining": self.stopping,
-                "workers": [_worker_entry(w, now) for w in live]}
+        data = {**merged, "routers": routers, "draining": self.stopping, "generation": current,
+                "generations": _by_generation(answered), "workers": [_worker_entry(w, now) for w in live]}
         writer = self.access_log
         if writer is not None:
             written, dropped = writer.counts()
@@ -974,9 +979,12 @@ class Supervisor:
         for worker in again:
             _answered(worker.ask(listed, self.tokens), deadline, worker.pid)
 
-    def routers(self):
-        data = self.snapshot(MAX_LISTED_ENDPOINTS)
-        return {**routers_json(data), "generation": self.current.number, "workers": data["workers"]}
+    def _departed_with(self, counted):
+        """What finished workers counted, ``counted`` added (under the lock); destinations only while a
+        live worker, or the one just finished, has them, so names routed to once are not kept for ever."""
+        live = [w.last for w in self._all_workers_locked() if w.exit_code is None and w.last is not None]
+        total = finished([self.departed, counted] if self.departed else [counted])
+        return only_destinations(total, destination_names([counted, *live]))
 
     def families(self, data):
         """The process model's families; ``data``: the snapshot being rendered (with its workers' ages)."""
@@ -1039,15 +1047,12 @@ def _worker_entry(worker, now):
             "stale": worker.late}
 
 
-def _totals(snapshots):
-    """What finished workers counted: their servers and route caches, not their (stale) destinations."""
-    merged = merge(snapshots)
-    for router in merged["routers"]:
-        router["destinations"] = []
-        for server in router["servers"]:
-            server["active"] = 0
-            server["listening"] = False
-    return merged
+def _by_generation(workers):
+    """Each generation's answering workers' snapshots, merged: {number: snapshot}."""
+    lasts = collections.defaultdict(list)
+    for worker in workers:
+        lasts[worker.generation].append(worker.last)
+    return {number: merge(snapshots) for number, snapshots in lasts.items()}
 
 
 def _status(code):

@@ -15,8 +15,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from netutil import echo, wait_for
-from test_workers import document, http, metrics, ping, routers
+from netutil import echo, recv_all, recv_exactly, refused_port, wait_for
+from test_workers import document, http, metrics, ping, reload_via_sighup, rewrite, routers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,3 +109,57 @@ def test_with_no_worker_serving_every_page_answers_and_says_so(instances, backen
     finally:
         killer.stop()
     assert set(statuses) == {200}, statuses
+
+
+def two_servers(interpreter):
+    return {"workers": 2, "admin": {"port": 0, "graceSecs": 30}, "routers": [{
+        "label": "r", "interpreter": interpreter,
+        "servers": [{"port": 0, "dstName": "/svc/a"}, {"port": 0, "dstName": "/svc/dead", "connectTimeoutMs": 2000}]}]}
+
+
+def fails(ltcp):
+    """A stream to /svc/dead, whose only endpoint refuses: it is closed, having counted connect failures."""
+    with ltcp.connect(1) as conn:
+        return recv_all(conn) == b""
+
+
+def test_routers_json_shows_the_current_generation_and_the_draining_one_apart(instances, backends, tmp_path):
+    old, new = backends(echo), backends(echo)
+    holder, dead_port = refused_port()
+    ltcp = instances(two_servers({"kind": "io.l5d.static", "names": {
+        "/svc/a": [old.addr], "/svc/dead": [f"127.0.0.1:{dead_port}"]}}))
+    held = ltcp.connect(0)  # a stream of generation 1, open through the reload
+    held.sendall(b"held")
+    assert recv_exactly(held, 4) == b"held"
+    assert fails(ltcp)
+    accepted = ("ltcp_accepted_total", (("router", "r"), ("server", f"127.0.0.1:{ltcp.port}")))
+    refused = ("ltcp_connect_failures_total", (("cause", "refused"), ("dst", "/svc/dead"), ("router", "r")))
+    before = metrics(ltcp)
+    disco = tmp_path / "disco"
+    disco.mkdir()
+    (disco / "a").write_text(f"127.0.0.1 {new.port}\n")
+    (disco / "dead").write_text(f"127.0.0.1 {dead_port}\n")
+    rewrite(ltcp, two_servers({"kind": "io.l5d.fs", "rootDir": str(disco)}))
+    reload_via_sighup(ltcp, expect=True)
+    assert ping(ltcp.port) and fails(ltcp)
+
+    state = routers(ltcp)
+    (router,) = state["routers"]
+    # Once: io.l5d.static, and /svc/a with both generations' endpoints, for the whole grace period.
+    assert router["interpreter"] == "io.l5d.fs"
+    endpoints = {d["name"]: [e["address"] for e in d["endpoints"]] for d in router["destinations"]}
+    assert endpoints["/svc/a"] == [new.addr]
+    (draining,) = state["draining_generations"]
+    (old_router,) = draining["routers"]
+    assert (draining["generation"], old_router["interpreter"], old_router["streams"]) == (1, "io.l5d.static", 1)
+    open_streams = {d["name"]: {e["address"]: e["open"] for e in d["endpoints"]} for d in old_router["destinations"]}
+    assert open_streams["/svc/a"] == {old.addr: 1}
+    # Counters add up over every worker of every generation ...
+    during = metrics(ltcp)
+    assert during[accepted] == before[accepted] + 1 and during[refused] > before[refused]
+    # ... and stay when the old generation's workers have finished.
+    held.close()
+    wait_for(lambda: routers(ltcp)["draining_generations"] == [], timeout=20, message="generation 1 to finish")
+    after = metrics(ltcp)
+    assert (after[accepted], after[refused]) == (during[accepted], during[refused])
+    holder.close()

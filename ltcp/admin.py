@@ -41,6 +41,7 @@ from .httpd import HttpServer, Response, plain
 from .names import display_address
 from . import __version__
 from .metrics import LtcpCollector, ProcessCollector, on_reactor, resident_bytes
+from .rates import Rates, annotate, counters
 from .snapshot import MAX_LISTED_ENDPOINTS, routers_json, snapshot
 
 __all__ = ["AdminServer", "ReactorView", "exposure_warning", "refusal"]
@@ -163,6 +164,7 @@ class AdminServer:
         self._routers = _Cached(lambda: json.dumps(routers_json(view.snapshot(MAX_LISTED_ENDPOINTS)), indent=2).encode()
                                 + b"\n")
         self._state = _Cached(self._render_state)
+        self._rates = Rates()  # (used by _render_state alone, under its cache's lock)
         self._routes = {"/": ("GET", _asset("index.html", "text/html; charset=utf-8")),
                         "/dashboard.js": ("GET", _asset("dashboard.js", "text/javascript; charset=utf-8")),
                         "/dashboard.css": ("GET", _asset("dashboard.css", "text/css; charset=utf-8")),
@@ -212,11 +214,14 @@ class AdminServer:
         return Response(200, self._routers.get(), content_type="application/json")
 
     def _render_state(self):
+        """/routers.json's content, with rates from this server's own samples of the counts, and the instance."""
         data = self.view.snapshot(DASHBOARD_ENDPOINTS)
+        self._rates.observe(time.monotonic(), counters(data))
         instance = self.view.instance()
         if "workers" in data:  # (a supervisor's: each worker with its streams)
             instance["workers"] = data["workers"]
-        return json.dumps({"time": time.time(), "instance": instance, **routers_json(data)}).encode()
+        return json.dumps({"time": time.time(), "instance": instance, "rates_window_secs": self._rates.window,
+                           "history_secs": self._rates.span, **annotate(routers_json(data), self._rates)}).encode()
 
     def _get_state(self):
         return Response(200, self._state.get(), content_type="application/json",

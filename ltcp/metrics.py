@@ -54,6 +54,7 @@ FAMILIES = {  # key: (family class, name, help, labels)
     "connect_failures": (CounterMetricFamily, "ltcp_connect_failures",
                          "Failed connects to endpoints (and streams with none), by cause", _DST + ["cause"]),
     "endpoints": (GaugeMetricFamily, "ltcp_endpoints", "Endpoints by state", _DST + ["state"]),
+    "dst_streams": (CounterMetricFamily, "ltcp_destination_streams", "Streams established to the destination", _DST),
     "waiters": (GaugeMetricFamily, "ltcp_waiters", "Streams waiting for discovery", _DST),
     "last_update": (GaugeMetricFamily, "ltcp_discovery_last_update_timestamp_seconds",
                     "When discovery last answered for a name", _DST),
@@ -116,6 +117,7 @@ def _render_destination(f, values, dst):
     for state, count in dst["endpoint_states"].items():
         f["endpoints"].add_metric(values + [state], count)
     f["waiters"].add_metric(values, dst["waiters"])
+    f["dst_streams"].add_metric(values, dst["streams"])
     if dst["last_update"] is not None:
         f["last_update"].add_metric(values, dst["last_update"])
 

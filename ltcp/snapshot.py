@@ -75,6 +75,8 @@ def _destination(balancer, listed):
         "last_update": balancer.last_update,
         "waiters": len(balancer.waiters),
         "pooled": len(balancer.pool),
+        "streams": balancer.streams,
+        "active": balancer.active,
         "connect_failures": dict(balancer.connect_failures),
         "endpoint_states": balancer.set.counts(),
         "endpoints": [{
@@ -163,7 +165,7 @@ def finished(snapshots):
     return {**merged, "routers": [{
         **r,
         "servers": [{**s, "active": 0, "listening": False} for s in r["servers"]],
-        "destinations": [{**d, "resolved": False, "waiters": 0, "pooled": 0, "endpoints": [],
+        "destinations": [{**d, "resolved": False, "waiters": 0, "pooled": 0, "active": 0, "endpoints": [],
                           "endpoint_states": dict.fromkeys(d["endpoint_states"], 0)} for d in r["destinations"]],
     } for r in merged["routers"]]}
 

@@ -88,6 +88,8 @@ def test_metrics_match_the_traffic(proxies, backends):
     assert value(samples, "ltcp_stream_failures_total", cause="timeout", **dead) == 1
     assert value(samples, "ltcp_connect_failures_total", router="web", dst="/svc/dead", cause="refused") >= 1
     assert value(samples, "ltcp_endpoints", router="web", dst="/svc/echo", state="available") == 1
+    assert value(samples, "ltcp_destination_streams_total", router="web", dst="/svc/echo") == 21
+    assert value(samples, "ltcp_destination_streams_total", router="web", dst="/svc/dead") == 0
     assert value(samples, "ltcp_route_cache_creations_total", router="web") == 3
     assert value(samples, "ltcp_route_cache_hits_total", router="web") == 21 + 3 + 1 - 3
     assert value(samples, "ltcp_reactor_lag_seconds_count") >= 1

@@ -154,6 +154,7 @@ def test_routers_json_shows_the_current_generation_and_the_draining_one_apart(in
     assert (draining["generation"], old_router["interpreter"], old_router["streams"]) == (1, "io.l5d.static", 1)
     open_streams = {d["name"]: {e["address"]: e["open"] for e in d["endpoints"]} for d in old_router["destinations"]}
     assert open_streams["/svc/a"] == {old.addr: 1}
+    assert {d["name"]: d["active"] for d in old_router["destinations"]}["/svc/a"] == 1
     # Counters add up over every worker of every generation ...
     during = metrics(ltcp)
     assert during[accepted] == before[accepted] + 1 and during[refused] > before[refused]

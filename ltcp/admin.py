@@ -8,6 +8,8 @@
     POST /shutdown       graceful drain (answers at once)
     POST /abort          exit 1 immediately
 
+HEAD is served wherever GET is (the same answer without its body).
+
 It runs on control-plane threads (``httpd``) and reaches data-plane state only
 through its ``view``: the supervisor's (which asks every worker for a
 snapshot over its control channel and merges them) or ``ReactorView``'s (a
@@ -39,6 +41,7 @@ from .httpd import HttpServer, Response, plain
 from .names import display_address
 from . import __version__
 from .metrics import LtcpCollector, ProcessCollector, on_reactor, resident_bytes
+from .rates import Rates, annotate, counters
 from .snapshot import MAX_LISTED_ENDPOINTS, routers_json, snapshot
 
 __all__ = ["AdminServer", "ReactorView", "exposure_warning", "refusal"]
@@ -85,7 +88,7 @@ def refusal(method, headers, admin_ip):
     host = headers.get("Host")
     if host is not None and not _names_this_server(_host_part(host), admin_ip):
         return f"Host {host!r} is not this admin server"
-    if method != "GET":
+    if method not in ("GET", "HEAD"):  # (only reads)
         origin = headers.get("Origin")
         if origin is not None and (host is None or _authority(origin) != host.strip().lower()):
             return f"a {method} from another origin ({origin})"
@@ -131,10 +134,7 @@ class ReactorView:
     def snapshot(self, listed=0):
         return on_reactor(self.app.reactor, lambda: snapshot(self.app, listed))
 
-    def routers(self):
-        return routers_json(self.snapshot(MAX_LISTED_ENDPOINTS))
-
-    def families(self):
+    def families(self, data):
         return []
 
     def instance(self):
@@ -161,8 +161,10 @@ class AdminServer:
         self.registry.register(LtcpCollector(view))
         self.registry.register(ProcessCollector())  # process_*: the names dashboards expect
         self._metrics = _Cached(lambda: generate_latest(self.registry))
-        self._routers = _Cached(lambda: json.dumps(view.routers(), indent=2).encode() + b"\n")
+        self._routers = _Cached(lambda: json.dumps(routers_json(view.snapshot(MAX_LISTED_ENDPOINTS)), indent=2).encode()
+                                + b"\n")
         self._state = _Cached(self._render_state)
+        self._rates = Rates()  # (used by _render_state alone, under its cache's lock)
         self._routes = {"/": ("GET", _asset("index.html", "text/html; charset=utf-8")),
                         "/dashboard.js": ("GET", _asset("dashboard.js", "text/javascript; charset=utf-8")),
                         "/dashboard.css": ("GET", _asset("dashboard.css", "text/css; charset=utf-8")),
@@ -197,8 +199,9 @@ class AdminServer:
         if route is None:
             return plain(404, "not found")
         method, action = route
-        if request.method != method:
-            return Response(405, b"method not allowed\n", headers=[("Allow", method)])
+        allowed = ("GET", "HEAD") if method == "GET" else (method,)  # (httpd drops a HEAD's body)
+        if request.method not in allowed:
+            return Response(405, b"method not allowed\n", headers=[("Allow", ", ".join(allowed))])
         try:
             return action()
         except concurrent.futures.TimeoutError:
@@ -211,11 +214,14 @@ class AdminServer:
         return Response(200, self._routers.get(), content_type="application/json")
 
     def _render_state(self):
+        """/routers.json's content, with rates from this server's own samples of the counts, and the instance."""
         data = self.view.snapshot(DASHBOARD_ENDPOINTS)
+        self._rates.observe(time.monotonic(), counters(data))
         instance = self.view.instance()
         if "workers" in data:  # (a supervisor's: each worker with its streams)
             instance["workers"] = data["workers"]
-        return json.dumps({"time": time.time(), "instance": instance, **routers_json(data)}).encode()
+        return json.dumps({"time": time.time(), "instance": instance, "rates_window_secs": self._rates.window,
+                           "history_secs": self._rates.span, **annotate(routers_json(data), self._rates)}).encode()
 
     def _get_state(self):
         return Response(200, self._state.get(), content_type="application/json",

@@ -57,6 +57,8 @@ class Balancer:
         self.merging = None  # an update being merged a slice per turn: (addresses, position, endpoints)
         self.queued = None  # the newest update that arrived during a merge
         self.dials = 0  # streams between accept and established that use this balancer
+        self.streams = 0  # streams established to its endpoints, ever
+        self.active = 0  # of those, the ones open now
         self.connect_failures = collections.Counter()  # cause -> count
         self.tls = tls  # (client context, server name) when the endpoints speak TLS
         self.proxy_header = {"v1": proxyproto.build_v1, "v2": proxyproto.build_v2}.get(settings.proxy_protocol)
@@ -167,9 +169,12 @@ class Balancer:
 
     def stream_opened(self, endpoint):
         endpoint.acquire()
+        self.streams += 1
+        self.active += 1
 
     def stream_closed(self, endpoint):
         endpoint.release()
+        self.active -= 1
         if endpoint.state is RETIRED:
             self.set.settle(endpoint)
 

@@ -13,15 +13,18 @@ ones are answered 503 at once.  A connection that closes before its request
 is complete is never acted on.
 
 ``parse_request`` (and ``parse_head``) are pure functions over the bytes
-received so far.
+received so far.  Lines may end in CRLF or, as RFC 9112 section 2.2 allows a
+recipient to accept, a bare LF; a bare CR anywhere in the head is refused.
+A HEAD request is answered as its GET would be, without the body.
 """
 
 import collections
+import email.parser
 import errno
 import http.client
-import io
 import logging
 import queue
+import re
 import selectors
 import socket
 import threading
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024
+MAX_HEADERS = 100  # header lines
 MAX_STRAY_LINE_ENDS = 8  # empty lines tolerated before a request line (RFC 9112 allows some)
 DEADLINE = 10.0  # seconds for a whole request to arrive, and for a response to be taken
 MAX_CONNECTIONS = 128
@@ -44,6 +48,8 @@ BACKLOG = 128
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1  # seconds without accepting after running out of descriptors
 CLOSING_WRITE_TIMEOUT = 1.0  # seconds, all together, to write the answers ready when the server closes
+_HEADER_PARSER = email.parser.Parser(_class=http.client.HTTPMessage)  # (what http.client.parse_headers uses)
+HEAD_END = re.compile(rb"\n\r?\n")  # an empty line: the end of a request's head (CRLF or bare LF line ends)
 
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large",
@@ -82,7 +88,7 @@ class Request:
 
 
 class Response:
-    __slots__ = ("status", "body", "content_type", "headers", "after")
+    __slots__ = ("status", "body", "content_type", "headers", "after", "length")
 
     def __init__(self, status, body, content_type="text/plain; charset=utf-8", headers=(), after=None):
         self.status = status
@@ -90,10 +96,17 @@ class Response:
         self.content_type = content_type
         self.headers = tuple(headers)
         self.after = after  # called once the response has been written (or could not be)
+        self.length = len(body)  # Content-Length: the body's, or the GET body's for a HEAD
+
+    def without_body(self):
+        """The answer to a HEAD: the same status and headers, the GET's Content-Length, no body."""
+        head = Response(self.status, b"", self.content_type, self.headers, self.after)
+        head.length = self.length
+        return head
 
     def encode(self, keep_alive):
         lines = [f"HTTP/1.1 {self.status} {REASONS.get(self.status, 'Unknown')}",
-                 f"Content-Type: {self.content_type}", f"Content-Length: {len(self.body)}",
+                 f"Content-Type: {self.content_type}", f"Content-Length: {self.length}",
                  "Connection: " + ("keep-alive" if keep_alive else "close"),
                  *(f"{name}: {value}" for name, value in self.headers)]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
@@ -107,38 +120,66 @@ def parse_head(data):
     """The first request's head in ``data``: ``(request without body, body offset, body length)``.
 
     None while the head is incomplete; HttpError for anything that can never
-    become a request we serve: a malformed request line or header, a chunked
-    body, a body or header block over its limit, a flood of empty lines.
+    become a request we serve: a malformed request line or header, a bare CR,
+    no Host or two (RFC 9112 section 3.2), a chunked body, a body or header
+    block over its limit, a flood of empty lines.
     """
-    start = 0
-    while data.startswith(b"\r\n", start):
-        start += 2
-        if start > 2 * MAX_STRAY_LINE_ENDS:
-            raise HttpError(400, "empty lines instead of a request")
-    end = data.find(b"\r\n\r\n", start)
-    if end < 0:
+    start = _skip_empty_lines(data)
+    found = HEAD_END.search(data, start)
+    if found is None:
         if len(data) - start > MAX_HEADER_BYTES:
             raise HttpError(431, "request headers too large")
         return None
+    end = found.end()
     if end - start > MAX_HEADER_BYTES:
         raise HttpError(431, "request headers too large")
-    line, _, header_block = bytes(data[start:end + 4]).partition(b"\r\n")
-    parts = line.decode("latin-1").split(" ")
-    if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
-        raise HttpError(400, "malformed request line")
-    method, target, version = parts
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
-    try:
-        headers = http.client.parse_headers(io.BytesIO(header_block))
-    except http.client.HTTPException as exc:
-        raise HttpError(431 if isinstance(exc, http.client.LineTooLong) else 400,
-                        "malformed request headers") from None
-    if headers.defects:
-        raise HttpError(400, "malformed request headers")
+    head = bytes(data[start:end])
+    if b"\r" in head.replace(b"\r\n", b""):
+        raise HttpError(400, "a bare CR in the request head")
+    line, _, header_block = head.partition(b"\n")
+    method, target, version = _request_line(line.rstrip(b"\r").decode("latin-1"))
+    headers = _headers(header_block)
+    hosts = len(headers.get_all("Host") or ())
+    if hosts > 1 or (hosts == 0 and version == "HTTP/1.1"):
+        raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header" if hosts == 0 else
+                        "more than one Host header")
     if headers.get("Transfer-Encoding") is not None:
         raise HttpError(411, "send a Content-Length")
-    return Request(method, target, version, headers), end + 4, _content_length(headers)
+    return Request(method, target, version, headers), end, _content_length(headers)
+
+
+def _skip_empty_lines(data):
+    """Where the request begins after the empty lines RFC 9112 lets a client send first (a few)."""
+    start = 0
+    for _ in range(MAX_STRAY_LINE_ENDS + 1):
+        if data.startswith(b"\r\n", start):
+            start += 2
+        elif data.startswith(b"\n", start):
+            start += 1
+        else:
+            return start
+    raise HttpError(400, "empty lines instead of a request")
+
+
+def _request_line(line):
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
+        raise HttpError(400, "malformed request line")
+    if parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
+    return parts
+
+
+def _headers(block):
+    """The header fields of a head (``block``: its lines after the request line, up to the empty one)."""
+    if block.count(b"\n") - 1 > MAX_HEADERS:
+        raise HttpError(431, f"more than {MAX_HEADERS} header fields")
+    if block.startswith((b" ", b"\t")) or b"\n " in block or b"\n\t" in block:
+        raise HttpError(400, "obsolete line folding")  # RFC 9112 section 5.2: refuse it, or unfold it
+    headers = _HEADER_PARSER.parsestr(block.decode("latin-1"), headersonly=True)
+    if headers.defects:
+        raise HttpError(400, "malformed request headers")
+    return headers
 
 
 def parse_request(data):
@@ -327,9 +368,9 @@ class HttpServer:
             self._drop(connection)  # whatever it sent is never acted on
             return
         buffer = connection.buffer
-        searched = max(0, len(buffer) - 3)
+        searched = max(0, len(buffer) - 2)  # (an empty line may have begun in the bytes already here)
         buffer += data
-        if connection.head is None and buffer.find(b"\r\n\r\n", searched) < 0:
+        if connection.head is None and HEAD_END.search(buffer, searched) is None:
             if len(buffer) > MAX_HEADER_BYTES + 2 * MAX_STRAY_LINE_ENDS:
                 self._refuse(connection, plain(431, "request headers too large"))
             return  # only a new blank line can complete the head: no need to parse again
@@ -429,4 +470,6 @@ class HttpServer:
             except Exception:
                 log.exception("%s: handling %r failed", self.name, request)
                 response = plain(500, "internal error")
+            if request.method == "HEAD":
+                response = response.without_body()
             self._answers.put((connection, response, request.keep_alive and response.status < 400))

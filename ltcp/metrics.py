@@ -58,6 +58,7 @@ FAMILIES = {  # key: (family class, name, help, labels)
     "connect_failures": (CounterMetricFamily, "ltcp_connect_failures",
                          "Failed connects to endpoints (and streams with none), by cause", _DST + ["cause"]),
     "endpoints": (GaugeMetricFamily, "ltcp_endpoints", "Endpoints by state", _DST + ["state"]),
+    "dst_streams": (CounterMetricFamily, "ltcp_destination_streams", "Streams established to the destination", _DST),
     "waiters": (GaugeMetricFamily, "ltcp_waiters", "Streams waiting for discovery", _DST),
     "last_update": (GaugeMetricFamily, "ltcp_discovery_last_update_timestamp_seconds",
                     "When discovery last answered for a name", _DST),
@@ -123,6 +124,7 @@ def _render_destination(f, values, dst):
     for state, count in dst["endpoint_states"].items():
         f["endpoints"].add_metric(values + [state], count)
     f["waiters"].add_metric(values, dst["waiters"])
+    f["dst_streams"].add_metric(values, dst["streams"])
     if dst["last_update"] is not None:
         f["last_update"].add_metric(values, dst["last_update"])
 
@@ -134,7 +136,7 @@ def _add_histogram(family, values, histogram):
 
 
 def supervisor_families(state):
-    """The process model's own families: workers by state, restarts, reloads."""
+    """The process model's own families: workers by state and their snapshots' ages, restarts, reloads."""
     workers = GaugeMetricFamily("ltcp_workers", "Worker processes, by state", labels=["state"])
     for name in ("starting", "serving", "draining"):
         workers.add_metric([name], state["workers"].count(name))
@@ -142,8 +144,14 @@ def supervisor_families(state):
                                   labels=["outcome"])
     for outcome, count in sorted(state["reloads"].items()):
         reloads.add_metric([outcome], count)
+    ages = GaugeMetricFamily("ltcp_worker_snapshot_age_seconds",
+                             "How old the counts shown for a worker are (large: it stopped answering)",
+                             labels=["pid"])
+    for pid, age in sorted(state["snapshot_ages"].items()):
+        ages.add_metric([str(pid)], age)
     return [
         workers,
+        ages,
         CounterMetricFamily("ltcp_worker_restarts", "Workers started again after exiting unexpectedly",
                             value=state["restarts"]),
         reloads,
@@ -162,7 +170,8 @@ class LtcpCollector:
         return []  # families are only known at scrape time; skip registration-time collection
 
     def collect(self):
-        return render(self.view.snapshot()) + self.view.families()
+        data = self.view.snapshot()
+        return render(data) + self.view.families(data)
 
 
 class ProcessCollector:

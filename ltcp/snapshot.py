@@ -9,8 +9,10 @@ library: a worker takes snapshots without loading ``prometheus_client``.
 import itertools
 
 from .histogram import Histogram
+from .wheel import LAG_BUCKETS
 
-__all__ = ["MAX_LISTED_ENDPOINTS", "merge", "routers_json", "snapshot"]
+__all__ = ["MAX_LISTED_ENDPOINTS", "destination_names", "empty_snapshot", "finished", "merge", "only_destinations",
+           "routers_json", "snapshot"]
 
 
 MAX_LISTED_ENDPOINTS = 1000  # per destination in /routers.json; all are counted
@@ -29,6 +31,11 @@ def snapshot(app, listed=0):
         "draining": app.draining,
         "access_log_dropped": app.access_log.dropped if app.access_log is not None else 0,
     }
+
+
+def empty_snapshot():
+    """The snapshot of no reactor: what there is to show while no worker serves, and none has counted."""
+    return {"routers": [], "reactor_lag": Histogram(LAG_BUCKETS), "draining": False, "access_log_dropped": 0}
 
 
 def _router(router, listed):
@@ -71,6 +78,8 @@ def _destination(balancer, listed):
         "last_update": balancer.last_update,
         "waiters": len(balancer.waiters),
         "pooled": len(balancer.pool),
+        "streams": balancer.streams,
+        "active": balancer.active,
         "connect_failures": dict(balancer.connect_failures),
         "endpoint_states": balancer.set.counts(),
         "endpoints": [{
@@ -87,19 +96,81 @@ def _destination(balancer, listed):
 
 
 def routers_json(data):
-    """The snapshot as /routers.json shows it (histograms left to /metrics)."""
+    """The snapshot as /routers.json shows it (histograms left to /metrics).
+
+    A supervisor's snapshot is shown by generation (``generations``): servers
+    are the listening sockets every generation shares, with the instance's
+    counts; a router's interpreter and destinations are the current
+    generation's; each older generation still draining is listed apart with
+    its open streams and destinations.  So no destination shows endpoints of
+    two configurations.
+    """
+    shown = {"draining": data["draining"]}
+    generations = data.get("generations")
+    if generations is None:  # one reactor
+        return {**shown, "routers": [_shown_router(r) for r in data["routers"]]}
+    current = data["generation"]
+    return {**shown, "generation": current, "workers": data["workers"],
+            "routers": _current_routers(data["routers"], generations.get(current)),
+            "draining_generations": [{"generation": number, "routers": [_draining_router(r) for r in g["routers"]]}
+                                     for number, g in sorted(generations.items()) if number < current]}
+
+
+def _shown_router(r):
     return {
-        "draining": data["draining"],
-        "routers": [{
-            "label": r["label"],
-            "interpreter": r["interpreter"],
-            "servers": [{k: v for k, v in s.items() if k not in ("connect_latency", "stream_duration")}
-                        for s in r["servers"]],
-            "destinations": r["destinations"],
-            "route_cache": r["route_cache"],
-            "discovery": {k: v for k, v in r["discovery"].items() if k != "latency"},
-        } for r in data["routers"]],
+        "label": r["label"],
+        "interpreter": r["interpreter"],
+        "servers": [{k: v for k, v in s.items() if k not in ("connect_latency", "stream_duration")}
+                    for s in r["servers"]],
+        "destinations": r["destinations"],
+        "route_cache": r["route_cache"],
+        "discovery": {k: v for k, v in r["discovery"].items() if k != "latency"},
     }
+
+
+def _current_routers(totals, current):
+    """The current generation's routers (``current``: its workers' snapshots merged, None if none answered)
+    with the instance's counts (``totals``: every worker's) for their servers and route caches."""
+    if current is None:
+        return [_shown_router({**r, "destinations": []}) for r in totals]
+    by_label = {r["label"]: r for r in totals}
+    routers = []
+    for router in current["routers"]:
+        total = by_label[router["label"]]
+        servers = {s["address"]: s for s in total["servers"]}
+        routers.append(_shown_router({**total, "interpreter": router["interpreter"],
+                                      "servers": [servers[s["address"]] for s in router["servers"]],
+                                      "destinations": router["destinations"]}))
+    return routers
+
+
+def _draining_router(r):
+    return {"label": r["label"], "interpreter": r["interpreter"], "streams": sum(s["active"] for s in r["servers"]),
+            "destinations": r["destinations"]}
+
+
+def destination_names(snapshots):
+    """Every (router label, destination name) in ``snapshots``."""
+    return {(r["label"], d["name"]) for data in snapshots for r in data["routers"] for d in r["destinations"]}
+
+
+def only_destinations(data, names):
+    """``data`` with only the destinations in ``names`` (see ``destination_names``): a new snapshot."""
+    return {**data, "routers": [
+        {**r, "destinations": [d for d in r["destinations"] if (r["label"], d["name"]) in names]}
+        for r in data["routers"]]}
+
+
+def finished(snapshots):
+    """What finished reactors counted, merged: every counter, and none of the state they no longer hold
+    (open streams, listening, endpoints, waiters), so they add to live reactors' counts and nothing else."""
+    merged = merge(snapshots)
+    return {**merged, "routers": [{
+        **r,
+        "servers": [{**s, "active": 0, "listening": False, "paused": None} for s in r["servers"]],
+        "destinations": [{**d, "resolved": False, "waiters": 0, "pooled": 0, "active": 0, "endpoints": [],
+                          "endpoint_states": dict.fromkeys(d["endpoint_states"], 0)} for d in r["destinations"]],
+    } for r in merged["routers"]]}
 
 
 # -- merge: several snapshots (one per worker reactor) into one; pure -------------------

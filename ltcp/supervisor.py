@@ -57,7 +57,7 @@ from .names import display_address
 from .prepare import prepare
 from .reload import listener_key, listeners, plan
 from .server import listen
-from .snapshot import MAX_LISTED_ENDPOINTS, merge, routers_json
+from .snapshot import destination_names, empty_snapshot, finished, merge, only_destinations
 from .template import Template, TemplateError
 
 __all__ = ["Supervisor", "serve"]
@@ -65,7 +65,7 @@ __all__ = ["Supervisor", "serve"]
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0  # seconds for a new generation's workers to be serving
-SNAPSHOT_TIMEOUT = 5.0
+SNAPSHOT_WAIT = 0.5  # seconds a scrape waits for a worker's answer; a later one is served its last snapshot
 STABLE_SECS = 10.0  # a worker that ran this long had no start-up trouble: its next restart is immediate
 MAX_RESTART_DELAY = 30.0
 HAND_OVER_TIMEOUT = 2.0  # seconds an upgrade waits for the workers to pause their channels
@@ -231,6 +231,18 @@ class Link:
         self.on_closed()
 
 
+class Question:
+    """A snapshot asked of a worker: ``future`` has the answer, once it comes."""
+
+    __slots__ = ("token", "listed", "future", "asked")
+
+    def __init__(self, token, listed):
+        self.token = token
+        self.listed = listed  # endpoints listed per destination
+        self.future = concurrent.futures.Future()
+        self.asked = time.monotonic()
+
+
 class WorkerProcess:
     """One worker as the supervisor sees it."""
 
@@ -244,13 +256,56 @@ class WorkerProcess:
         self.stopped_accepting = threading.Event()  # set when it confirms a drain order
         self.link = None  # None for a worker inherited through an upgrade: it is only waited for
         self.channel = None  # such a worker's channel descriptor, held open until it must drain
-        self.replies = {}  # snapshot token -> Future
         self.final = None  # its last snapshot, sent when it finished draining
         self.last = None  # the latest snapshot it answered (stands in if it fails to answer, or is killed)
+        self.answered_at = None  # when ``last`` came (monotonic)
         self.exit_code = None  # once reaped: as subprocess gives it (negative: killed by that signal)
+        self._question = None  # the snapshot asked and not answered yet: one at a time
+        self._hung_up = False
+        self._asking = threading.Lock()
 
     def describe(self):
         return {"pid": self.pid, "generation": self.generation, "state": self.state}
+
+    def ask(self, listed, tokens):
+        """The snapshot question this worker is answering: the one outstanding, else a new one.
+
+        A worker is never asked again before it answers, so one that is stopped
+        or stuck is not sent a question per scrape (to answer all at once when it
+        wakes).  None once its channel has closed.
+        """
+        with self._asking:
+            if self._question is not None or self._hung_up:
+                return self._question
+            question = self._question = Question(next(tokens), listed)
+        self.link.send(("snapshot", question.token, listed))
+        return question
+
+    def answered(self, token, data):
+        """Its answer: kept as ``last`` whenever it comes, so a late one is shown at the next scrape."""
+        with self._asking:
+            question = self._question
+            if question is None or question.token != token:
+                return  # (asked by the supervisor before an upgrade)
+            self._question = None
+            self.last, self.answered_at = data, time.monotonic()
+        late = self.answered_at - question.asked
+        if late > SNAPSHOT_WAIT:
+            log.info("worker %d answered a snapshot %.1fs after it was asked", self.pid, late)
+        question.future.set_result(data)
+
+    def hung_up(self):
+        """Its channel closed: no answer will come."""
+        with self._asking:
+            question, self._question, self._hung_up = self._question, None, True
+        if question is not None:
+            question.future.cancel()
+
+    @property
+    def late(self):
+        """Whether it has left a snapshot question unanswered for longer than a scrape waits."""
+        question = self._question
+        return question is not None and time.monotonic() - question.asked >= SNAPSHOT_WAIT
 
 
 def _discovery(router):
@@ -468,9 +523,7 @@ class Supervisor:
                 return
             (hub.subscribe if kind == "subscribe" else hub.unsubscribe)(worker.link, message[2])
         elif kind == "snapshot":
-            future = worker.replies.pop(message[1], None)
-            if future is not None:
-                future.set_result(message[2])
+            worker.answered(message[1], message[2])
         elif kind == "draining":
             worker.stopped_accepting.set()
         elif kind == "log":
@@ -478,7 +531,7 @@ class Supervisor:
             if writer is not None:
                 writer.submit(message[1], message[2])
         elif kind == "final":
-            worker.final = _totals([message[1]])  # once, here: scrapes merge it until the worker is reaped
+            worker.final = finished([message[1]])  # once, here: scrapes merge it until the worker is reaped
         else:
             log.warning("worker %d: unknown message %r ignored", worker.pid, kind)
 
@@ -486,8 +539,7 @@ class Supervisor:
         """The worker's channel closed: end its subscriptions, reap it, tell the main thread."""
         for hub in generation.hubs.values():
             hub.drop(worker.link)
-        for future in list(worker.replies.values()):
-            future.cancel()
+        worker.hung_up()
         worker.stopped_accepting.set()
         worker.exit_code = wait()
         self.events.put(("exited", generation, worker))
@@ -526,7 +578,7 @@ class Supervisor:
                 del generation.workers[worker.slot]
             counted = worker.final or worker.last  # killed: what it had counted at the last scrape
             if counted is not None:
-                self.departed = _totals([self.departed, counted] if self.departed else [counted])
+                self.departed = self._departed_with(counted)
         expected = worker.state == "draining" or self.stopping
         worker.state = "exited"
         self.kill_at.pop(worker, None)
@@ -816,7 +868,7 @@ class Supervisor:
         state = {"listeners": {key: sock.fileno() for key, sock in self.sockets.items()},
                  "workers": [(w.pid, _channel_fd(w), w.generation, paused[w], w.state) for w in workers],
                  "reloads": self.reloads, "restarts": self.restarts, "admin_port": self.admin.address[1],
-                 "departed": _totals(carried) if carried else None, "config": self.current.config}
+                 "departed": finished(carried) if carried else None, "config": self.current.config}
         handed = [*state["listeners"].values(), *(entry[1] for entry in state["workers"] if entry[1] >= 0)]
         carrier = _carry(state)  # a memfd: no size limit, unlike the environment
         for fd in handed:
@@ -923,56 +975,66 @@ class Supervisor:
     # -- what the admin server shows (on its threads) ---------------------
 
     def snapshot(self, listed=0):
-        """Every serving worker's snapshot merged, plus what finished workers counted."""
+        """Every serving worker's snapshot merged, plus what finished workers counted; and by generation.
+
+        Workers that do not answer within ``SNAPSHOT_WAIT`` (stopped, stuck) are
+        shown by their last snapshot, marked stale with its age: a scrape never
+        waits longer than that, and not at all for a worker already late.  With
+        no worker serving (all starting, or crashed), it is what finished workers
+        counted, or nothing: the admin server still answers, and says so.
+        """
         with self.lock:
-            running = [w for g in self.generations for w in g.workers.values() if w.link is not None]
+            live = [w for w in self._all_workers_locked() if w.exit_code is None]
+            running = [w for w in live if w.link is not None]
             workers = [w for w in running if w.state != "starting" and w.final is None]
             # Finished but not yet reaped: counted from their final snapshot, never twice, never not at all.
-            finals = [w.final for w in running if w.final is not None]
-            departed = self.departed
+            finished_counts = [w.final for w in running if w.final is not None]
+            if self.departed is not None:
+                finished_counts.append(self.departed)
             hubs = dict(self.current.hubs)
-        asked = []
-        for worker in workers:
-            token, future = next(self.tokens), concurrent.futures.Future()
-            worker.replies[token] = future
-            worker.link.send(("snapshot", token, listed))
-            asked.append((worker, token, future))
-        deadline = time.monotonic() + SNAPSHOT_TIMEOUT
-        answers, answered = [], []
-        for worker, token, future in asked:
-            try:
-                worker.last = future.result(max(0.0, deadline - time.monotonic()))
-            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-                worker.replies.pop(token, None)
-                log.warning("worker %d did not answer a snapshot within %gs: showing its last one",
-                            worker.pid, SNAPSHOT_TIMEOUT)
-            if worker.last is not None:  # a stuck worker's counts are stale, not gone
-                answers.append(worker.last)
-                answered.append(worker)
-        if not answers:
-            raise concurrent.futures.TimeoutError("no worker answered")
-        counts = [_stream_counts(answer) for answer in answers]
-        merged = merge(answers + finals + ([departed] if departed else []))
+            current = self.current.number
+        self._ask(workers, listed)
+        answered = [w for w in workers if w.last is not None]  # a stuck worker's counts are stale, not gone
+        answers = [w.last for w in answered]
+        # Finished workers' destinations count while a live worker routes to them (no series for ever).
+        names = destination_names(answers)
+        merged = merge(answers + [only_destinations(c, names) for c in finished_counts] or [empty_snapshot()])
         # New dicts, not edits: a merge of one snapshot is that snapshot, kept as a worker's last or final.
         routers = [{**router, "discovery": hubs[router["label"]].interpreter.stats.snapshot()}
                    if router["label"] in hubs else router for router in merged["routers"]]
-        data = {**merged, "routers": routers, "draining": self.stopping,
-                "workers": [{**w.describe(), **n} for w, n in zip(answered, counts)]}
+        now = time.monotonic()
+        data = {**merged, "routers": routers, "draining": self.stopping, "generation": current,
+                "generations": _by_generation(answered), "workers": [_worker_entry(w, now) for w in live]}
         writer = self.access_log
         if writer is not None:
             written, dropped = writer.counts()
             data["access_log"] = {"written": written, "dropped": dropped + merged.get("access_log_dropped", 0)}
         return data
 
-    def routers(self):
-        data = self.snapshot(MAX_LISTED_ENDPOINTS)
-        return {**routers_json(data), "generation": self.current.number, "workers": data["workers"]}
+    def _ask(self, workers, listed):
+        """Ask each worker for a snapshot listing ``listed`` endpoints; wait up to ``SNAPSHOT_WAIT`` in all."""
+        deadline = time.monotonic() + SNAPSHOT_WAIT
+        questions = [(worker, worker.ask(listed, self.tokens)) for worker in workers]
+        # An answer to a question that listed fewer endpoints (a scrape's) came first: ask again.
+        again = [worker for worker, question in questions if _answered(question, deadline, worker.pid)
+                 and question.listed < listed]
+        for worker in again:
+            _answered(worker.ask(listed, self.tokens), deadline, worker.pid)
 
-    def families(self):
+    def _departed_with(self, counted):
+        """What finished workers counted, ``counted`` added (under the lock); destinations only while a
+        live worker, or the one just finished, has them, so names routed to once are not kept for ever."""
+        live = [w.last for w in self._all_workers_locked() if w.exit_code is None and w.last is not None]
+        total = finished([self.departed, counted] if self.departed else [counted])
+        return only_destinations(total, destination_names([counted, *live]))
+
+    def families(self, data):
+        """The process model's families; ``data``: the snapshot being rendered (with its workers' ages)."""
         with self.lock:
             states = [w.state for w in self._all_workers_locked()]
+        ages = {w["pid"]: w["snapshot_age_secs"] for w in data["workers"] if w["snapshot_age_secs"] is not None}
         return supervisor_families({"workers": states, "restarts": self.restarts, "reloads": dict(self.reloads),
-                                    "last_reload_success": self.last_reload_success})
+                                    "last_reload_success": self.last_reload_success, "snapshot_ages": ages})
 
     def instance(self):
         """What the dashboard shows of the instance itself."""
@@ -1000,22 +1062,39 @@ def _channel_fd(worker):
     return worker.channel if worker.channel is not None else -1
 
 
-def _stream_counts(data):
-    """One worker's streams: open now, and accepted since it started."""
-    servers = [server for router in data["routers"] for server in router["servers"]]
-    return {"streams": sum(s["active"] for s in servers), "accepted": sum(s["accepted"] for s in servers)}
+def _answered(question, deadline, pid):
+    """Whether ``question`` is answered by ``deadline``, or by ``SNAPSHOT_WAIT`` after it was asked if sooner."""
+    if question is None:
+        return False
+    wait = min(deadline, question.asked + SNAPSHOT_WAIT) - time.monotonic()
+    try:
+        question.future.result(max(0.0, wait))
+        return True
+    except concurrent.futures.TimeoutError:
+        if wait > 0:  # (once: a worker already late is not waited for again)
+            log.warning("worker %d did not answer a snapshot within %gs: showing its last one, as stale",
+                        pid, SNAPSHOT_WAIT)
+        return False
+    except concurrent.futures.CancelledError:
+        return False
 
 
-def _totals(snapshots):
-    """What finished workers counted: their servers and route caches, not their (stale) destinations."""
-    merged = merge(snapshots)
-    for router in merged["routers"]:
-        router["destinations"] = []
-        for server in router["servers"]:
-            server["active"] = 0
-            server["listening"] = False
-            server["paused"] = None
-    return merged
+def _worker_entry(worker, now):
+    """A worker as /routers.json lists it: its streams, and how old the snapshot they come from is (None: none)."""
+    counted = worker.final or worker.last
+    servers = [server for router in counted["routers"] for server in router["servers"]] if counted else []
+    return {**worker.describe(), "streams": sum(s["active"] for s in servers),
+            "accepted": sum(s["accepted"] for s in servers),
+            "snapshot_age_secs": None if worker.answered_at is None else round(now - worker.answered_at, 3),
+            "stale": worker.late}
+
+
+def _by_generation(workers):
+    """Each generation's answering workers' snapshots, merged: {number: snapshot}."""
+    lasts = collections.defaultdict(list)
+    for worker in workers:
+        lasts[worker.generation].append(worker.last)
+    return {number: merge(snapshots) for number, snapshots in lasts.items()}
 
 
 def _status(code):

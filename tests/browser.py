@@ -84,6 +84,11 @@ class Browser:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
+    def fast_forward(self, ms):
+        """Let the page's timers run ``ms`` of virtual time as fast as they can (pausing while a fetch is out)."""
+        self.call("Emulation.setVirtualTimePolicy", {"policy": "pauseIfNetworkFetchesPending", "budget": ms},
+                  session=self.session)
+
     def screenshot(self, path):
         import base64
         data = self.call("Page.captureScreenshot", {"format": "png"}, session=self.session)["data"]

@@ -88,6 +88,8 @@ def test_metrics_match_the_traffic(proxies, backends):
     assert value(samples, "ltcp_stream_failures_total", cause="timeout", **dead) == 1
     assert value(samples, "ltcp_connect_failures_total", router="web", dst="/svc/dead", cause="refused") >= 1
     assert value(samples, "ltcp_endpoints", router="web", dst="/svc/echo", state="available") == 1
+    assert value(samples, "ltcp_destination_streams_total", router="web", dst="/svc/echo") == 21
+    assert value(samples, "ltcp_destination_streams_total", router="web", dst="/svc/dead") == 0
     assert value(samples, "ltcp_route_cache_creations_total", router="web") == 3
     assert value(samples, "ltcp_route_cache_hits_total", router="web") == 21 + 3 + 1 - 3
     assert value(samples, "ltcp_reactor_lag_seconds_count") >= 1
@@ -143,6 +145,7 @@ def test_routers_json_follows_discovery_and_ejection(proxies, backends, tmp_path
     ("POST", "/metrics", None, 405),
     ("GET", "/shutdown", None, 405),
     ("DELETE", "/routers.json", None, 405),
+    ("HEAD", "/shutdown", None, 405),
     ("POST", "/shutdown", b"x" * (65 * 1024), 413),
 ])
 def test_bad_requests(proxies, backends, method, path, body, status):
@@ -152,8 +155,22 @@ def test_bad_requests(proxies, backends, method, path, body, status):
     response = http.request(method, proxy.admin_url + path, body=body)
     assert response.status == status
     if status == 405:
-        assert response.headers["Allow"] in ("GET", "POST")
+        assert response.headers["Allow"] == ("POST" if path == "/shutdown" else "GET, HEAD")
     assert not proxy.app.draining
+
+
+@pytest.mark.parametrize("path", ["/", "/metrics", "/routers.json", "/api/v1/state", "/nope"])
+def test_head_answers_as_get_would_without_the_body(proxies, path):
+    proxy = proxies({"admin": {"port": 0}, "routers": [{
+        "label": "r", "interpreter": {"kind": "io.l5d.static", "names": {}},
+        "servers": [{"port": 0, "dstName": "/svc/a"}]}]}, admin=True)
+    get = http.request("GET", proxy.admin_url + path)
+    head = http.request("HEAD", proxy.admin_url + path)
+    assert (head.status, head.headers["Content-Type"], head.data) == (get.status, get.headers["Content-Type"], b"")
+    if path in ("/", "/nope"):  # (the others change from one rendering to the next)
+        assert head.headers["Content-Length"] == str(len(get.data))
+    else:
+        assert int(head.headers["Content-Length"]) > 0
 
 
 def test_shutdown_drains_in_process(proxies, backends):

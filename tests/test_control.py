@@ -149,11 +149,35 @@ def test_a_scrape_leaves_a_workers_snapshot_as_it_was():
 
     class Link:
         def send(self, message):
-            worker.replies.pop(message[1]).set_result(answer)
+            worker.answered(message[1], answer)
 
     worker.link = Link()
     generation.workers[0] = worker
     supervisor.generations.append(generation)
     view = supervisor.snapshot()
-    assert view["workers"] == [{"pid": 1, "generation": 1, "state": "serving", "streams": 1, "accepted": 3}]
+    assert [{**w, "snapshot_age_secs": 0} for w in view["workers"]] == [
+        {"pid": 1, "generation": 1, "state": "serving", "streams": 1, "accepted": 3, "snapshot_age_secs": 0,
+         "stale": False}]
     assert worker.last is answer and set(answer) == {"routers", "reactor_lag", "draining"}
+
+
+def test_a_worker_has_one_snapshot_question_at_a_time():
+    """One that does not answer (stopped, stuck) is not asked again per scrape, to answer them all later."""
+    import itertools
+
+    from ltcp.supervisor import WorkerProcess
+
+    sent = []
+    worker = WorkerProcess(0, 1, pid=1)
+    worker.link = type("Link", (), {"send": lambda self, message: sent.append(message)})()
+    tokens = itertools.count()
+    first = worker.ask(0, tokens)
+    assert worker.ask(1000, tokens) is first and sent == [("snapshot", first.token, 0)]
+    worker.answered(first.token + 1, "not an answer to it")
+    assert worker.last is None and not first.future.done()
+    worker.answered(first.token, "answer")
+    assert first.future.result(0) == "answer" and worker.last == "answer"
+    second = worker.ask(1000, tokens)
+    assert second is not first and sent[-1] == ("snapshot", second.token, 1000)
+    worker.hung_up()
+    assert second.future.cancelled() and worker.ask(0, tokens) is None and len(sent) == 2

@@ -2,12 +2,14 @@
 
 import json
 import os
+import signal
 import time
 import urllib.request
 
 import pytest
 from browser import Browser, chromium
-from netutil import LtcpProcess, named, recv_exactly, refused_port, wait_for
+from netutil import LtcpProcess, echo, named, recv_exactly, refused_port, wait_for
+from test_workers import Load, document, reload_via_sighup, rewrite
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(chromium() is None,
@@ -138,3 +140,62 @@ def test_the_page_only_reads_and_forbids_inline_script(tmp_path):
         assert refused.value.code == 405
     finally:
         ltcp.stop()
+
+
+# Each destination the page shows (the current generation's, and those of generations still draining),
+# with the rate it displays; and each server's accepts per second.
+READ_RATES = """(() => ({
+  updates: Number(document.body.dataset.updates || 0),
+  destinations: [...document.querySelectorAll("[data-destination]")].map((d) => [
+    d.dataset.destination, d.dataset.generation || "", (d.querySelector(".rate") || {}).textContent || ""]),
+  accepts: [...document.querySelectorAll("section.router > table td.accepts")].map((td) => td.textContent),
+  history: [...document.querySelectorAll("svg.history")].map((svg) => svg.dataset.points),
+}))()"""
+
+
+def rate(text):
+    """The number in a rate as the page shows it ("12.5/s"), or 0 for "-"."""
+    return float(text.split("/")[0]) if text and text[0].isdigit() else 0.0
+
+
+def test_after_reloads_under_load_the_page_shows_the_destination_and_its_rate(browser, backends, instances):
+    one, two = backends(echo), backends(echo)
+    ltcp = instances(document(one, workers=2))
+    load = Load(ltcp.port, threads=3)
+    try:
+        wait_for(lambda: load.done > 20, timeout=20, message="load to run")
+        for n in range(3):
+            rewrite(ltcp, document(two if n % 2 == 0 else one, workers=2))
+            reload_via_sighup(ltcp, expect=True)
+        browser.open(ltcp.admin + "/")
+        shown = {}
+
+        def rates_shown():
+            # The page polls as fast as its fetches allow, far faster than the state's 1 s cache:
+            # rates computed in the page from successive answers were never shown so.
+            browser.fast_forward(20_000)
+            shown.update(browser.evaluate(READ_RATES))
+            current = [rate(text) for name, generation, text in shown["destinations"] if name == "/svc/a"
+                       and not generation]
+            return current and current[0] > 0 and all(rate(text) > 0 for text in shown["accepts"])
+
+        wait_for(rates_shown, timeout=30, interval=0.2, message="a nonzero rate for /svc/a")
+        assert shown["updates"] > 5 and shown["accepts"]
+        assert max(int(points) for points in shown["history"]) >= 1
+    finally:
+        done, errors = load.stop()
+    assert errors == [] and done > 0
+
+
+def test_a_worker_that_stopped_answering_is_named_on_the_page(browser, backends, instances):
+    ltcp = instances(document(backends(echo), workers=2))
+    stopped = ltcp.workers[0]
+    browser.open(ltcp.admin + "/")
+    page(browser, lambda s: "serving: 2" in s["instance"], "the page to show both workers")
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        shown = page(browser, lambda s: f"worker {stopped}: counts from" in s["instance"], "the stale worker named")
+        assert "not answering" in shown["instance"]
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    page(browser, lambda s: "not answering" not in s["instance"], "the worker answering again")

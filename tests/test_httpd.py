@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 
 from ltcp.admin import exposure_warning, refusal
-from ltcp.httpd import MAX_BODY_BYTES, HttpError, HttpServer, parse_request, plain
-from netutil import recv_all
+from ltcp.httpd import MAX_BODY_BYTES, MAX_HEADERS, HttpError, HttpServer, parse_request, plain
+from netutil import recv_all, recv_exactly
 
 GET = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9989\r\nAccept: */*\r\n\r\n"
 POST = b"POST /shutdown HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello"
@@ -34,19 +34,38 @@ def test_no_prefix_is_ever_a_request(data):
 @pytest.mark.parametrize("data, status", [
     (b"GARBAGE\r\n\r\n", 400),
     (b"GET /x HTTP/2.0\r\n\r\n", 505),
-    (b"GET http://evil/ HTTP/1.1\r\n\r\n", 400),
-    (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
-    (b"POST /x HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1), 413),
-    (b"POST /x HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
-    (b"POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-    (b"POST /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"GET http://evil/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+    (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1), 413),
+    (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
+    (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
     (b"GET /x HTTP/1.1\r\nX: " + b"a" * 70_000, 431),
-    (b"GET /x HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", 400),
+    (b"GET /x HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * MAX_HEADERS + b"\r\n", 431),  # once 400
+    (b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),  # RFC 9112 3.2; once accepted
+    (b"GET /x HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n", 400),
+    (b"GET /x HTTP/1.1\r\nAccept: */*\r\n\r\n", 400),  # HTTP/1.1 without Host; once accepted
+    (b"GET /x HTTP/1.1\r\nHost: a\rX: y\r\n\r\n", 400),  # a bare CR
+    (b"GET /x HTTP/1.1\rHost: a\n\n", 400),
+    (b"GET /x HTTP/1.1\r\nHost: a\r\n X: y\r\n\r\n", 400),  # obsolete line folding; once part of Host
+    (b"\n" * 9 + b"GET /x HTTP/1.0\n\n", 400),  # too many empty lines first, LF ones too
 ])
 def test_requests_that_can_never_be_served(data, status):
     with pytest.raises(HttpError) as info:
         parse_request(data)
     assert info.value.status == status
+
+
+@pytest.mark.parametrize("data, host", [
+    (b"GET /metrics HTTP/1.1\nHost: a\n\n", "a"),  # bare LF line ends (RFC 9112 2.2); once no answer for 10 s
+    (b"GET /metrics HTTP/1.1\r\nHost: a\n\r\n", "a"),  # mixed
+    (b"\n\r\nGET /metrics HTTP/1.1\nHost: a\r\n\n", "a"),  # empty lines first
+    (b"GET /metrics HTTP/1.0\r\n\r\n", None),  # HTTP/1.0 needs no Host
+    (b"GET /metrics HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * (MAX_HEADERS - 1) + b"\r\n", "a"),
+])
+def test_requests_served(data, host):
+    request, used = parse_request(data + b"NEXT")
+    assert (request.path, request.headers.get("Host"), used) == ("/metrics", host, len(data))
 
 
 @given(st.binary(max_size=300))
@@ -116,3 +135,38 @@ def test_an_answer_ready_when_the_server_closes_is_still_written():
         assert handled.wait(5)
         server.close()
         assert recv_all(client).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.fixture
+def hello_server():
+    """An HttpServer answering every request with "hello" (what a GET route does)."""
+    server = HttpServer(("127.0.0.1", 0), lambda request: plain(200, "hello"))
+    server.start()
+    yield server
+    server.close()
+
+
+def test_head_is_a_get_without_its_body(hello_server):
+    with socket.create_connection(hello_server.address, timeout=5) as client:
+        client.sendall(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = recv_until(client, b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 6\r\n" in head
+        # Nothing follows the head but the next answer, whole: the HEAD's had no body.
+        get = recv_until(client, b"\r\n\r\n")
+        assert get.startswith(b"HTTP/1.1 200 ") and recv_exactly(client, 6) == b"hello\n"
+
+
+def test_bare_line_feeds_are_answered_at_once(hello_server):
+    with socket.create_connection(hello_server.address, timeout=2) as client:
+        client.sendall(b"GET / HTTP/1.1\nHost: a\n\n")
+        assert recv_until(client, b"\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+
+
+def recv_until(sock, end):
+    """Bytes up to and including ``end``, read one at a time (so nothing after it is taken)."""
+    data = b""
+    while not data.endswith(end):
+        byte = sock.recv(1)
+        assert byte, data
+        data += byte
+    return data

@@ -18,7 +18,7 @@ BOTTOM = {
     "ltcp.config": {"ltcp.names", "ltcp.yamlsafe"},
     "ltcp.yamlsafe": set(),
     "ltcp.reload": set(),
-    "ltcp.snapshot": {"ltcp.histogram"},
+    "ltcp.snapshot": {"ltcp.histogram", "ltcp.wheel"},
     "ltcp.fanout": set(),
     "ltcp.endpoint": {"ltcp.lifecycle"},
     "ltcp.proxyproto": {"ltcp.names"},

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ltcp.snapshot import merge
+from ltcp.snapshot import destination_names, finished, merge, only_destinations
 
 STATES = ("available", "failed", "unhealthy", "retired")
 WORST_FIRST = ("unhealthy", "failed", "retired", "available")
@@ -76,3 +76,31 @@ def test_counts_alone_merge_to_the_largest_set_seen(counts):
     assert merged["unhealthy"] == max(c[2] for c in counts)  # the worst view, first
     assert merged["failed"] <= max(c[1] for c in counts)  # then failed and retired, within what is left
     assert min(merged.values()) >= 0
+
+
+def live_reactor(name, failures, open_streams):
+    """A snapshot with one server and one destination (``name``), as a serving reactor sends it."""
+    return {"routers": [{"label": "r",
+                         "servers": [{"address": "127.0.0.1:1", "active": open_streams, "accepted": 10,
+                                      "listening": True}],
+                         "destinations": [{**view([endpoint("a", "failed")])["routers"][0]["destinations"][0],
+                                           "name": name, "connect_failures": {"refused": failures}, "waiters": 2,
+                                           "pooled": 1, "resolved": True}]}]}
+
+
+def test_finished_reactors_add_their_counters_and_nothing_they_no_longer_hold():
+    gone = finished([live_reactor("/svc/a", failures=5, open_streams=3)])
+    merged = merge([live_reactor("/svc/a", failures=1, open_streams=1), gone])
+    server, dst = merged["routers"][0]["servers"][0], destination(merged)
+    assert (server["accepted"], server["active"], server["listening"]) == (20, 1, True)
+    assert dst["connect_failures"] == {"refused": 6}  # once lost with the reactor that counted them
+    assert (dst["waiters"], dst["pooled"], dst["resolved"], len(dst["endpoints"])) == (2, 1, True, 1)
+    assert dst["endpoint_states"]["failed"] == 1
+
+
+def test_only_the_destinations_named_are_kept_and_the_snapshot_is_new():
+    data = merge([live_reactor("/svc/a", 1, 0), live_reactor("/svc/b", 1, 0)])
+    assert destination_names([data]) == {("r", "/svc/a"), ("r", "/svc/b")}
+    kept = only_destinations(data, {("r", "/svc/b"), ("other", "/svc/a")})
+    assert [d["name"] for d in kept["routers"][0]["destinations"]] == ["/svc/b"]
+    assert len(data["routers"][0]["destinations"]) == 2

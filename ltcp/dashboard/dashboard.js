@@ -3,20 +3,28 @@
 // Every name on this page may come from a client (SNI picks destination names),
 // so nothing received is ever parsed as HTML: elements are built with
 // createElement and filled with textContent only.
+//
+// Rates and their histories are ltcp's own, from its samples of the counts on its
+// own clock: the page displays them, whatever its polling rhythm.
 "use strict";
 
 const POLL_MS = 2000;
 const FETCH_TIMEOUT_MS = 5000;
 const DETAILED = 50; // destinations per router drawn with their endpoints; the rest in one line
-const HISTORY = 150; // samples kept per sparkline: five minutes at one every two seconds
 const SVG = "http://www.w3.org/2000/svg";
-
-const history = new Map(); // key -> {at, accepted, received, sent, rates: {accepts: [], in: [], out: []}}
+const CHART = {width: 240, height: 56, top: 12, bottom: 44}; // the history chart, in SVG units
 
 function el(tag, text, className) {
   const node = document.createElement(tag);
   if (text !== undefined && text !== null) node.textContent = String(text);
   if (className) node.className = className;
+  return node;
+}
+
+function svg(tag, attributes, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+  if (text !== undefined) node.textContent = text;
   return node;
 }
 
@@ -37,7 +45,7 @@ function row(cells, header) {
 function table(headings, rows, numeric) {
   const t = el("table");
   const head = row(headings, true);
-  for (const i of numeric || []) head.children[i].className = "num";
+  for (const i of numeric || []) head.children[i].classList.add("num");
   t.appendChild(head);
   for (const cells of rows) {
     const tr = row(cells);
@@ -47,11 +55,25 @@ function table(headings, rows, numeric) {
   return t;
 }
 
+function facts(items) {
+  const list = el("dl");
+  for (const [k, v, className] of items) {
+    const div = el("div");
+    div.append(el("dt", k), el("dd", v, className));
+    list.appendChild(div);
+  }
+  return list;
+}
+
 function bytes(n) {
   const units = ["B", "KB", "MB", "GB", "TB"];
   let i = 0;
   while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
   return (i ? n.toFixed(1) : Math.round(n)) + " " + units[i];
+}
+
+function perSecond(n) {
+  return (n >= 100 ? Math.round(n) : n.toFixed(1)) + "/s";
 }
 
 function duration(seconds) {
@@ -66,60 +88,52 @@ function counts(map) {
   return parts.length ? parts.join(", ") : "none";
 }
 
-function spark(values) {
-  const svg = document.createElementNS(SVG, "svg");
-  svg.setAttribute("class", "spark");
-  svg.setAttribute("viewBox", "0 0 120 24");
-  svg.setAttribute("preserveAspectRatio", "none");
-  if (values.length > 1) {
-    const top = Math.max(...values, 1e-9);
-    const step = 120 / (HISTORY - 1);
-    const start = 120 - step * (values.length - 1);
-    const points = values.map((v, i) => (start + i * step).toFixed(1) + "," + (23 - (v / top) * 22).toFixed(1));
-    const line = document.createElementNS(SVG, "polyline");
-    line.setAttribute("points", points.join(" "));
-    svg.appendChild(line);
-  }
-  return svg;
+// A rate as ltcp computed it (null: not known yet, ltcp has one sample so far).
+function shownRate(value, format) {
+  return value === null || value === undefined ? "-" : format(value);
 }
 
-// Rates from the difference between this sample and the last one of the same server.
-function rates(key, at, server) {
-  const before = history.get(key);
-  const now = {at, accepted: server.accepted, received: server.received_bytes, sent: server.sent_bytes,
-               rates: before ? before.rates : {accepts: [], in: [], out: []}};
-  // (Counters that went down, after a restart, start a new baseline rather than a negative rate.)
-  if (before && at > before.at && server.accepted >= before.accepted &&
-      server.received_bytes >= before.received && server.sent_bytes >= before.sent) {
-    const dt = at - before.at;
-    for (const [name, value] of [["accepts", (server.accepted - before.accepted) / dt],
-                                 ["in", (server.received_bytes - before.received) / dt],
-                                 ["out", (server.sent_bytes - before.sent) / dt]]) {
-      now.rates[name].push(value);
-      if (now.rates[name].length > HISTORY) now.rates[name].shift();
-    }
-  }
-  history.set(key, now);
-  const last = (list) => (list.length ? list[list.length - 1] : null);
-  return {accepts: last(now.rates.accepts), in: last(now.rates.in), out: last(now.rates.out), series: now.rates};
+// A history of rates ([[seconds ago, rate], ...], up to `span` seconds): the line, its scale (the top
+// value and zero), the time axis (as long as the history, a minute at least), and the last value at its end.
+function chart(points, span, format) {
+  const {width, height, top, bottom} = CHART;
+  const plot = width - 48; // room on the right for the last value
+  const box = svg("svg", {class: "history", viewBox: `0 0 ${width} ${height}`, role: "img"});
+  box.dataset.points = String(points.length);
+  const highest = Math.max(...points.map(([, v]) => v), 0);
+  const shown = Math.min(span, Math.max(60, ...points.map(([ago]) => Math.ceil(ago / 60) * 60)));
+  const x = (ago) => plot * (1 - Math.min(ago, shown) / shown);
+  const y = (v) => bottom - (highest ? (v / highest) * (bottom - top) : 0);
+  box.append(svg("line", {class: "axis", x1: 0, y1: bottom, x2: plot, y2: bottom}),
+             svg("text", {class: "scale", x: 0, y: top - 3}, "max " + format(highest)),
+             svg("text", {class: "scale", x: 0, y: height - 1}, duration(shown) + " ago"),
+             svg("text", {class: "scale", x: plot, y: height - 1, "text-anchor": "end"}, "now"));
+  if (!points.length) return box;
+  const line = points.map(([ago, v]) => x(ago).toFixed(1) + "," + y(v).toFixed(1)).join(" ");
+  box.appendChild(svg("polyline", {points: points.length > 1 ? line : line + " " + line}));
+  const [ago, last] = points[points.length - 1];
+  box.append(svg("circle", {cx: x(ago).toFixed(1), cy: y(last).toFixed(1), r: 2}),
+             svg("text", {class: "last", x: plot + 4, y: y(last) + 4}, format(last)));
+  return box;
 }
 
 function instance(state) {
   const info = state.instance;
   const byState = {};
   for (const w of info.workers) byState[w.state] = (byState[w.state] || 0) + 1;
+  const stale = info.workers.filter((w) => w.stale);
   const items = [
     ["version", info.version], ["pid", info.pid], ["uptime", duration(info.uptime_secs)],
     ["workers", info.workers.length ? counts(byState) : "in this process"],
     ["streams", info.workers.length ? info.workers.reduce((sum, w) => sum + (w.streams || 0), 0) : "-"],
     ["reloads", counts(info.reloads)], ["restarts", info.restarts], ["memory", bytes(info.rss_bytes)],
   ];
+  if (stale.length) {
+    items.push(["not answering", stale.map((w) => "worker " + w.pid + ": counts from " +
+                                                   duration(w.snapshot_age_secs) + " ago").join(", "), "stale"]);
+  }
   const list = document.getElementById("instance");
-  list.replaceChildren(...items.map(([k, v]) => {
-    const div = el("div");
-    div.append(el("dt", k), el("dd", v));
-    return div;
-  }));
+  list.replaceChildren(...facts(items).children);
   if (state.draining) list.appendChild(el("div", "draining", "draining"));
 }
 
@@ -135,24 +149,28 @@ function listening(s) {
   return cell;
 }
 
-function server(router, s, at) {
-  const r = rates(router.label + " " + s.address, at, s);
-  const show = (v, f) => (v === null ? "-" : f(v));
+function server(s, span) {
+  const rates = s.rates || {};
   return [
-    {text: s.address, className: "name"}, {text: s.dst_name, className: "name"}, listening(s),
-    s.active, show(r.accepts, (v) => v.toFixed(1)), spark(r.series.accepts),
-    show(r.in, (v) => bytes(v) + "/s"), show(r.out, (v) => bytes(v) + "/s"), counts(s.failures),
+    {text: s.address, className: "name"}, {text: s.dst_name, className: "name"},
+    listening(s),
+    s.active, {text: shownRate(rates.accepted, perSecond), className: "accepts"},
+    chart((s.history || {}).accepted || [], span, perSecond),
+    shownRate(rates.received_bytes, (v) => bytes(v) + "/s"), shownRate(rates.sent_bytes, (v) => bytes(v) + "/s"),
+    counts(s.failures),
   ];
 }
 
 function destination(router, d) {
   const box = el("section", null, "destination");
-  box.dataset.name = d.name;
+  box.dataset.destination = d.name;
   const title = el("h3");
   title.append(el("span", d.name, "name"));
   box.appendChild(title);
   const known = (router.discovery.names || {})[d.name] || {};
-  const facts = [
+  box.appendChild(facts([
+    ["streams", shownRate((d.rates || {}).streams, perSecond), "rate"],
+    ["open", d.active],
     ["resolved", d.resolved ? "yes" : "not yet", d.resolved ? "yes" : "no"],
     ["waiters", d.waiters],
     ["last update", d.last_update ? duration(Date.now() / 1000 - d.last_update) + " ago" : "never"],
@@ -160,14 +178,7 @@ function destination(router, d) {
                                 : router.interpreter],
     ["endpoints", counts(d.endpoint_states)],
     ["connect failures", counts(d.connect_failures)],
-  ];
-  const list = el("dl");
-  for (const [k, v, className] of facts) {
-    const div = el("div");
-    div.append(el("dt", k), el("dd", v, className));
-    list.appendChild(div);
-  }
-  box.appendChild(list);
+  ]));
   const rows = d.endpoints.map((e) => [
     {text: e.address, className: "name"}, e.weight, {text: e.state, className: "state state-" + e.state},
     e.open, e.pending, e.connects, e.connect_failures,
@@ -179,8 +190,26 @@ function destination(router, d) {
   return box;
 }
 
+// An older generation's part of a router, while its workers finish their streams.
+function draining(generation, router) {
+  const box = el("section", null, "generation");
+  box.appendChild(el("h3", "generation " + generation + " (draining, " + router.interpreter + "): " +
+                           router.streams + " open streams"));
+  const t = table(["destination", "open streams", "endpoints"], [], [1]);
+  for (const d of router.destinations) {
+    const tr = row([{text: d.name, className: "name"}, d.active, counts(d.endpoint_states)]);
+    tr.children[1].classList.add("num");
+    tr.dataset.destination = d.name;
+    tr.dataset.generation = String(generation);
+    t.appendChild(tr);
+  }
+  box.appendChild(t);
+  return box;
+}
+
 function routers(state) {
   const main = document.getElementById("routers");
+  const older = state.draining_generations || [];
   main.replaceChildren(...state.routers.map((router) => {
     const card = el("section", null, "router");
     card.dataset.label = router.label;
@@ -188,17 +217,20 @@ function routers(state) {
     title.appendChild(el("span", router.interpreter, "kind"));
     card.appendChild(title);
     card.appendChild(table(
-      ["server", "destination", "listening", "streams", "accepts/s", "", "in", "out", "failures"],
-      router.servers.map((s) => server(router, s, state.time)), [3, 4, 6, 7]));
-    const discovery = el("p", "discovery lookups: " + counts(router.discovery.requests) +
-                              "; route cache: " + counts(router.route_cache), "muted");
-    card.appendChild(discovery);
+      ["server", "destination", "listening", "streams", "accepts", "accepts, last " + duration(state.history_secs),
+       "in", "out", "failures"],
+      router.servers.map((s) => server(s, state.history_secs)), [3, 4, 6, 7]));
+    card.appendChild(el("p", "discovery lookups: " + counts(router.discovery.requests) +
+                             "; route cache: " + counts(router.route_cache), "muted"));
     for (const d of router.destinations.slice(0, DETAILED)) card.appendChild(destination(router, d));
     if (router.destinations.length > DETAILED) {
       card.appendChild(el("p", "and " + (router.destinations.length - DETAILED) +
                                 " more destinations (all of them in /routers.json)", "muted"));
     }
-    if (!router.destinations.length) card.appendChild(el("p", "no destination in use yet", "muted"));
+    const parts = older.flatMap((g) => g.routers.filter((r) => r.label === router.label)
+                                               .map((r) => draining(g.generation, r)));
+    card.append(...parts);
+    if (!router.destinations.length && !parts.length) card.appendChild(el("p", "no destination in use yet", "muted"));
     return card;
   }));
 }
@@ -215,7 +247,8 @@ async function poll() {
     instance(state);
     routers(state);
     status.className = "status";
-    status.textContent = "updated " + new Date(state.time * 1000).toLocaleTimeString();
+    status.textContent = "updated " + new Date(state.time * 1000).toLocaleTimeString() +
+                         "; rates over the last " + state.rates_window_secs + " s";
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   } catch (error) {
     status.className = "status error";

@@ -163,6 +163,18 @@ def listen(config):
     return sock
 
 
+def wants_server_names(config, client_config, logged):
+    """Whether a terminating server's handshakes must note the SNI: a callback each, so only when a name, a
+    PROXY v2 header or the access log (``logged``) uses it."""
+    return "{sni}" in config.dst_name or "v2" in client_config.proxy_protocols or logged
+
+
+def terminating_servers(config):
+    """``(tls, names_wanted)`` of every server of ``config`` that terminates TLS, as its listeners build them."""
+    return [(server.tls, wants_server_names(server, router.client, config.access_log is not None))
+            for router in config.routers for server in router.servers if server.tls is not None]
+
+
 class Listener:
     """One configured server: a listening socket and the streams it accepted.
 
@@ -217,13 +229,11 @@ class Listener:
         self._connect_timeout = config.connect_timeout_ms / 1000
         self._idle = config.idle_timeout_ms / 1000 if config.idle_timeout_ms else None
         self._lifetime = config.connection_lifetime_secs
-        # The SNI costs a callback per handshake: taken when a name, a PROXY v2 header or the log needs it.
-        names_wanted = ("{sni}" in config.dst_name or "v2" in binder.client_config.proxy_protocols
-                        or access_log is not None)
         self.tls = None
         self.unusable = unusable  # why this process does not serve this server, or None
         self.context_failures = 0  # 1 if this process could not build its contexts (a count: workers' add up)
         if config.tls and unusable is None:
+            names_wanted = wants_server_names(config, binder.client_config, access_log is not None)
             self.tls, self.unusable = tls.attempt(tls.server_context, config.tls, material, names_wanted)
         self._intake = bool(config.proxy_protocol or config.tls or "{sni}" in config.dst_name)
         # A name with placeholders is no name until the intake fills it in (logs show none meanwhile).

@@ -482,7 +482,7 @@ class Supervisor:
         parent, child = socket.socketpair()
         sockets = {key: self.sockets[key] for key in listeners(generation.config)}
         try:
-            pid, wait = self._start_process(child, sockets)
+            pid, wait = self._start_process(child, sockets, generation)
         finally:
             child.close()
         worker = WorkerProcess(slot, generation.number, pid)
@@ -496,11 +496,12 @@ class Supervisor:
         log.info("worker %d started (generation %d, slot %d)", pid, generation.number, slot)
         return worker
 
-    def _start_process(self, channel, sockets):
-        """A worker process on ``channel``: forked by the template, else a fresh interpreter; (pid, wait)."""
+    def _start_process(self, channel, sockets, generation):
+        """A worker process of ``generation`` on ``channel``: forked by the template, else a fresh interpreter;
+        (pid, wait)."""
         if self.template is not None:
             try:
-                pid = self.template.spawn(channel, sockets)
+                pid = self.template.spawn(channel, sockets, generation)
                 return pid, functools.partial(_wait_for_child, pid)
             except TemplateError as exc:
                 log.warning("%s; starting the worker as a new interpreter", exc)

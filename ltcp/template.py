@@ -20,9 +20,15 @@ supervisor, a child subreaper (``lifeline.adopt_orphans``): the supervisor
 reaps, signals and carries workers across an upgrade as it always did, and a
 worker, once its parent is the supervisor, ties its life to it.
 
+It also builds each generation's TLS server contexts before forking its
+workers, so that they all inherit one set of session ticket keys and a
+client resumes its session on any worker (``tls.keep_server_contexts``).
+
 One request at a time, on a SOCK_SEQPACKET socket pair (a message and its
 descriptors travel together)::
 
+    ("prepare", generation) + [a memfd holding the pickled (config, material)]
+        -> ("prepared", contexts built) | ("failed", why)
     ("spawn", keys) + [channel, listening sockets in the order of keys]
         -> ("spawned", pid) | ("failed", why)
 
@@ -41,7 +47,8 @@ import subprocess
 import sys
 import time
 
-from . import launch, logs, worker
+from . import launch, logs, tls, worker
+from .server import terminating_servers
 from .lifeline import die_with
 
 __all__ = ["Template", "TemplateError", "main"]
@@ -51,6 +58,7 @@ log = logging.getLogger("ltcp.template")  # (not __name__: run as a script, that
 MAX_MESSAGE = 64 * 1024
 MAX_DESCRIPTORS = 1024  # a channel and the listening sockets of one configuration
 ANSWER_TIMEOUT = 2.0  # seconds for the template to answer a request (a fork takes milliseconds)
+PREPARE_TIMEOUT = 10.0  # seconds to build a generation's TLS contexts (a few ms each, and most are kept)
 ADOPTION_TIMEOUT = 2.0  # seconds for a new worker to become the supervisor's child
 
 
@@ -65,18 +73,42 @@ class Template:
         self.logging_args = logging_args
         self.sock = None
         self.proc = None
+        self.prepared = None  # the generation whose TLS contexts the template holds
 
-    def spawn(self, channel, sockets):
-        """Fork a worker for ``channel`` and ``sockets`` (key -> socket); its pid.
+    def spawn(self, channel, sockets, generation):
+        """Fork a worker of ``generation`` for ``channel`` and ``sockets`` (key -> socket); its pid.
 
         Raises TemplateError (the template is then restarted at the next call).
         """
         if self.proc is None or self.proc.poll() is not None:
             self._start()
+        if self.prepared != generation.number and generation.material is not None:
+            self._prepare(generation)
         keys = list(sockets)
+        return self._ask(("spawn", keys), [channel.fileno(), *(sockets[key].fileno() for key in keys)], "spawned")
+
+    def _prepare(self, generation):
+        """Have the template build ``generation``'s server contexts, for its workers to share; if it cannot, each
+        worker builds its own (and sessions resume only on the worker that began them)."""
+        state = os.memfd_create("ltcp-generation", os.MFD_CLOEXEC)
         try:
-            socket.send_fds(self.sock, [pickle.dumps(("spawn", keys))],
-                            [channel.fileno(), *(sockets[key].fileno() for key in keys)])
+            with open(state, "wb", closefd=False) as f:
+                pickle.dump((generation.config, generation.material), f)
+            self.sock.settimeout(PREPARE_TIMEOUT)
+            built = self._ask(("prepare", generation.number), [state], "prepared")
+            self.prepared = generation.number
+            log.debug("worker template: generation %d's TLS contexts ready, %d built anew", generation.number, built)
+        except TemplateError as exc:
+            log.warning("%s; each worker of generation %d builds its own TLS contexts", exc, generation.number)
+        finally:
+            os.close(state)
+            if self.sock is not None:
+                self.sock.settimeout(ANSWER_TIMEOUT)
+
+    def _ask(self, request, fds, expected):
+        """Send ``request`` with ``fds``; the detail of an ``expected`` answer, else TemplateError."""
+        try:
+            socket.send_fds(self.sock, [pickle.dumps(request)], fds)
             answer = self.sock.recv(MAX_MESSAGE)
         except OSError as exc:  # (a timeout included: a template that hangs is replaced)
             self.close(kill=True)
@@ -85,7 +117,7 @@ class Template:
             self.close(kill=True)
             raise TemplateError("the worker template exited")
         kind, detail = pickle.loads(answer)
-        if kind != "spawned":
+        if kind != expected:
             raise TemplateError(detail)
         return detail
 
@@ -103,6 +135,7 @@ class Template:
             theirs.close()
         ours.settimeout(ANSWER_TIMEOUT)
         self.sock = ours
+        self.prepared = None
         log.info("worker template %d started", self.proc.pid)
 
     def close(self, kill=False):
@@ -141,10 +174,13 @@ def main(argv=None):
         if not data:
             return 0  # the supervisor closed its end: an upgrade, a shutdown, or it is gone
         try:
-            kind, keys = pickle.loads(data)
-            if kind != "spawn":
+            kind, detail = pickle.loads(data)
+            if kind == "prepare":
+                answer = "prepared", _prepare(fds[0])
+            elif kind == "spawn":
+                answer = _fork_worker(sock, fds, detail, supervisor)
+            else:
                 raise ValueError(f"unknown request {kind!r}")
-            answer = _fork_worker(sock, fds, keys, supervisor)
         except Exception as exc:  # a request this template cannot serve: the supervisor falls back
             log.exception("worker template: request failed")
             answer = ("failed", f"the worker template failed: {exc}")
@@ -152,6 +188,14 @@ def main(argv=None):
             for number in fds:
                 os.close(number)
         sock.send(pickle.dumps(answer))
+
+
+def _prepare(state):
+    """Build the TLS server contexts of the configuration pickled in the memfd ``state``; the number built."""
+    with open(state, "rb", closefd=False) as f:
+        f.seek(0)
+        config, material = pickle.load(f)
+    return tls.keep_server_contexts(terminating_servers(config), material)
 
 
 def _fork_worker(template_sock, fds, keys, supervisor):

@@ -289,12 +289,16 @@ def _files(config):
     for router in config.routers:
         for server in router.servers:
             if server.tls is not None:
-                paths += [path for _, identity in _identities(server.tls)
-                          for path in (identity.private_key, *identity.certs)]
-                paths += server.tls.client_auth.trust_certs if server.tls.client_auth else ()
+                paths += _server_files(server.tls)
         for _, client_tls in _client_settings(router.client):
             paths += client_tls.trust_certs
     return dict.fromkeys(paths)
+
+
+def _server_files(tls):
+    """The files a terminating server's settings name: keys and chains, then the client CAs."""
+    paths = [path for _, identity in _identities(tls) for path in (identity.private_key, *identity.certs)]
+    return paths + list(tls.client_auth.trust_certs if tls.client_auth else ())
 
 
 def _identities(tls):
@@ -469,9 +473,46 @@ class ServerContexts:
         return self.names.pop(tls_socket.session_object, None)
 
 
+# The server contexts this process has built, by what they were built from.  OpenSSL draws a context's
+# session ticket keys when it makes the context, and Python's ssl cannot set them: so the worker template
+# builds a generation's contexts before it forks the workers (``keep_server_contexts``), each worker finds
+# them here, and all share the keys; a client resumes its session on whichever worker it reaches.
+_server_contexts = {}
+
+
 def server_context(tls, material, names_wanted=True):
-    """A terminating server's contexts, built from ``material`` alone."""
-    return ServerContexts(tls, material, names_wanted)
+    """A terminating server's contexts, built from ``material`` alone (once per process for the same inputs)."""
+    try:
+        key = _server_key(tls, material, names_wanted)
+    except TlsMaterialError:  # (building says which file is missing, in the order it needs them)
+        return ServerContexts(tls, material, names_wanted)
+    contexts = _server_contexts.get(key)
+    if contexts is None:
+        contexts = _server_contexts[key] = ServerContexts(tls, material, names_wanted)
+    return contexts
+
+
+def keep_server_contexts(wanted, material):
+    """Build the contexts for each ``(tls, names_wanted)`` in ``wanted`` and forget every other; the number built.
+
+    Contexts already built from the same settings and bytes are kept, with
+    their ticket keys: a reload that leaves the material alone does not end
+    the sessions clients hold.  One that cannot be built is left to the
+    workers, which say why.
+    """
+    kept = {}
+    for tls, names_wanted in wanted:
+        key, why = attempt(_server_key, tls, material, names_wanted)
+        if why is None and key not in kept:
+            kept[key] = _server_contexts.get(key) or attempt(ServerContexts, tls, material, names_wanted)[0]
+    built = sum(key not in _server_contexts for key in kept)
+    _server_contexts.clear()
+    _server_contexts.update((key, contexts) for key, contexts in kept.items() if contexts is not None)
+    return built
+
+
+def _server_key(tls, material, names_wanted):
+    return repr(tls), names_wanted, tuple(material.pem(path) for path in _server_files(tls))
 
 
 def client_context(client_tls, material):

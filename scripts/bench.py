@@ -1,6 +1,7 @@
 """Benchmark ltcp against HAProxy, a plain asyncio proxy and a direct connection, in one run.
 
     python scripts/bench.py [--quick] [--repeat N] [--rows direct,ltcp,ltcplog,haproxy,ltcp2,haproxy2,asyncio]
+                            [--workloads bulk,keepalive,connrate,latency,idle,scrapes,reloads]
 
 Rows: ``ltcp`` runs one worker and ``haproxy`` one thread; ``ltcp2`` runs
 ``workers: 2`` and is compared with ``haproxy2`` (``nbthread 2``); ``ltcplog``
@@ -29,6 +30,10 @@ Workloads:
   idle-rss   4,000 idle proxied connections: proxy RSS (MB) and KB per connection
   idle-cpu   CPU of the proxy over 5 s with those 4,000 connections idle and
              idle timeouts armed; percent of one core
+  reloads    ltcp and HAProxy rows: keep-alive requests/s over 16 persistent
+             connections (as pgbench's sessions) while the proxy reloads its
+             configuration every second (ltcp: SIGHUP; HAProxy in master-worker
+             mode: SIGUSR2), and as a percentage of the same without reloads
   scrapes    ltcp only: latency p99 with 2,000 streams open, without and with
              /metrics scraped 20 times a second, medians of interleaved runs
              (target: within 1.2x); and the same with five dashboards open
@@ -217,6 +222,7 @@ class Row:
 
     proc = None
     peer = "haproxy"
+    reload_signal = None
 
     def pid(self):
         return self.proc.pid if self.proc else None
@@ -230,6 +236,10 @@ class Row:
                 return [self.proc.pid, *map(int, f.read().split())]
         except OSError:
             return [self.proc.pid]
+
+    def reload(self):
+        """Have the proxy load its configuration again (rows with a ``reload_signal``)."""
+        self.proc.send_signal(self.reload_signal)
 
     def close(self):
         if self.proc is not None:
@@ -250,6 +260,7 @@ class Direct(Row):
 class Ltcp(Row):
     name = "ltcp"
     workers = 1
+    reload_signal = signal.SIGHUP
     access_log = None
 
     def __init__(self, backends, workdir):
@@ -302,6 +313,7 @@ class Haproxy(Row):
     name = "haproxy"
     threads = 1
     peer = None
+    reload_signal = signal.SIGUSR2  # (in master-worker mode)
 
     def __init__(self, backends, workdir):
         self.ports = {role: free_port() for role in backends.ports}
@@ -318,7 +330,9 @@ class Haproxy(Row):
         path = os.path.join(workdir, f"{self.name}.cfg")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL)
+        # Master-worker mode (-W), so that SIGUSR2 reloads as systemd's ExecReload does.
+        self.proc = subprocess.Popen(["haproxy", "-W", "-db", "-f", path], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         for port in self.ports.values():
             wait_listening(port)
 
@@ -410,6 +424,31 @@ def connrate(row, backends, duration):
 
 def tlsrate(row, backends, duration):
     return _wrk(row.ports["tls"], 50, duration, close=True, scheme="https")[0]
+
+
+def reloads(row, backends, duration):
+    """(requests/s over 16 persistent connections with a reload every second, % of the same without)."""
+    def persistent(seconds):
+        if backends.nginx:
+            return _wrk(row.ports["http"], 16, seconds)[0]
+        return _echo_clients(row.ports["echo"], 16, seconds)
+
+    seconds = 2 * duration  # (a reload a second: enough of them to count)
+    calm = persistent(seconds)
+    stop = threading.Event()
+
+    def reload_every_second():
+        while not stop.wait(1.0):
+            row.reload()
+
+    reloader = threading.Thread(target=reload_every_second)
+    reloader.start()
+    try:
+        busy = persistent(seconds)
+    finally:
+        stop.set()
+        reloader.join()
+    return busy, busy / calm * 100
 
 
 def _with_cpu(row, fn, backends, duration):
@@ -588,34 +627,45 @@ def _scrape(url, per_second, stop):
 
 # -- running and reporting -------------------------------------------------------------
 
+WORKLOADS = ("bulk", "keepalive", "connrate", "latency", "idle", "scrapes", "reloads")
+
+
 def measure(row, backends, args):
     duration = 2 if args.quick else 5
+    wanted = args.workloads
     results = {}
-    bulk_runs = [bulk(row, backends, duration) for _ in range(args.repeat)]
-    results["bulk MB/s"] = statistics.median(rate for rate, _ in bulk_runs)
-    if row.name != "direct":
-        results["bulk CPU s/GB"] = statistics.median(cpu for _, cpu in bulk_runs)
-    workloads = [("keepalive req/s", keepalive), ("connrate conn/s", connrate)]
-    if "tls" in row.ports:
+    if "bulk" in wanted:
+        bulk_runs = [bulk(row, backends, duration) for _ in range(args.repeat)]
+        results["bulk MB/s"] = statistics.median(rate for rate, _ in bulk_runs)
+        if row.name != "direct":
+            results["bulk CPU s/GB"] = statistics.median(cpu for _, cpu in bulk_runs)
+    workloads = [(name, fn) for name, fn in (("keepalive req/s", keepalive), ("connrate conn/s", connrate))
+                 if name.split()[0] in wanted]
+    if "tls" in row.ports and "connrate" in wanted:
         workloads.append(("tlsrate conn/s", tlsrate))
     for name, fn in workloads:
         runs = [_with_cpu(row, fn, backends, duration) for _ in range(args.repeat)]
         results[name] = statistics.median(rate for rate, _ in runs)
         if row.pid():
             results[name.split()[0] + " CPU us each"] = statistics.median(cpu for _, cpu in runs)
-    runs = [latency(row, backends, duration) for _ in range(args.repeat)]
-    results["latency p50/p99 us"] = tuple(statistics.median(r[i] for r in runs) for i in range(2))
-    if row.name != "direct":
+    if "latency" in wanted:
+        runs = [latency(row, backends, duration) for _ in range(args.repeat)]
+        results["latency p50/p99 us"] = tuple(statistics.median(r[i] for r in runs) for i in range(2))
+    if row.name != "direct" and "idle" in wanted:
         rss, per_conn, cpu = idle(row, backends, duration)
         results["idle RSS MB"] = rss
         results["idle KB/conn"] = per_conn
         results["idle CPU %"] = cpu
-    if hasattr(row, "admin_port"):
+    if hasattr(row, "admin_port") and "scrapes" in wanted:
         pairs = 3 if args.quick else 5
         results["p99 us, 20 scrapes/s"] = scrapes(row, backends, duration, pairs)
         # Five open dashboards: each page asks for the state every two seconds.
         results["p99 us, 5 dashboards"] = scrapes(row, backends, duration, pairs, per_second=2.5,
                                                   path="/api/v1/state")
+    if row.reload_signal and "reloads" in wanted:
+        runs = [reloads(row, backends, duration) for _ in range(args.repeat)]
+        results["reloading req/s"] = statistics.median(rate for rate, _ in runs)
+        results["reloading % kept"] = statistics.median(kept for _, kept in runs)
     return results
 
 
@@ -624,7 +674,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="2-second workloads, one run each")
     parser.add_argument("--repeat", type=int, default=None, help="runs per figure (median reported)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated, from {', '.join(WORKLOADS)}")
     args = parser.parse_args()
+    args.workloads = set(args.workloads.split(","))
+    if args.workloads - set(WORKLOADS):
+        parser.error(f"unknown workloads: {', '.join(sorted(args.workloads - set(WORKLOADS)))}")
     args.repeat = args.repeat or (1 if args.quick else 3)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

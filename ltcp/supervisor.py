@@ -72,6 +72,7 @@ HAND_OVER_TIMEOUT = 2.0  # seconds an upgrade waits for the workers to pause the
 DRAIN_CONFIRM_TIMEOUT = 2.0  # seconds a reload waits for the old workers to confirm they stopped accepting
 KILL_MARGIN = 5.0  # seconds past graceSecs before a draining worker that has not exited is killed
 UPGRADE_ENV = "LTCP_UPGRADE"  # the descriptor of what an upgraded supervisor inherits (listeners, old workers)
+UPGRADE_STATE_VERSION = 2  # named fields (``read_upgrade_state``); 1 gave workers as tuples
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
 
 
@@ -866,11 +867,14 @@ class Supervisor:
         # What the new code counts without reading it (a worker it reads counts itself, once).
         carried = [s for s in (self.departed, *(w.final for w in workers)) if s is not None]
         carried += [w.last for w in workers if not paused[w] and w.final is None and w.last is not None]
-        state = {"listeners": {key: sock.fileno() for key, sock in self.sockets.items()},
-                 "workers": [(w.pid, _channel_fd(w), w.generation, paused[w], w.state) for w in workers],
+        state = {"version": UPGRADE_STATE_VERSION,
+                 "listeners": {key: sock.fileno() for key, sock in self.sockets.items()},
+                 "workers": [{"pid": w.pid, "channel": _channel_fd(w), "generation": w.generation,
+                              "paused": paused[w], "state": w.state} for w in workers],
                  "reloads": self.reloads, "restarts": self.restarts, "admin_port": self.admin.address[1],
                  "departed": finished(carried) if carried else None, "config": self.current.config}
-        handed = [*state["listeners"].values(), *(entry[1] for entry in state["workers"] if entry[1] >= 0)]
+        handed = [*state["listeners"].values(), *(entry["channel"] for entry in state["workers"]
+                                                  if entry["channel"] >= 0)]
         carrier = _carry(state)  # a memfd: no size limit, unlike the environment
         for fd in handed:
             os.set_inheritable(fd, True)
@@ -936,12 +940,13 @@ class Supervisor:
         self.restarts = state["restarts"]
         self.admin_port = state["admin_port"]
         self.departed = state["departed"]
-        previous = Generation(max((entry[2] for entry in state["workers"]), default=0), state["config"], {})
+        previous = Generation(max((entry["generation"] for entry in state["workers"]), default=0),
+                              state["config"], {})
         previous.restartable = False
-        for slot, (pid, fd, number, *more) in enumerate(state["workers"]):  # (older code sent less)
-            paused = bool(more and more[0])
-            worker = WorkerProcess(slot, number, pid)
-            worker.state = more[1] if len(more) > 1 else "serving"
+        for slot, entry in enumerate(state["workers"]):
+            pid, fd, paused = entry["pid"], entry["channel"], entry["paused"]
+            worker = WorkerProcess(slot, entry["generation"], pid)
+            worker.state = entry["state"]
             previous.workers[slot] = worker
             wait = functools.partial(_wait_for_child, pid)
             if paused and fd >= 0:  # its channel stopped at a frame boundary: read on, once the log is open
@@ -1148,4 +1153,21 @@ def _inherited_state():
     if carrier is None:
         return None
     with os.fdopen(int(carrier), "rb") as f:
-        return pickle.load(f)
+        return read_upgrade_state(pickle.load(f))
+
+
+def read_upgrade_state(state):
+    """The upgrade state of any earlier release, in this release's terms.
+
+    Fields are read by name and unknown ones are ignored, as HAProxy's master
+    reads the process list its predecessor left: so a release may add fields
+    that older code skips.  Version 1 (unnumbered) gave each worker as a tuple
+    (pid, channel, generation[, paused[, state]]).
+    """
+    workers = []
+    for entry in state["workers"]:
+        if not isinstance(entry, dict):  # version 1
+            entry = dict(zip(("pid", "channel", "generation", "paused", "state"), entry))
+        workers.append({"paused": False, "state": "serving", **entry})
+    defaults = {"reloads": {"success": 0, "failure": 0}, "restarts": 0, "admin_port": 0, "departed": None}
+    return {**defaults, **state, "workers": workers}

@@ -149,8 +149,10 @@ class ReactorView:
         exit_now()
 
     def reload(self):
-        """Only a supervisor can reload; the reason it cannot, for the client."""
-        return False, "this process has no supervisor to reload it"
+        """Only a supervisor can reload: a Future of the reason it cannot, for the client."""
+        outcome = concurrent.futures.Future()
+        outcome.set_result((False, "this process has no supervisor to reload it"))
+        return outcome
 
 
 class AdminServer:
@@ -228,9 +230,16 @@ class AdminServer:
                         headers=[("Cache-Control", "no-store")])
 
     def _reload(self):
+        """Answered when the reload is over, without holding a handler thread meanwhile."""
         log.info("reload requested through the admin server")
-        ok, message = self.view.reload()
-        return plain(200 if ok else 409, message)
+        answer = concurrent.futures.Future()
+
+        def done(outcome):
+            ok, message = outcome.result()
+            answer.set_result(plain(200 if ok else 409, message))
+
+        self.view.reload().add_done_callback(done)
+        return answer
 
     def _shutdown(self):
         log.info("shutdown requested through the admin server")

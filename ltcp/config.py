@@ -16,6 +16,7 @@ import math
 import os
 import re
 import reprlib
+import stat
 import sys
 import types
 import urllib.parse
@@ -767,15 +768,29 @@ def loads(source_text, source="<config>", base_dir="."):
     return config
 
 
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def _read_regular(path):
+    """Up to MAX_CONFIG_BYTES + 1 bytes of the regular file at ``path``: opening a FIFO or a device could block
+    the reader for ever (or never end), so anything else is refused before a byte is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            raise OSError(0, f"not a regular file ({FILE_KINDS.get(kind, 'of another kind')})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
 def load(path):
     """Read and parse a configuration file; ``-`` reads standard input."""
     source = "<stdin>" if path == "-" else path
     try:
-        if path == "-":
-            raw = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
-        else:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_CONFIG_BYTES + 1)
+        raw = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1) if path == "-" else _read_regular(path)
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError([f"{source}: larger than {MAX_CONFIG_BYTES >> 20} MiB"], source)
         source_text = raw.decode("utf-8")

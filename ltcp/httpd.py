@@ -8,8 +8,10 @@ connection opening (or of the previous response being written), and a
 response must be taken within ``DEADLINE`` too; when ``MAX_CONNECTIONS`` are
 open, the one that has waited longest is closed to make room.  Only complete
 requests reach ``handle``, on one of a few handler threads that only compute
-responses; while they are all busy and ``MAX_QUEUED`` requests wait, further
-ones are answered 503 at once.  A connection that closes before its request
+responses (an answer that waits on other work, a reload say, is a Future of
+its Response: the handler thread goes on to the next request meanwhile);
+while they are all busy and ``MAX_QUEUED`` requests wait, further ones are
+answered 503 at once.  A connection that closes before its request
 is complete is never acted on.
 
 ``parse_request`` (and ``parse_head``) are pure functions over the bytes
@@ -19,8 +21,10 @@ A HEAD request is answered as its GET would be, without the body.
 """
 
 import collections
+import concurrent.futures
 import email.parser
 import errno
+import functools
 import http.client
 import logging
 import queue
@@ -470,6 +474,22 @@ class HttpServer:
             except Exception:
                 log.exception("%s: handling %r failed", self.name, request)
                 response = plain(500, "internal error")
-            if request.method == "HEAD":
-                response = response.without_body()
-            self._answers.put((connection, response, request.keep_alive and response.status < 400))
+            if isinstance(response, concurrent.futures.Future):
+                response.add_done_callback(functools.partial(self._answer_later, connection, request))
+            else:
+                self._answer(connection, request, response)
+
+    def _answer(self, connection, request, response):
+        if request.method == "HEAD":
+            response = response.without_body()
+        self._answers.put((connection, response, request.keep_alive and response.status < 400))
+
+    def _answer_later(self, connection, request, future):
+        """A deferred answer is ready (on whichever thread made it)."""
+        try:
+            response = future.result()
+        except Exception:
+            log.exception("%s: handling %r failed", self.name, request)
+            response = plain(500, "internal error")
+        if not self._closing:
+            self._answer(connection, request, response)

@@ -68,12 +68,41 @@ READY_TIMEOUT = 30.0  # seconds for a new generation's workers to be serving
 SNAPSHOT_WAIT = 0.5  # seconds a scrape waits for a worker's answer; a later one is served its last snapshot
 STABLE_SECS = 10.0  # a worker that ran this long had no start-up trouble: its next restart is immediate
 MAX_RESTART_DELAY = 30.0
+RESTART_SPACING = 0.1  # seconds between two starts in one slot, however its workers end: a kill loop cannot spin
+READ_TIMEOUT = 10.0  # seconds a reload waits for its configuration and TLS files to be read (a hung mount)
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
 HAND_OVER_TIMEOUT = 2.0  # seconds an upgrade waits for the workers to pause their channels
 DRAIN_CONFIRM_TIMEOUT = 2.0  # seconds a reload waits for the old workers to confirm they stopped accepting
 KILL_MARGIN = 5.0  # seconds past graceSecs before a draining worker that has not exited is killed
 UPGRADE_ENV = "LTCP_UPGRADE"  # the descriptor of what an upgraded supervisor inherits (listeners, old workers)
 UPGRADE_STATE_VERSION = 2  # named fields (``read_upgrade_state``); 1 gave workers as tuples
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
+
+
+def crashed_on_its_own(code):
+    """Whether a worker's exit ``code`` (negative: the signal) is its own failure, rather than a kill from outside
+    (an operator, the OOM killer) or a clean exit: only those back off."""
+    return code > 0 or -code in CRASH_SIGNALS
+
+
+class ConfigRead:
+    """A reload's reading and checking of its files, on a thread of its own, so that a file system that hangs
+    (a FIFO was refused already; an NFS or FUSE mount may still) cannot stop the supervisor's main thread."""
+
+    def __init__(self, path, waiting, done):
+        self.path = path
+        self.waiting = waiting  # Futures of the callers this reload answers
+        self.deadline = time.monotonic() + READ_TIMEOUT
+        self.result = None  # Prepared, or the exception prepare raised
+        self.thread = threading.Thread(target=self._read, args=(done,), name="config-read", daemon=True)
+        self.thread.start()
+
+    def _read(self, done):
+        try:
+            self.result = prepare(self.path)
+        except Exception as exc:  # (ConfigError, or a bug: the reload fails, the supervisor does not)
+            self.result = exc
+        done(self)
 
 
 def restart_delay(crashes):
@@ -118,6 +147,15 @@ class Events:
         except BlockingIOError:
             pass
         return self._items.popleft() if self._items else None
+
+    def take(self, wanted):
+        """The queued items ``wanted(item)`` picks, removed; the others stay, in order (main thread)."""
+        kept, taken = [], []
+        while self._items:
+            item = self._items.popleft()
+            (taken if wanted(item) else kept).append(item)
+        self._items.extendleft(reversed(kept))  # (before anything put meanwhile)
+        return taken
 
     def take_all(self):
         """Every item queued, without waiting (nor taking signals)."""
@@ -346,6 +384,10 @@ class Supervisor:
         self.stopping = False
         self.restarts = 0
         self.crashes = {}  # slot -> deaths in a row, each soon after a start
+        self.reading = None  # the ConfigRead of the reload under way
+        self.stuck_read = None  # a ConfigRead given up on, still not returned: no other read begins meanwhile
+        self.reload_waiting = []  # Futures of reloads asked for while one was under way
+        self.reload_again = False  # a reload was asked for while one was under way
         self.restart_at = {}  # slot -> monotonic time its replacement is due
         self.kill_at = {}  # draining WorkerProcess -> monotonic time it must have exited by
         self.reloads = {"success": 0, "failure": 0}
@@ -423,8 +465,9 @@ class Supervisor:
         address = display_address(sock.getsockname())
         log.info("router %s listening on %s for %s", router.label, address, server.dst_name)
 
-    def _open_listeners(self, config, announce=None):
-        """Open the sockets ``config`` needs that are not open yet; the keys opened (all or none).
+    def _open_listeners(self, config, announce=None, leave=()):
+        """Open the sockets ``config`` needs that are not open yet, but those in ``leave``; the keys opened (all or
+        none).
 
         Out of descriptors, the error says how many the configuration needs
         and how many the limit leaves free, not just "Too many open files".
@@ -434,7 +477,7 @@ class Supervisor:
         opened = []
         try:
             for router, server, key in servers:
-                if key not in self.sockets:
+                if key not in self.sockets and key not in leave:
                     self.sockets[key] = listen(server)
                     opened.append(key)
                 if announce:
@@ -551,9 +594,10 @@ class Supervisor:
     def run(self):
         """Handle events until every worker has finished after a shutdown; the exit status."""
         handlers = {"exited": self._exited, "signal": self._signalled, "reload": self._reload_requested,
-                    "drain": lambda: self.shutdown("the admin server asked")}
+                    "read": self._read_done, "drain": lambda: self.shutdown("the admin server asked")}
         while not (self.stopping and not self._live_workers()):
-            due = min([*self.restart_at.values(), *self.kill_at.values()], default=None)
+            reading = [self.reading.deadline] if self.reading is not None else []
+            due = min([*self.restart_at.values(), *self.kill_at.values(), *reading], default=None)
             timeout = None if due is None else max(0.0, due - time.monotonic())
             kind, *args = self.events.get(timeout) or (None,)
             try:
@@ -561,9 +605,11 @@ class Supervisor:
                     handlers[kind](*args)
                 self._restart_due()
                 self._kill_overdue()
+                self._read_overdue()
             except Exception:  # (a worker that cannot be started, say: the supervisor carries on)
                 log.exception("supervisor: handling %s failed", kind or "timers")
         self._stop_everything()
+        self._answer([*self.reload_waiting, *(self.reading.waiting if self.reading else ())], (False, "shut down"))
         if self.access_log is not None:
             self.access_log.close()  # (the last workers' lines came before their final snapshots)
         log.info("stopped")
@@ -587,13 +633,15 @@ class Supervisor:
         if expected:
             log.info("worker %d finished (%s)", worker.pid, _status(status))
         elif generation is self.current and generation.restartable:
-            lived = time.monotonic() - worker.started
-            crashes = self.crashes.get(worker.slot, 0) + 1 if lived < STABLE_SECS else 1
-            self.crashes[worker.slot] = crashes
-            delay = restart_delay(crashes)
+            delay = 0.0
+            if crashed_on_its_own(status):  # (a kill from outside says nothing of the next start: at once)
+                lived = time.monotonic() - worker.started
+                crashes = self.crashes.get(worker.slot, 0) + 1 if lived < STABLE_SECS else 1
+                self.crashes[worker.slot] = crashes
+                delay = restart_delay(crashes)
             log.error("worker %d exited unexpectedly (%s); restarting it%s", worker.pid, _status(status),
                       f" in {delay:g}s" if delay else "")
-            self.restart_at[worker.slot] = time.monotonic() + delay
+            self.restart_at[worker.slot] = max(time.monotonic() + delay, worker.started + RESTART_SPACING)
         self._retire_finished()
 
     def _restart_due(self):
@@ -653,7 +701,7 @@ class Supervisor:
             self.shutdown(f"received {name}")
         elif signum == signal.SIGHUP:
             log.info("received SIGHUP: reloading %s", self.path)
-            self._reload_announced()
+            self._reload_requested()
         elif signum == signal.SIGUSR2:
             log.info("received SIGUSR2: upgrading to the ltcp now installed")
             self.upgrade()
@@ -716,28 +764,75 @@ class Supervisor:
     # -- reload -----------------------------------------------------------
 
     def reload(self):
-        """From another thread (the admin server): reload on the main thread, and wait; (ok, message)."""
+        """From another thread (the admin server): a reload on the main thread; a Future of (ok, message)."""
         done = concurrent.futures.Future()
         self.events.put(("reload", done))
-        return done.result(READY_TIMEOUT + 30)
+        return done
 
-    def _reload_requested(self, done):
-        try:
-            done.set_result(self._reload_announced())
-        except BaseException as exc:
-            done.set_result((False, f"reload failed: {exc}"))
-            raise
+    def _reload_requested(self, done=None):
+        """A reload for every request queued by now (asked over admin, or SIGHUP), answering each.
 
-    def _reload_announced(self):
-        """``_reload``, with a service manager told before and after, whatever the outcome."""
-        if self.stopping:
-            return self._reload()  # (refused: nothing to announce)
+        Requests that come while one is under way wait for the next: so each
+        caller gets the outcome of a reload that began after it asked (its
+        change is seen), and a burst of requests costs two reloads, not one each.
+        """
+        queued = self.events.take(lambda item: item[0] == "reload" or item == ("signal", signal.SIGHUP))
+        self.reload_waiting += [future for future in (done, *(item[1] for item in queued if item[0] == "reload"))
+                                if future is not None]
+        if queued:
+            log.info("reload: %d requests at once, served by one reload", len(queued) + 1)
+        if self.reading is not None:
+            self.reload_again = True
+        else:
+            self._begin_reload()
+
+    def _begin_reload(self):
+        """Read and check the files on a thread; the reload goes on in ``_read_done`` (or fails when overdue)."""
+        waiting, self.reload_waiting, self.reload_again = self.reload_waiting, [], False
+        refused = self._not_now("reload")
+        if refused is None and self.stuck_read is not None and self.stuck_read.thread.is_alive():
+            refused = self._reload_failed([f"the last read of {self.path} has not returned (a hung file system?): "
+                                           "no other read begins until it does"])
+        if refused is not None:
+            self._answer(waiting, refused)
+            return
+        self.stuck_read = None
         notify.reloading()
-        try:
-            return self._reload()
-        finally:
-            if not self.stopping:
-                notify.ready(self._status())
+        self.reading = ConfigRead(self.path, waiting, lambda read: self.events.put(("read", read)))
+
+    def _read_done(self, read):
+        if read is not self.reading:  # given up on already: it only frees the next read
+            return
+        self.reading = None
+        if isinstance(read.result, ConfigError):
+            outcome = self._reload_failed(read.result.errors)
+        elif isinstance(read.result, Exception):
+            log.error("reload: reading %s failed", self.path, exc_info=read.result)
+            outcome = self._reload_failed([f"reading {self.path} failed: {read.result}"])
+        else:
+            outcome = self._reload(*read.result)
+        self._reload_over(read.waiting, outcome)
+
+    def _read_overdue(self):
+        read = self.reading
+        if read is not None and time.monotonic() >= read.deadline:
+            self.reading, self.stuck_read = None, read
+            outcome = self._reload_failed([f"reading {self.path} took longer than {READ_TIMEOUT:g}s (a hung file "
+                                           "system?)"])
+            self._reload_over(read.waiting, outcome)
+
+    def _reload_over(self, waiting, outcome):
+        if not self.stopping:
+            notify.ready(self._status())
+        self._answer(waiting, outcome)
+        if self.reload_again or self.reload_waiting:
+            self._begin_reload()
+
+    @staticmethod
+    def _answer(waiting, outcome):
+        for future in waiting:
+            if not future.done():
+                future.set_result(outcome)
 
     def _status(self):
         """One line for a service manager: what is serving."""
@@ -751,17 +846,16 @@ class Supervisor:
             return False, "shutting down"
         if self.path == "-":
             return self._reload_failed(["the configuration came from standard input: there is no file to re-read"])
+        if self.reading is not None:
+            return False, "a reload is under way: ask again in a moment"
         return None
 
-    def _reload(self):
-        """Re-read the configuration; serve it with new workers, drain the old. (ok, message)."""
-        refused = self._not_now("reload")
+    def _reload(self, config, material):
+        """Serve ``config`` and ``material``, read and checked again as ``--check`` does, with new workers, and
+        drain the old; (ok, message)."""
+        refused = self._not_now("reload") or self._admin_move(config)
         if refused:
             return refused
-        try:  # every file read again and checked, as --check does: a generation serves only what it checked
-            config, material = prepare(self.path)
-        except ConfigError as exc:
-            return self._reload_failed(exc.errors)
         try:  # opened now, used once the reload has succeeded
             log_changed, log_writer = self._open_access_log(config)
         except OSError as exc:
@@ -812,6 +906,18 @@ class Supervisor:
         log.info("reload: %s", message)
         return True, message
 
+    def _admin_move(self, config):
+        """A reload keeps the admin server where it listens (its socket serves the very request that may have
+        asked for the reload, and its old port could be wanted by a server of ``config``); a refusal that says
+        what moves it, or None when ``config`` leaves it in place."""
+        running, wanted = self._admin_config(self.current.config), self._admin_config(config)
+        if (running.ip, running.port) == (wanted.ip, wanted.port):
+            return None
+        return self._reload_failed([
+            f"admin: a reload cannot move the admin server from {display_address(self.admin.address)} to "
+            f"{display_address((wanted.ip, wanted.port))}; an upgrade (SIGUSR2, which keeps every stream) or a "
+            "restart moves it"])
+
     def _abandon(self, generation):
         """A generation that failed to start: whatever workers did start drain (they may hold streams)."""
         generation.restartable = False
@@ -843,7 +949,10 @@ class Supervisor:
             lines = (check.stderr or check.stdout).strip().splitlines() or [f"exit status {check.returncode}"]
             return self._reload_failed([f"upgrade refused: the installed ltcp says: {line}" for line in lines[-5:]])
         try:  # open new addresses now, while a failure still leaves everything as it is
-            self._open_listeners(load(self.path))
+            config = load(self.path)
+            # A server may take the admin server's port: it is free once the admin server closes, below.
+            admin_port = self.admin.address[1]
+            self._open_listeners(config, leave={key for key in listeners(config) if key[1:] == (admin_port,)})
         except ConfigError:
             pass  # written for the new code: it opens what it needs
         except OSError as exc:

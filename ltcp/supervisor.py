@@ -388,6 +388,7 @@ class Supervisor:
         self.stuck_read = None  # a ConfigRead given up on, still not returned: no other read begins meanwhile
         self.reload_waiting = []  # Futures of reloads asked for while one was under way
         self.reload_again = False  # a reload was asked for while one was under way
+        self.upgrade_after_reload = False  # SIGUSR2 came while a reload was under way
         self.restart_at = {}  # slot -> monotonic time its replacement is due
         self.kill_at = {}  # draining WorkerProcess -> monotonic time it must have exited by
         self.reloads = {"success": 0, "failure": 0}
@@ -702,6 +703,9 @@ class Supervisor:
         elif signum == signal.SIGHUP:
             log.info("received SIGHUP: reloading %s", self.path)
             self._reload_requested()
+        elif signum == signal.SIGUSR2 and self.reading is not None:
+            log.info("received SIGUSR2: upgrading once the reload under way is over")
+            self.upgrade_after_reload = True
         elif signum == signal.SIGUSR2:
             log.info("received SIGUSR2: upgrading to the ltcp now installed")
             self.upgrade()
@@ -825,6 +829,9 @@ class Supervisor:
         if not self.stopping:
             notify.ready(self._status())
         self._answer(waiting, outcome)
+        if self.upgrade_after_reload:
+            self.upgrade_after_reload = False
+            self.upgrade()  # (if it cannot exec, reloads asked meanwhile go on below)
         if self.reload_again or self.reload_waiting:
             self._begin_reload()
 
@@ -846,8 +853,6 @@ class Supervisor:
             return False, "shutting down"
         if self.path == "-":
             return self._reload_failed(["the configuration came from standard input: there is no file to re-read"])
-        if self.reading is not None:
-            return False, "a reload is under way: ask again in a moment"
         return None
 
     def _reload(self, config, material):
@@ -961,6 +966,9 @@ class Supervisor:
             self.snapshot()  # (every worker's latest counts, for those the new code cannot read)
         except concurrent.futures.TimeoutError:
             pass
+        # Reloads asked for meanwhile: the new code serves the file as it is now, which is what they asked for.
+        self._answer(self.reload_waiting, (False, "an upgrade is under way: it serves the file as it is now"))
+        self.reload_waiting, self.reload_again = [], False
         self.admin.close()  # (no scrape may wait on a channel being handed over)
         if self.template is not None:
             self.template.close()  # (the new code forks from a template of its own)

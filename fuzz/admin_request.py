@@ -3,7 +3,7 @@
 import harness
 
 with harness.instrumented():
-    from ltcp.httpd import HttpError, parse_request
+    from ltcp.admin.httpd import HttpError, parse_request
 
 
 def test_one_input(data):

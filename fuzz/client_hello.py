@@ -3,7 +3,7 @@
 import harness
 
 with harness.instrumented():
-    from ltcp.tls import HELLO, MALFORMED, NEED_MORE, NOT_TLS, normalize_server_name, parse_client_hello
+    from ltcp.protocol.tls import HELLO, MALFORMED, NEED_MORE, NOT_TLS, normalize_server_name, parse_client_hello
 
 
 def test_one_input(data):

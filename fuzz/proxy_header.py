@@ -3,7 +3,7 @@
 import harness
 
 with harness.instrumented():
-    from ltcp.proxyproto import INVALID, NEED_MORE, PARSED, build_v1, build_v2, parse_header
+    from ltcp.protocol.proxyproto import INVALID, NEED_MORE, PARSED, build_v1, build_v2, parse_header
 
 
 def test_one_input(data):

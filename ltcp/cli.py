@@ -7,7 +7,7 @@ import sys
 from . import __version__
 from .config import ConfigError
 from .logs import FORMATS, configure
-from .prepare import prepare
+from .process.prepare import prepare
 from .worker import Worker  # noqa: F401  (so --check proves that what every worker runs loads)
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -58,7 +58,7 @@ def main(argv=None):
         config, material = prepare(args.config)
     except ConfigError as exc:
         return _refuse(name, exc.errors)
-    from .supervisor import serve  # (under --check too: an upgrade's check proves the new code loads)
+    from .process.supervisor import serve  # (under --check too: an upgrade's check proves the new code loads)
     if args.check:
         print(f"ok: {summary(config)}")
         return 0

@@ -20,10 +20,10 @@ import socket
 import sys
 
 from . import logs
-from .app import App, tune_garbage_collection
+from .dataplane.app import App, tune_garbage_collection
 from .control import Channel, Framer, RemoteDiscovery, encode
-from .lifeline import die_with
-from .snapshot import snapshot
+from .process.lifeline import die_with
+from .admin.snapshot import snapshot
 
 __all__ = ["Worker", "main", "serve"]
 

@@ -14,8 +14,8 @@ import time
 
 import yaml
 
-from ltcp.admin import AdminServer, ReactorView
-from ltcp.app import App
+from ltcp.admin.server import AdminServer, ReactorView
+from ltcp.dataplane.app import App
 from ltcp.config import loads
 from ltcp.interpreter.stats import DiscoveryStats
 

@@ -15,7 +15,7 @@ from hypothesis import given
 from netutil import (LtcpProcess, closed_without_data, echo, recv_exactly, refused_port, static_config,
                      wait_for)
 
-from ltcp import accesslog
+from ltcp.dataplane import accesslog
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,9 +14,9 @@ import pytest
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from ltcp import admin as ltcp_admin
-from ltcp import metrics as ltcp_metrics
-from ltcp import snapshot as ltcp_snapshot
+from ltcp.admin import server as ltcp_admin
+from ltcp.admin import metrics as ltcp_metrics
+from ltcp.admin import snapshot as ltcp_snapshot
 
 from netutil import LtcpProcess, echo, named, recv_all, recv_exactly, refused_port, wait_for
 
@@ -355,7 +355,7 @@ def test_slowloris_costs_sockets_not_threads_and_nothing_half_sent_is_run(proxie
 
 
 def test_a_request_has_one_deadline_however_slowly_it_drips(proxies, backends, monkeypatch):
-    monkeypatch.setattr("ltcp.httpd.DEADLINE", 0.5)
+    monkeypatch.setattr("ltcp.admin.httpd.DEADLINE", 0.5)
     backend = backends(echo)
     proxy = proxies(drain_config(backend.addr, grace=5), admin=True)
     c = socket.create_connection(proxy.admin.address, timeout=5)
@@ -402,7 +402,7 @@ def test_scrapes_share_snapshots_and_never_walk_the_streams(proxies, backends, m
 
 def test_dropping_the_longest_waiting_never_kills_the_server(proxies, backends, monkeypatch):
     """Closing the oldest connection while it had an event in the same batch once ended the reading thread."""
-    monkeypatch.setattr("ltcp.httpd.MAX_CONNECTIONS", 2)
+    monkeypatch.setattr("ltcp.admin.httpd.MAX_CONNECTIONS", 2)
     proxy = proxies(drain_config(backends(echo).addr, grace=5), admin=True)
     held = []
     for _ in range(50):
@@ -468,7 +468,7 @@ def test_running_out_of_descriptors_does_not_spin_the_admin_server(backends):
 
 def test_routers_json_lists_a_bounded_number_of_endpoints_and_counts_them_all(proxies, backends, monkeypatch):
     """69,578 endpoints once made a 20 MB page that held the reactor for over a second."""
-    monkeypatch.setattr("ltcp.admin.MAX_LISTED_ENDPOINTS", 3)
+    monkeypatch.setattr("ltcp.admin.server.MAX_LISTED_ENDPOINTS", 3)
     backend = backends(echo)
     addresses = [backend.addr] + [f"127.0.0.1:{port}" for port in range(2000, 2009)]
     proxy = proxies({"admin": {"port": 0}, "routers": [{

@@ -4,8 +4,8 @@ import collections
 
 from ltcp.balancer import MAX_ATTEMPTS, UPDATE_SLICE, Balancer
 from ltcp.config import Address, ClientSettings
-from ltcp.endpoint import AVAILABLE, FAILED
-from ltcp.server import StreamBudget
+from ltcp.balancer.endpoint import AVAILABLE, FAILED
+from ltcp.dataplane.server import StreamBudget
 from netutil import client_hello, echo, named, recv_all, recv_exactly, refused_port, static_config, wait_for
 
 

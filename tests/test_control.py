@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from ltcp.config import Address, loads
 from ltcp.control import MAX_FRAME, Framer, encode
-from ltcp.fanout import Hub
-from ltcp.reload import listener_key, plan
+from ltcp.interpreter.fanout import Hub
+from ltcp.config.plan import listener_key, plan
 
 messages = st.lists(st.tuples(st.sampled_from(["update", "snapshot", "subscribe"]),
                               st.text(max_size=20), st.one_of(st.none(), st.integers(), st.binary(max_size=300))),
@@ -136,7 +136,7 @@ def test_an_answer_after_the_last_unsubscription_goes_nowhere():
 def test_a_scrape_leaves_a_workers_snapshot_as_it_was():
     """The merge of one snapshot is that snapshot: the supervisor's view must be a new one."""
     from ltcp.histogram import Histogram
-    from ltcp.supervisor import Generation, Supervisor, WorkerProcess
+    from ltcp.process.supervisor import Generation, Supervisor, WorkerProcess
     from ltcp.wheel import LAG_BUCKETS
 
     config = _config(7000)
@@ -165,7 +165,7 @@ def test_a_worker_has_one_snapshot_question_at_a_time():
     """One that does not answer (stopped, stuck) is not asked again per scrape, to answer them all later."""
     import itertools
 
-    from ltcp.supervisor import WorkerProcess
+    from ltcp.process.supervisor import WorkerProcess
 
     sent = []
     worker = WorkerProcess(0, 1, pid=1)

@@ -8,9 +8,9 @@ import pytest
 from ltcp.balancer import FAILED as DIAL_FAILED
 from ltcp.balancer import MAX_ATTEMPTS, PAUSED, Balancer, Dial
 from ltcp.config import Address, ClientSettings, FailFastConfig
-from ltcp.endpoint import AVAILABLE, FAILED
+from ltcp.balancer.endpoint import AVAILABLE, FAILED
 from ltcp.loop import Reactor
-from ltcp.server import Envelope, StreamBudget
+from ltcp.dataplane.server import Envelope, StreamBudget
 from netutil import refused_port, wait_for
 
 NS = 1_000_000_000

@@ -19,8 +19,7 @@ from dnsmasq import Dnsmasq, FailingServer
 from hypothesis import given
 from netutil import first_line, Backend, Deliveries, LtcpProcess, client_hello, closed_without_data, named, recv_exactly, wait_for
 
-from ltcp.interpreter.dnslookup import (DnsInterpreter, Failure, Query, lookup_outcome, merge_families, parse_name,
-                                        refresh_delay, srv_addresses)
+from ltcp.interpreter.dnslookup import (DnsInterpreter, Failure, Query, lookup_outcome, merge_families, parse_name, refresh_delay, srv_addresses)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -410,7 +409,7 @@ def test_an_answer_too_big_for_udp_is_fetched_over_tcp_and_delivered_once(dnsmas
 
 def test_an_ip_literal_is_outside_every_domain():
     """With {sni} and domains, "169.254.169.254." must not reach the metadata service (nor any address)."""
-    from ltcp.tls import routing_name
+    from ltcp.protocol.tls import routing_name
     assert routing_name("169.254.169.254.") == (None, "no_sni")
     with pytest.raises(ValueError, match="outside the allowed domains"):
         parse_name("/inet/169.254.169.254/443", ("svc.test",))

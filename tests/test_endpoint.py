@@ -5,7 +5,7 @@ import random
 import hypothesis.strategies as st
 from hypothesis import given
 
-from ltcp.endpoint import Endpoint, Picker, score
+from ltcp.balancer.endpoint import Endpoint, Picker, score
 
 loads = st.integers(0, 10_000)
 weights = st.floats(0.001, 1000)

@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ltcp.config import Address
-from ltcp.endpoint import AVAILABLE, ENDPOINT, FAILED, RETIRED, Endpoint, EndpointSet
+from ltcp.balancer.endpoint import AVAILABLE, ENDPOINT, FAILED, RETIRED, Endpoint, EndpointSet
 from ltcp.lifecycle import IllegalMove
 
 UNIVERSE = [Address("127.0.0.1", port, weight) for port, weight in zip(range(1, 9), (1, 2, 1, 3, 1, 1, 5, 1))]

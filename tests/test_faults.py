@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from ltcp.connector import Connect
-from ltcp.duplex import Leg
-from ltcp.intake import Intake
+from ltcp.balancer.connector import Connect
+from ltcp.dataplane.duplex import Leg
+from ltcp.dataplane.intake import Intake
 from netutil import (LtcpProcess, SelectEcho, blackhole, closed_without_data, echo, named, open_fds, recv_all,
                      recv_exactly, settled, static_config, wait_for)
 

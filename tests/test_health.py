@@ -8,9 +8,9 @@ import pytest
 from netutil import (first_line, Backend, Deliveries, LtcpProcess, blackhole, client_hello, named, recv_exactly, refused_port,
                      static_config, wait_for)
 
-from ltcp import health
+from ltcp.balancer import health
 from ltcp.config import Address, HealthCheckConfig
-from ltcp.health import HealthChecked, Target
+from ltcp.balancer.health import HealthChecked, Target
 from ltcp.interpreter.stats import DiscoveryStats
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,8 +8,8 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given
 
-from ltcp.admin import exposure_warning, refusal
-from ltcp.httpd import MAX_BODY_BYTES, MAX_HEADERS, HttpError, HttpServer, parse_request, plain
+from ltcp.admin.server import exposure_warning, refusal
+from ltcp.admin.httpd import MAX_BODY_BYTES, MAX_HEADERS, HttpError, HttpServer, parse_request, plain
 from netutil import recv_all, recv_exactly
 
 GET = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9989\r\nAccept: */*\r\n\r\n"

@@ -15,19 +15,19 @@ BOTTOM = {
     "ltcp.lifecycle": set(),
     "ltcp.wheel": {"ltcp.histogram"},
     "ltcp.histogram": set(),
-    "ltcp.config": {"ltcp.names", "ltcp.yamlsafe"},
-    "ltcp.yamlsafe": set(),
-    "ltcp.reload": set(),
-    "ltcp.snapshot": {"ltcp.histogram", "ltcp.wheel"},
-    "ltcp.fanout": set(),
-    "ltcp.endpoint": {"ltcp.lifecycle"},
-    "ltcp.proxyproto": {"ltcp.names"},
-    "ltcp.httpd": {"ltcp.mailbox"},
+    "ltcp.config": {"ltcp.names", "ltcp.config.yamlsafe"},
+    "ltcp.config.yamlsafe": set(),
+    "ltcp.config.plan": set(),
+    "ltcp.admin.snapshot": {"ltcp.histogram", "ltcp.wheel"},
+    "ltcp.interpreter.fanout": set(),
+    "ltcp.balancer.endpoint": {"ltcp.lifecycle"},
+    "ltcp.protocol.proxyproto": {"ltcp.names"},
+    "ltcp.admin.httpd": {"ltcp.mailbox"},
     "ltcp.mailbox": set(),
-    "ltcp.accesslog": {"ltcp.names"},
+    "ltcp.dataplane.accesslog": {"ltcp.names"},
     "ltcp.logs": set(),
-    "ltcp.notify": set(),
-    "ltcp.launch": set(),
+    "ltcp.process.notify": set(),
+    "ltcp.process.launch": set(),
 }
 
 
@@ -75,6 +75,29 @@ def test_there_are_no_import_cycles():
 
     for module in sorted(GRAPH):
         visit(module, [])
+
+
+# The folders, lowest first: a module imports from its own folder and the ones below it, never above
+# (ltcp/ itself holds shared bottom modules and the entry points, which may import anything).
+LEVELS = {"protocol": 0, "config": 0, "interpreter": 1, "balancer": 1, "dataplane": 2, "admin": 2, "process": 3}
+# Entry points, and the worker's control channel: both stay in ltcp/ because they are named on the wire.
+ENTRY_POINTS = {"ltcp", "ltcp.__main__", "ltcp.cli", "ltcp.worker", "ltcp.control"}
+# The in-process mode (tests, embedding) sizes the admin server's share of descriptors: a lazy import, in one place.
+ALLOWED_UPWARD = {("ltcp.dataplane.app", "ltcp.admin.httpd")}
+
+
+def plane(module):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LEVELS else None
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m not in ENTRY_POINTS))
+def test_no_folder_imports_from_a_folder_above_it(module):
+    level = LEVELS.get(plane(module), -1)
+    upward = {imported for imported in GRAPH[module]
+              if plane(imported) != plane(module) and LEVELS.get(plane(imported), -1) >= level
+              and (module, imported) not in ALLOWED_UPWARD}
+    assert not upward, upward
 
 
 @pytest.mark.parametrize("module", sorted(BOTTOM))

@@ -2,12 +2,14 @@
 
 import pytest
 
-from ltcp import balancer, connector, intake
+from ltcp import balancer
+from ltcp.balancer import connector
+from ltcp.dataplane import intake
 from ltcp.balancer import DIAL
-from ltcp.connector import CONNECT
-from ltcp.duplex import READING, WRITING
-from ltcp.endpoint import ENDPOINT
-from ltcp.intake import INTAKE
+from ltcp.balancer.connector import CONNECT
+from ltcp.dataplane.duplex import READING, WRITING
+from ltcp.balancer.endpoint import ENDPOINT
+from ltcp.dataplane.intake import INTAKE
 from ltcp.lifecycle import IllegalMove
 
 LIFECYCLES = [ENDPOINT, DIAL, INTAKE, CONNECT, READING, WRITING]

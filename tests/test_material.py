@@ -20,9 +20,9 @@ import trustme
 import yaml
 
 from ltcp.config import loads
-from ltcp.metrics import render
-from ltcp.snapshot import snapshot
-from ltcp.tls import TlsMaterial, client_contexts, material_problems, read_material
+from ltcp.admin.metrics import render
+from ltcp.admin.snapshot import snapshot
+from ltcp.protocol.tls import TlsMaterial, client_contexts, material_problems, read_material
 from netutil import echo, recv_exactly, wait_for
 from test_tls import tls_backend
 from test_workers import http, metrics, reload_via_sighup, routers, serving

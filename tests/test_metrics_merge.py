@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ltcp.snapshot import destination_names, finished, merge, only_destinations
+from ltcp.admin.snapshot import destination_names, finished, merge, only_destinations
 
 STATES = ("available", "failed", "unhealthy", "retired")
 WORST_FIRST = ("unhealthy", "failed", "retired", "available")

@@ -9,8 +9,8 @@ import trustme
 from netutil import closed_without_data, named, recv_exactly, static_config, wait_for
 
 from ltcp.config import ConfigError, loads
-from ltcp.proxyproto import PARSED, build_v2, parse_header
-from ltcp.tls import routing_identity
+from ltcp.protocol.proxyproto import PARSED, build_v2, parse_header
+from ltcp.protocol.tls import routing_identity
 
 pytestmark = pytest.mark.timeout(60)
 

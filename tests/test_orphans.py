@@ -40,7 +40,7 @@ def test_a_replacement_worker_ends_when_the_supervisor_dies_while_it_starts(back
 
 def test_the_parent_death_signal_reaches_a_process_that_asked_for_it():
     """``die_with``: killing the parent (SIGKILL: no channel, no goodbye) ends the child at once."""
-    child_code = ("import os, sys, time; from ltcp.lifeline import die_with; die_with(os.getppid()); "
+    child_code = ("import os, sys, time; from ltcp.process.lifeline import die_with; die_with(os.getppid()); "
                   "print(os.getpid(), flush=True); time.sleep(60)")
     parent_code = (f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {child_code!r}]); "
                    "p.wait()")

@@ -9,7 +9,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from ltcp.duplex import PIPE_SIZE
+from ltcp.dataplane.duplex import PIPE_SIZE
 from netutil import Backend, Proxy, echo, open_fds, recv_all, static_config, wait_for
 
 

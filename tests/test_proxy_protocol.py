@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 
 from ltcp.names import canonical_ip
-from ltcp.proxyproto import INVALID, NEED_MORE, PARSED, build_v1, build_v2, parse_header
+from ltcp.protocol.proxyproto import INVALID, NEED_MORE, PARSED, build_v1, build_v2, parse_header
 from netutil import closed_without_data, recv_all, recv_exactly, wait_for
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ltcp.rates import SPAN, STEP, WINDOW, Rates
+from ltcp.admin.rates import SPAN, STEP, WINDOW, Rates
 
 
 def rising(rates, per_second, every, until, start=0.0, base=0):

@@ -201,7 +201,7 @@ def test_a_fifo_as_the_configuration_is_refused_at_once_and_workers_are_still_re
 # mount would (the test's fault, injected here: a regular file cannot be made to block otherwise).
 HANGING = """
 import os, sys, time
-import ltcp.supervisor as supervisor
+import ltcp.process.supervisor as supervisor
 marker = sys.argv.pop(1)
 supervisor.READ_TIMEOUT = 1.0
 real = supervisor.prepare

@@ -10,8 +10,8 @@ import re
 import pytest
 import urllib3
 
-from ltcp import server
-from ltcp.snapshot import snapshot
+from ltcp.dataplane import server
+from ltcp.admin.snapshot import snapshot
 from netutil import LtcpProcess, echo, recv_exactly, wait_for
 
 http = urllib3.PoolManager(retries=False, timeout=10)

@@ -19,10 +19,11 @@ import pytest
 import trustme
 import urllib3
 
-from ltcp import balancer, server
+from ltcp import balancer
+from ltcp.dataplane import server
 from ltcp.balancer import Balancer
-from ltcp.binder import Binder
-from ltcp.duplex import Leg
+from ltcp.dataplane.binder import Binder
+from ltcp.dataplane.duplex import Leg
 from netutil import LtcpProcess, closed_without_data, echo, recv_exactly, settled, static_config, wait_for
 
 PROXY_HEADER = b"PROXY TCP4 203.0.113.7 198.51.100.1 40000 7474\r\n"

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from netutil import LtcpProcess, echo, wait_for
-from test_workers import alive, document
+from test_workers import alive, document, reload_via_sighup, serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,7 +49,7 @@ def test_workers_are_forks_of_the_template_and_children_of_the_supervisor(ltcp):
     template, = templates(ltcp)
     for pid in ltcp.workers:
         assert parent(pid) == ltcp.proc.pid
-        assert "ltcp.template" in command(pid)  # a fork, never an exec: the template's pages, shared
+        assert "ltcp.process.template" in command(pid)  # a fork, never an exec: the template's pages, shared
     assert parent(template) == ltcp.proc.pid
 
 
@@ -59,7 +59,7 @@ def test_a_killed_template_is_started_again_for_the_next_worker(ltcp):
     replacement = replace_a_worker(ltcp)
     second = templates(ltcp)[-1]
     assert second != first and alive(second) and not alive(first)
-    assert "ltcp.template" in command(replacement) and parent(replacement) == ltcp.proc.pid
+    assert "ltcp.process.template" in command(replacement) and parent(replacement) == ltcp.proc.pid
 
 
 def test_a_template_that_hangs_is_replaced_and_the_worker_starts_anyway(ltcp):
@@ -74,3 +74,21 @@ def test_a_template_that_hangs_is_replaced_and_the_worker_starts_anyway(ltcp):
     assert "starting the worker as a new interpreter" in ltcp.log
     assert "ltcp.worker" in command(replacement) and parent(replacement) == ltcp.proc.pid
     wait_for(lambda: not alive(stuck), message="the stuck template to be killed")
+
+
+def test_a_template_that_hangs_while_preparing_a_generation_is_replaced_and_the_reload_serves(instances, backends):
+    """Once the preparation of a generation's TLS contexts failed, the worker was asked of a closed template."""
+    ltcp = instances(document(backends(echo), workers=2))
+    stuck, = templates(ltcp)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        reload_via_sighup(ltcp, expect=True)
+    finally:
+        if alive(stuck):
+            os.kill(stuck, signal.SIGCONT)
+    assert "each worker of generation 2 builds its own TLS contexts" in ltcp.log
+    assert "starting the worker as a new interpreter" in ltcp.log
+    wait_for(lambda: not alive(stuck), message="the stuck template to be killed")
+    reload_via_sighup(ltcp, expect=True)  # the next generation is forked by a new template
+    assert len(templates(ltcp)) == 2
+    assert all("ltcp.process.template" in command(pid) for pid in serving(ltcp))

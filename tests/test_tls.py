@@ -9,7 +9,7 @@ import threading
 import pytest
 import trustme
 
-from ltcp.tls import routing_name
+from ltcp.protocol.tls import routing_name
 from netutil import LtcpProcess, client_hello, closed_without_data, echo, named, recv_exactly, wait_for
 
 

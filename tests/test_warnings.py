@@ -17,7 +17,7 @@ import sys
 import pytest
 import trustme
 
-from ltcp.tls import TlsMaterial, expiry_warnings
+from ltcp.protocol.tls import TlsMaterial, expiry_warnings
 from netutil import echo
 from test_workers import document, metrics, ping, reload_via_sighup, rewrite, serving
 

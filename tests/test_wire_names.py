@@ -15,9 +15,9 @@ import pytest
 from ltcp.config import Config
 from ltcp.control import Framer
 from ltcp.histogram import Histogram
-from ltcp.metrics import render
-from ltcp.snapshot import merge
-from ltcp.supervisor import UPGRADE_STATE_VERSION, read_upgrade_state
+from ltcp.admin.metrics import render
+from ltcp.admin.snapshot import merge
+from ltcp.process.supervisor import UPGRADE_STATE_VERSION, read_upgrade_state
 
 pytestmark = pytest.mark.timeout(30)
 

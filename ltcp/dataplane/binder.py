@@ -9,7 +9,7 @@ new name is refused.
 import functools
 import logging
 
-from .balancer import Balancer
+from ..balancer import Balancer
 
 __all__ = ["Binder", "MAX_DESTINATIONS"]
 

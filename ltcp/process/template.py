@@ -47,13 +47,15 @@ import subprocess
 import sys
 import time
 
-from . import launch, logs, tls, worker
-from .server import terminating_servers
+from . import launch
+from .. import logs, worker
+from ..protocol import tls
+from ..dataplane.server import terminating_servers
 from .lifeline import die_with
 
 __all__ = ["Template", "TemplateError", "main"]
 
-log = logging.getLogger("ltcp.template")  # (not __name__: run as a script, that is __main__)
+log = logging.getLogger("ltcp.process.template")  # (not __name__: run as a script, that is __main__)
 
 MAX_MESSAGE = 64 * 1024
 MAX_DESCRIPTORS = 1024  # a channel and the listening sockets of one configuration
@@ -84,6 +86,8 @@ class Template:
             self._start()
         if self.prepared != generation.number and generation.material is not None:
             self._prepare(generation)
+            if self.sock is None:  # it failed, and was stopped: the next request starts another
+                raise TemplateError("the worker template stopped answering")
         keys = list(sockets)
         return self._ask(("spawn", keys), [channel.fileno(), *(sockets[key].fileno() for key in keys)], "spawned")
 
@@ -125,9 +129,9 @@ class Template:
         self.close(kill=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen(
-                launch.python_module("ltcp.template", str(theirs.fileno()), *self.logging_args, str(os.getpid())),
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            command = launch.python_module("ltcp.process.template", str(theirs.fileno()), *self.logging_args,
+                                           str(os.getpid()))
+            self.proc = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except OSError as exc:
             ours.close()
             raise TemplateError(f"cannot start the worker template: {exc.strerror or exc}") from None

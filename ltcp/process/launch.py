@@ -13,7 +13,8 @@ import sys
 
 __all__ = ["ROOT", "ZIPPED", "python_module"]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a directory, or the .pyz itself
+# What holds the ltcp package (ltcp/process/launch.py, three levels down): a directory, or the .pyz itself.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ZIPPED = os.path.isfile(ROOT)
 
 

@@ -23,7 +23,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
-from .names import canonical_ip, is_dns_name, parse_port
+from ..names import canonical_ip, is_dns_name, parse_port
 
 __all__ = [
     "AccessLogConfig", "Address", "AdminConfig", "ClientAuthConfig", "ClientConfig", "ClientSettings",

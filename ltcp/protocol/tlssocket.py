@@ -23,7 +23,7 @@ import _socket
 import socket
 import ssl
 
-from .loop import READ, WRITE
+from ..loop import READ, WRITE
 
 __all__ = ["TlsSocket"]
 

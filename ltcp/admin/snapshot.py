@@ -8,8 +8,8 @@ library: a worker takes snapshots without loading ``prometheus_client``.
 
 import itertools
 
-from .histogram import Histogram
-from .wheel import LAG_BUCKETS
+from ..histogram import Histogram
+from ..wheel import LAG_BUCKETS
 
 __all__ = ["MAX_LISTED_ENDPOINTS", "destination_names", "empty_snapshot", "finished", "merge", "only_destinations",
            "routers_json", "snapshot"]

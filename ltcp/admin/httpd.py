@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 
-from .mailbox import Mailbox
+from ..mailbox import Mailbox
 
 __all__ = ["HttpError", "HttpServer", "Request", "Response", "parse_head", "parse_request", "plain"]
 

@@ -22,7 +22,7 @@ import types
 import weakref
 from typing import NamedTuple, Optional
 
-from .names import is_dns_name
+from ..names import is_dns_name
 
 __all__ = ["ClientHello", "client_identity", "describe_error", "parse_client_hello",
            "normalize_server_name", "routing_identity", "routing_name", "server_context", "client_context",

@@ -12,8 +12,8 @@ import datetime
 import logging
 from typing import Any, NamedTuple
 
-from .config import ConfigError, load, missing_timeouts
-from .tls import TlsMaterial, expiry_warnings, material_problems, read_material
+from ..config import ConfigError, load, missing_timeouts
+from ..protocol.tls import TlsMaterial, expiry_warnings, material_problems, read_material
 
 __all__ = ["Prepared", "prepare"]
 

@@ -4,10 +4,10 @@ import _socket
 import errno
 import socket
 
-from .tls import describe_error
-from .tlssocket import TlsSocket
-from .lifecycle import Lifecycle, State
-from .loop import WRITE, Registration
+from ..protocol.tls import describe_error
+from ..protocol.tlssocket import TlsSocket
+from ..lifecycle import Lifecycle, State
+from ..loop import WRITE, Registration
 
 __all__ = ["CONNECT", "Connect", "failure_cause"]
 

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 
-from .mailbox import Mailbox
+from ..mailbox import Mailbox
 
 __all__ = ["HealthChecked", "Target", "checked"]
 

@@ -20,10 +20,10 @@ import socket
 import struct
 from typing import Protocol
 
-from .lifecycle import Lifecycle, State
-from .loop import READ, WRITE, Registration
-from .tls import describe_error
-from .tlssocket import TlsSocket
+from ..lifecycle import Lifecycle, State
+from ..loop import READ, WRITE, Registration
+from ..protocol.tls import describe_error
+from ..protocol.tlssocket import TlsSocket
 
 __all__ = ["Duplex", "DuplexOwner", "Tally", "READING", "WRITING"]
 

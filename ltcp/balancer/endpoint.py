@@ -17,7 +17,7 @@ so short connections are still spread in proportion to weight.
 import bisect
 import socket
 
-from .lifecycle import Lifecycle, State
+from ..lifecycle import Lifecycle, State
 
 __all__ = ["Endpoint", "EndpointSet", "Picker", "AVAILABLE", "FAILED", "RETIRED", "ENDPOINT", "UNHEALTHY"]
 

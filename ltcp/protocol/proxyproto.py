@@ -13,7 +13,7 @@ import ipaddress
 import socket
 from typing import NamedTuple, Optional, Tuple
 
-from .names import canonical_ip
+from ..names import canonical_ip
 
 __all__ = ["ProxyHeader", "parse_header", "build_v1", "build_v2", "NEED_MORE", "INVALID", "PARSED"]
 

@@ -41,23 +41,23 @@ import sys
 import threading
 import time
 
-from .admin import AdminServer, exit_now
-from .accesslog import FileWriter
-from .app import raise_descriptor_limit
-from .config import ConfigError, load
-from .control import Framer, encode, update_frame
-from .fanout import Hub
-from .health import checked
-from .interpreter import build
-from . import __version__
-from .metrics import resident_bytes, supervisor_families
+from ..admin.server import AdminServer, exit_now
+from ..dataplane.accesslog import FileWriter
+from ..dataplane.app import raise_descriptor_limit
+from ..config import ConfigError, load
+from ..control import Framer, encode, update_frame
+from ..interpreter.fanout import Hub
+from ..balancer.health import checked
+from ..interpreter import build
+from .. import __version__
+from ..admin.metrics import resident_bytes, supervisor_families
 from . import launch, notify
 from .lifeline import adopt_orphans
-from .names import display_address
+from ..names import display_address
 from .prepare import prepare
-from .reload import listener_key, listeners, plan
-from .server import listen
-from .snapshot import destination_names, empty_snapshot, finished, merge, only_destinations
+from ..config.plan import listener_key, listeners, plan
+from ..dataplane.server import listen
+from ..admin.snapshot import destination_names, empty_snapshot, finished, merge, only_destinations
 from .template import Template, TemplateError
 
 __all__ = ["Supervisor", "serve"]

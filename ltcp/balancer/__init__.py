@@ -16,11 +16,11 @@ import socket
 import time
 from typing import Protocol
 
-from . import proxyproto
+from ..protocol import proxyproto
 from .connector import Connect
 from .endpoint import RETIRED, EndpointSet
-from .lifecycle import Lifecycle, State
-from .loop import ERRORS, HANGUP, READ, WRITE, Registration
+from ..lifecycle import Lifecycle, State
+from ..loop import ERRORS, HANGUP, READ, WRITE, Registration
 
 __all__ = ["Balancer", "Dial", "DialOwner", "DIAL"]
 

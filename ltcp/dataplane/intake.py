@@ -19,10 +19,11 @@ at once.  The whole intake runs inside the server's connect deadline.
 
 import socket
 
-from . import proxyproto, tls
-from .tlssocket import TlsSocket
-from .lifecycle import Lifecycle, State
-from .loop import HANGUP, READ, Registration
+from ..protocol import proxyproto
+from ..protocol import tls
+from ..protocol.tlssocket import TlsSocket
+from ..lifecycle import Lifecycle, State
+from ..loop import HANGUP, READ, Registration
 
 __all__ = ["INTAKE", "Intake"]
 

@@ -1,8 +1,8 @@
 """A router: its discovery, its route cache and its listeners."""
 
-from . import tls
+from ..protocol import tls
 from .binder import Binder
-from .reload import listener_key
+from ..config.plan import listener_key
 from .server import Listener
 
 __all__ = ["Router"]

@@ -17,13 +17,13 @@ import logging
 import select
 import socket
 
-from . import tls
-from .balancer import Dial
+from ..protocol import tls
+from ..balancer import Dial
 from .duplex import Duplex, Tally
-from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
+from ..histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from .intake import Intake
-from .loop import READ
-from .names import display_address
+from ..loop import READ
+from ..names import display_address
 
 __all__ = ["Envelope", "Listener", "Share", "StreamBudget", "listen"]
 

@@ -38,8 +38,8 @@ import urllib.parse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .httpd import HttpServer, Response, plain
-from .names import display_address
-from . import __version__
+from ..names import display_address
+from .. import __version__
 from .metrics import LtcpCollector, ProcessCollector, on_reactor, resident_bytes
 from .rates import Rates, annotate, counters
 from .snapshot import MAX_LISTED_ENDPOINTS, routers_json, snapshot

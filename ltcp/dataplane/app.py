@@ -9,10 +9,10 @@ import logging
 import resource
 
 from .accesslog import FileWriter, StreamLog
-from .loop import Reactor
+from ..loop import Reactor
 from .router import Router
 from .server import StreamBudget
-from .tls import read_material
+from ..protocol.tls import read_material
 
 __all__ = ["App", "tune_garbage_collection"]
 
@@ -29,9 +29,9 @@ def reserved_descriptors(config, control_plane):
 
 def control_plane_descriptors(config):
     """The admin server's clients and discovery's requests, at most."""
-    from . import httpd
-    from .config import NamerdConfig
-    from .interpreter.namerd import MAX_STREAMS, POLL_WORKERS
+    from ..admin import httpd
+    from ..config import NamerdConfig
+    from ..interpreter.namerd import MAX_STREAMS, POLL_WORKERS
     admin = httpd.MAX_CONNECTIONS + httpd.MAX_QUEUED + httpd.HANDLER_THREADS
     discovery = sum(MAX_STREAMS + POLL_WORKERS if isinstance(r.interpreter, NamerdConfig) else 1
                     for r in config.routers)
@@ -104,8 +104,8 @@ class App:
         self.grace_timer = None
         self.budget = stream_budget(config, control_plane=interpreters is None)
         if interpreters is None:
-            from .health import checked
-            from .interpreter import build
+            from ..balancer.health import checked
+            from ..interpreter import build
             interpreters = {router.label: checked(build(router.interpreter), router.client)
                             for router in config.routers}
         material = read_material(config) if material is None else material

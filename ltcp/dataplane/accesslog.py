@@ -19,7 +19,7 @@ import threading
 import time
 from json.encoder import encode_basestring_ascii
 
-from .names import display_address
+from ..names import display_address
 
 __all__ = ["FileWriter", "StreamLog", "FORMATS"]
 

@@ -136,7 +136,8 @@ def test_an_answer_after_the_last_unsubscription_goes_nowhere():
 def test_a_scrape_leaves_a_workers_snapshot_as_it_was():
     """The merge of one snapshot is that snapshot: the supervisor's view must be a new one."""
     from ltcp.histogram import Histogram
-    from ltcp.process.supervisor import Generation, Supervisor, WorkerProcess
+    from ltcp.process.fleet import Generation, WorkerProcess
+    from ltcp.process.supervisor import Supervisor
     from ltcp.wheel import LAG_BUCKETS
 
     config = _config(7000)
@@ -165,7 +166,7 @@ def test_a_worker_has_one_snapshot_question_at_a_time():
     """One that does not answer (stopped, stuck) is not asked again per scrape, to answer them all later."""
     import itertools
 
-    from ltcp.process.supervisor import WorkerProcess
+    from ltcp.process.fleet import WorkerProcess
 
     sent = []
     worker = WorkerProcess(0, 1, pid=1)

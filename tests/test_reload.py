@@ -201,15 +201,15 @@ def test_a_fifo_as_the_configuration_is_refused_at_once_and_workers_are_still_re
 # mount would (the test's fault, injected here: a regular file cannot be made to block otherwise).
 HANGING = """
 import os, sys, time
-import ltcp.process.supervisor as supervisor
+import ltcp.process.reloads as reloads
 marker = sys.argv.pop(1)
-supervisor.READ_TIMEOUT = 1.0
-real = supervisor.prepare
+reloads.READ_TIMEOUT = 1.0
+real = reloads.prepare
 def prepare(path):
     while os.path.exists(marker):
         time.sleep(0.02)
     return real(path)
-supervisor.prepare = prepare
+reloads.prepare = prepare
 from ltcp.cli import main
 sys.exit(main())
 """

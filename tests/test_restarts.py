@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ltcp.process.supervisor import crashed_on_its_own
+from ltcp.process.fleet import crashed_on_its_own
 from netutil import echo, wait_for
 from test_workers import document, metrics, ping, serving
 

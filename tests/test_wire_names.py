@@ -17,7 +17,7 @@ from ltcp.control import Framer
 from ltcp.histogram import Histogram
 from ltcp.admin.metrics import render
 from ltcp.admin.snapshot import merge
-from ltcp.process.supervisor import UPGRADE_STATE_VERSION, read_upgrade_state
+from ltcp.process.upgrade import UPGRADE_STATE_VERSION, read_upgrade_state
 
 pytestmark = pytest.mark.timeout(30)
 

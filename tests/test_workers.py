@@ -366,7 +366,7 @@ def test_a_killed_worker_is_replaced_at_once_and_the_others_streams_are_untouche
 
 
 def test_restarts_back_off_when_a_worker_keeps_dying():
-    from ltcp.process.supervisor import MAX_RESTART_DELAY, restart_delay
+    from ltcp.process.fleet import MAX_RESTART_DELAY, restart_delay
     delays = [restart_delay(n) for n in range(1, 12)]
     assert delays[0] == 0  # the first death: replaced at once
     assert all(a < b for a, b in zip(delays[1:], delays[2:]) if b < MAX_RESTART_DELAY)

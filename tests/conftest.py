@@ -76,6 +76,7 @@ def instances(tmp_path):
             ltcp.proc.send_signal(signal.SIGTERM)
             assert ltcp.proc.wait(30) == 0
         ltcp.reader.join(5)
+        ltcp.proc.stderr.close()
         assert "Traceback" not in ltcp.log, ltcp.log
 
 

@@ -88,7 +88,8 @@ def client_hello(server_name, alpn=None):
 
 
 def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -405,11 +406,16 @@ class LtcpProcess:
         time.sleep(seconds)  # a window to measure over, not a wait for a condition
         return sum(cpu_seconds(pid) for pid in pids) - before
 
+    def kill(self):
+        """End it at once (SIGKILL: its workers drain on their own), and let go of its log pipe."""
+        self.proc.kill()
+        return self.stop()
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
         code = self.proc.wait(10)
-        self.reader.join(5)
+        self.reader.join(10)  # (EOF once every process holding the pipe, workers too, has gone)
         if not self.reader.is_alive():
             self.proc.stderr.close()
         return code

@@ -1,5 +1,6 @@
 """The access log: a line per stream with exact byte counts, never blocking the data plane."""
 
+import collections
 import json
 import os
 import re
@@ -121,6 +122,7 @@ def test_a_stalled_disk_drops_lines_counts_them_and_streams_keep_flowing(proxies
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read: a pipe's 64 KiB, then writes block
     backend = backends(echo)
     proxy = proxies(logged(static_config({"/svc/a": [backend.addr]}), fifo))
+    drained = threading.Thread(target=lambda: collections.deque(iter(lambda: os.read(reader, 1 << 16), b""), 0))
     try:
         for _ in range(600):  # about 180 KB of lines, three times what the pipe holds; each within 10 s
             exchange(proxy, 10, 10)
@@ -128,13 +130,14 @@ def test_a_stalled_disk_drops_lines_counts_them_and_streams_keep_flowing(proxies
         writer = proxy.app.log_writer
         wait_for(lambda: stream_log.lines == 600, message="every stream ended")
         wait_for(lambda: writer.counts()[1] > 0, message="lines dropped")
-        drained = threading.Thread(target=lambda: [os.read(reader, 1 << 16) for _ in range(100)], daemon=True)
         os.set_blocking(reader, True)
-        drained.start()
+        drained.start()  # reads until ltcp closes the file, at its stop
         proxy.call(stream_log.flush)
         wait_for(lambda: sum(writer.counts()) == 600, message="every line written or counted as dropped")
     finally:
         proxy.stop()
+        if drained.is_alive():
+            drained.join(10)
         os.close(reader)
 
 

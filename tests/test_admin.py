@@ -207,8 +207,8 @@ def drain_config(backend_addr, grace):
 def test_sigterm_drains_finishes_short_streams_and_cuts_long_ones(backends):
     backend = backends(echo)
     ltcp = LtcpProcess(drain_config(backend.addr, grace=1.5))
+    short, long_ = ltcp.connect(), ltcp.connect()
     try:
-        short, long_ = ltcp.connect(), ltcp.connect()
         for c in (short, long_):
             c.sendall(b"hi")
             assert c.recv(2) == b"hi"
@@ -243,7 +243,9 @@ def test_sigterm_drains_finishes_short_streams_and_cuts_long_ones(backends):
         assert "grace period over: closing 1 streams" in log
         assert "Traceback" not in log
     finally:
-        ltcp.proc.kill()
+        short.close()
+        long_.close()
+        ltcp.kill()
 
 
 def test_abort_exits_1_at_once(backends):
@@ -256,7 +258,7 @@ def test_abort_exits_1_at_once(backends):
         assert ltcp.proc.wait(5) == 1
     finally:
         held.close()
-        ltcp.proc.kill()
+        ltcp.kill()
 
 
 def test_second_sigint_exits_at_once(backends):
@@ -272,7 +274,7 @@ def test_second_sigint_exits_at_once(backends):
         assert ltcp.proc.wait(5) == 130
     finally:
         held.close()
-        ltcp.proc.kill()
+        ltcp.kill()
 
 
 # -- the admin server against browsers, slow clients and frequent scrapes ----------
@@ -309,7 +311,7 @@ def test_cross_site_requests_cannot_stop_ltcp(backends):
         assert raw_request(address, same_origin) == 200  # the admin server's own page may
         assert ltcp.proc.wait(10) == 0
     finally:
-        ltcp.proc.kill()
+        ltcp.kill()
 
 
 def test_a_plain_post_like_curl_still_shuts_down(backends):
@@ -319,7 +321,7 @@ def test_a_plain_post_like_curl_still_shuts_down(backends):
         assert http.request("POST", ltcp.admin + "/shutdown").status == 200
         assert ltcp.proc.wait(10) == 0
     finally:
-        ltcp.proc.kill()
+        ltcp.kill()
 
 
 def admin_threads():

@@ -137,6 +137,7 @@ def test_the_page_only_reads_and_forbids_inline_script(tmp_path):
         request = urllib.request.Request(ltcp.admin + "/", method="POST")
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
+        refused.value.close()  # (an HTTPError holds the answer's connection)
         assert refused.value.code == 405
     finally:
         ltcp.stop()

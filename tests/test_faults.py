@@ -225,7 +225,7 @@ def test_sigterm_under_load_cuts_no_stream_that_finishes_in_grace(backends):
         assert "Traceback" not in ltcp.log
     finally:
         stop.set()
-        ltcp.proc.kill()
+        ltcp.kill()
         backend.close()
 
 

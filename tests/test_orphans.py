@@ -52,3 +52,5 @@ def test_the_parent_death_signal_reaches_a_process_that_asked_for_it():
         wait_for(lambda: not alive(child), timeout=5, message="the child to get SIGTERM")
     finally:
         parent.kill()
+        parent.wait(10)
+        parent.stdout.close()

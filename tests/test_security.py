@@ -73,7 +73,8 @@ def test_private_keys_never_reach_logs_or_routers_json(proxies, backends, identi
             assert s.recv(2) == b"a\n"
     state = urllib3.PoolManager().request("GET", proxy.admin_url + "/routers.json").data.decode()
     json.loads(state)
-    key_text = open(key).read()
+    with open(key) as f:
+        key_text = f.read()
     secret_line = key_text.splitlines()[1]
     for text in (state, caplog.text):
         assert "PRIVATE KEY" not in text and secret_line not in text and key not in text

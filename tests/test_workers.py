@@ -80,10 +80,10 @@ def reload_via_sighup(ltcp, expect):
 
 def ping(port, payload=b"ping", context=None, server_name=None):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        sock = context.wrap_socket(raw, server_hostname=server_name) if context else raw
-        sock.sendall(payload)
-        assert recv_exactly(sock, len(payload)) == payload
-        return True
+        with context.wrap_socket(raw, server_hostname=server_name) if context else raw as sock:
+            sock.sendall(payload)
+            assert recv_exactly(sock, len(payload)) == payload
+            return True
 
 
 class Load:

@@ -82,6 +82,21 @@ def instances(tmp_path):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_errors: the test expects ltcp to log errors")
+    config.addinivalue_line("markers", "slow: starts ltcp or a real server (dnsmasq, Chromium) as a process of its own")
+
+
+# What makes a test end-to-end: a fixture that starts processes, or a call that does.
+PROCESS_FIXTURES = {"instances", "browser", "dnsmasq"}
+PROCESS_NAMES = {"LtcpProcess", "subprocess", "Popen"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the end-to-end tests ``slow``, so that ``pytest -m "not slow"`` runs the rest in seconds."""
+    for item in items:
+        code = getattr(getattr(item, "function", None), "__code__", None)
+        names = set(code.co_names) if code else set()
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())) or PROCESS_NAMES & names:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

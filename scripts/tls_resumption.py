@@ -19,31 +19,15 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
 import trustme
 import yaml
 
+from fd_per_stream import echo_backend  # scripts/ is on the path when run as a script
+
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
-def echo_backend():
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve(conn):
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept():
-        while True:
-            conn, _ = server.accept()
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server.getsockname()[1]
 
 
 def start_ltcp(root, workers, key, cert, backend):

@@ -86,7 +86,7 @@ def pytest_configure(config):
 
 
 # What makes a test end-to-end: a fixture that starts processes, or a call that does.
-PROCESS_FIXTURES = {"instances", "browser", "dnsmasq"}
+PROCESS_FIXTURES = {"instances", "browser", "dnsmasq", "ltcp", "hanging"}
 PROCESS_NAMES = {"LtcpProcess", "subprocess", "Popen"}
 
 

@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes, one-line errors, no tracebacks."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def material(tmp_path_factory):
                     "-out", str(root / "encrypted-key.pem")], check=True, capture_output=True)
     (root / "junk.pem").write_text("this is not PEM at all\n")
     (root / "bad-cert.pem").write_text("-----BEGIN CERTIFICATE-----\nTm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    os.mkfifo(root / "fifo.pem")  # with no writer: once reported as "file not found"
     return root
 
 
@@ -109,6 +111,8 @@ def tls_document(root, key="key.pem", certs=("cert.pem",), trust=None):
     ({"certs": ("cert.pem", "junk.pem")}, "defaultIdentity: {root}/junk.pem: holds no PEM certificate"),
     ({"certs": ("bad-cert.pem",)}, "defaultIdentity: {root}/bad-cert.pem: certificate 1 is not a valid X.509"),
     ({"trust": "junk.pem"}, "routers[0].client.tls: {root}/junk.pem: holds no PEM certificate"),
+    ({"certs": ("fifo.pem",)}, "defaultIdentity.certs[0]: not a regular file (a FIFO): {root}/fifo.pem"),
+    ({"key": "fifo.pem"}, "defaultIdentity.privateKey: not a regular file (a FIFO): {root}/fifo.pem"),
 ])
 @pytest.mark.parametrize("command", [["--check"], []])
 def test_bad_tls_material_is_one_line_naming_the_file(material, files, expected, command):

@@ -238,7 +238,10 @@ def existing(kind):
             return ctx.error(path, f"must be a {kind} path, not {brief(value)}")
         resolved = os.path.join(ctx.base_dir, os.path.expanduser(value))
         if not is_kind(resolved):
-            return ctx.error(path, f"{kind} not found: {resolved}")
+            other = _kind_of(resolved)
+            if other is None or kind != "file":
+                return ctx.error(path, f"{kind} not found: {resolved}")
+            return ctx.error(path, f"not a regular file ({other}): {resolved}")
         if not os.access(resolved, os.R_OK):
             return ctx.error(path, f"{kind} not readable: {resolved}")
         return resolved
@@ -772,14 +775,26 @@ FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S
               stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
 
 
+def _kind_name(mode):
+    return FILE_KINDS.get(stat.S_IFMT(mode), "of another kind")
+
+
+def _kind_of(path):
+    """What kind of file ``path`` is, in words (None: nothing there)."""
+    try:
+        return _kind_name(os.stat(path).st_mode)
+    except OSError:
+        return None
+
+
 def _read_regular(path):
     """Up to MAX_CONFIG_BYTES + 1 bytes of the regular file at ``path``: opening a FIFO or a device could block
     the reader for ever (or never end), so anything else is refused before a byte is read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        kind = stat.S_IFMT(os.fstat(fd).st_mode)
-        if kind != stat.S_IFREG:
-            raise OSError(0, f"not a regular file ({FILE_KINDS.get(kind, 'of another kind')})")
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(0, f"not a regular file ({_kind_name(mode)})")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(MAX_CONFIG_BYTES + 1)
     finally:

@@ -23,14 +23,11 @@ socket is reset by either.
 """
 
 import errno
-import functools
 import itertools
 import logging
 import os
 import resource
 import signal
-import socket
-import subprocess
 import threading
 import time
 
@@ -41,17 +38,15 @@ from ..control import update_frame
 from ..interpreter.fanout import Hub
 from ..balancer.health import checked
 from ..interpreter import build
-from . import launch, notify
+from . import notify
 from .lifeline import adopt_orphans
 from ..names import display_address
-from ..config.plan import listener_key, listeners
+from ..config.plan import listener_key
 from ..dataplane.server import listen
-from ..admin.snapshot import finished
-from .channels import Events, Link
-from .fleet import (MAX_RESTART_DELAY, RESTART_SPACING, STABLE_SECS, Generation, WorkerProcess, crashed_on_its_own,
-                    describe_exit, kill, restart_delay, wait_for_child)
+from .channels import Events
+from .fleet import KILL_MARGIN, Fleet, Generation, kill
 from .reloads import Reloads
-from .template import Template, TemplateError
+from .template import Template
 from .upgrade import Upgrades, inherited_state
 from .view import AdminView
 
@@ -59,8 +54,6 @@ __all__ = ["Supervisor", "serve"]
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT = 30.0  # seconds for a new generation's workers to be serving
-KILL_MARGIN = 5.0  # seconds past graceSecs before a draining worker that has not exited is killed
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
 
 
@@ -69,12 +62,13 @@ def _discovery(router):
     return checked(build(router.interpreter), router.client)
 
 
-class Supervisor(Reloads, Upgrades, AdminView):
+class Supervisor(Fleet, Reloads, Upgrades, AdminView):
     """Generations of workers on the listening sockets, discovery, admin and signals.
 
-    Its parts: ``Reloads`` (reload), ``Upgrades`` (upgrade across exec) and
-    ``AdminView`` (what the admin server shows), each in a module of its own;
-    workers as processes are ``fleet``'s, its channels ``channels``'.
+    Its parts: ``Fleet`` (starting, reaping and restarting workers),
+    ``Reloads`` (reload), ``Upgrades`` (upgrade across exec) and ``AdminView``
+    (what the admin server shows), each in a module of its own; its channels
+    are ``channels``'.
     """
 
     def __init__(self, config, material, path, logging_args):
@@ -213,89 +207,6 @@ class Supervisor(Reloads, Upgrades, AdminView):
             self.generations.append(generation)
         return generation
 
-    def _start_workers(self, generation):
-        """Start every worker of ``generation`` and wait until all serve; a problem, or None."""
-        try:
-            for slot in range(generation.config.workers):
-                self._spawn(generation, slot)
-        except OSError as exc:  # out of processes or descriptors
-            return f"cannot start a worker: {exc.strerror or exc}"
-        deadline = time.monotonic() + READY_TIMEOUT
-        for worker in list(generation.workers.values()):
-            while not worker.ready.wait(0.05):
-                if worker.exit_code is not None:
-                    return f"worker {worker.pid} {describe_exit(worker.exit_code)} while starting"
-                if time.monotonic() > deadline:
-                    return f"worker {worker.pid} was not ready within {READY_TIMEOUT:g}s"
-        return None
-
-    def _spawn(self, generation, slot):
-        parent, child = socket.socketpair()
-        sockets = {key: self.sockets[key] for key in listeners(generation.config)}
-        try:
-            pid, wait = self._start_process(child, sockets, generation)
-        finally:
-            child.close()
-        worker = WorkerProcess(slot, generation.number, pid)
-        worker.link = Link(parent, f"worker-{pid}", lambda message: self._received(generation, worker, message),
-                           lambda: self._closed(generation, worker, wait))
-        with self.lock:
-            generation.workers[slot] = worker
-        fds = {key: sock.fileno() for key, sock in sockets.items()}  # (a fresh interpreter has them by number)
-        worker.link.send(("start", generation.config, generation.material, fds, generation.number))
-        worker.link.start()
-        log.info("worker %d started (generation %d, slot %d)", pid, generation.number, slot)
-        return worker
-
-    def _start_process(self, channel, sockets, generation):
-        """A worker process of ``generation`` on ``channel``: forked by the template, else a fresh interpreter;
-        (pid, wait)."""
-        if self.template is not None:
-            try:
-                pid = self.template.spawn(channel, sockets, generation)
-                return pid, functools.partial(wait_for_child, pid)
-            except TemplateError as exc:
-                log.warning("%s; starting the worker as a new interpreter", exc)
-        fds = [sock.fileno() for sock in sockets.values()]
-        proc = subprocess.Popen(launch.python_module("ltcp.worker", str(channel.fileno()), *self.logging_args,
-                                                     str(os.getpid())),
-                                pass_fds=[channel.fileno(), *fds], stdin=subprocess.DEVNULL)
-        return proc.pid, proc.wait
-
-    # -- messages from workers (on their link's reader thread) ----------
-
-    def _received(self, generation, worker, message):
-        kind = message[0]
-        if kind == "ready":
-            worker.state = "serving" if worker.state == "starting" else worker.state
-            worker.ready.set()
-        elif kind in ("subscribe", "unsubscribe"):
-            hub = generation.hubs.get(message[1])
-            if hub is None:  # a worker of the code before an upgrade: it gets no discovery any more
-                return
-            (hub.subscribe if kind == "subscribe" else hub.unsubscribe)(worker.link, message[2])
-        elif kind == "snapshot":
-            worker.answered(message[1], message[2])
-        elif kind == "draining":
-            worker.stopped_accepting.set()
-        elif kind == "log":
-            writer = self.access_log
-            if writer is not None:
-                writer.submit(message[1], message[2])
-        elif kind == "final":
-            worker.final = finished([message[1]])  # once, here: scrapes merge it until the worker is reaped
-        else:
-            log.warning("worker %d: unknown message %r ignored", worker.pid, kind)
-
-    def _closed(self, generation, worker, wait):
-        """The worker's channel closed: end its subscriptions, reap it, tell the main thread."""
-        for hub in generation.hubs.values():
-            hub.drop(worker.link)
-        worker.hung_up()
-        worker.stopped_accepting.set()
-        worker.exit_code = wait()
-        self.events.put(("exited", generation, worker))
-
     # -- the main thread --------------------------------------------------
 
     def run(self):
@@ -325,55 +236,6 @@ class Supervisor(Reloads, Upgrades, AdminView):
     def _live_workers(self):
         with self.lock:
             return [w for g in self.generations for w in g.workers.values()]
-
-    def _exited(self, generation, worker):
-        status = worker.exit_code
-        with self.lock:
-            if generation.workers.get(worker.slot) is worker:
-                del generation.workers[worker.slot]
-            counted = worker.final or worker.last  # killed: what it had counted at the last scrape
-            if counted is not None:
-                self.departed = self._departed_with(counted)
-        expected = worker.state == "draining" or self.stopping
-        worker.state = "exited"
-        self.kill_at.pop(worker, None)
-        if expected:
-            log.info("worker %d finished (%s)", worker.pid, describe_exit(status))
-        elif generation is self.current and generation.restartable:
-            delay = 0.0
-            if crashed_on_its_own(status):  # (a kill from outside says nothing of the next start: at once)
-                lived = time.monotonic() - worker.started
-                crashes = self.crashes.get(worker.slot, 0) + 1 if lived < STABLE_SECS else 1
-                self.crashes[worker.slot] = crashes
-                delay = restart_delay(crashes)
-            log.error("worker %d exited unexpectedly (%s); restarting it%s", worker.pid, describe_exit(status),
-                      f" in {delay:g}s" if delay else "")
-            self.restart_at[worker.slot] = max(time.monotonic() + delay, worker.started + RESTART_SPACING)
-        self._retire_finished()
-
-    def _restart_due(self):
-        now = time.monotonic()
-        for slot, due in list(self.restart_at.items()):
-            if due <= now:
-                del self.restart_at[slot]
-                if not self.stopping and slot not in self.current.workers and slot < self.current.config.workers:
-                    try:
-                        self._spawn(self.current, slot)
-                    except OSError as exc:  # out of processes or descriptors: try again shortly
-                        log.error("cannot start a worker: %s; trying again in %gs", exc, MAX_RESTART_DELAY / 30)
-                        self.restart_at[slot] = now + MAX_RESTART_DELAY / 30
-                    else:
-                        self.restarts += 1
-
-    def _kill_overdue(self):
-        now = time.monotonic()
-        for worker, due in list(self.kill_at.items()):
-            if worker.exit_code is not None:
-                del self.kill_at[worker]
-            elif due <= now:
-                del self.kill_at[worker]
-                log.warning("worker %d still running %gs after its grace period: killing it", worker.pid, KILL_MARGIN)
-                kill(worker.pid, signal.SIGKILL)
 
     def _retire_finished(self):
         """Generations other than the current one whose workers are all gone: stop their discovery."""

@@ -2,7 +2,8 @@
 
 import collections
 
-from ltcp.balancer import MAX_ATTEMPTS, UPDATE_SLICE, Balancer
+from ltcp.balancer import UPDATE_SLICE, Balancer
+from ltcp.balancer.dial import MAX_ATTEMPTS
 from ltcp.config import Address, ClientSettings
 from ltcp.balancer.endpoint import AVAILABLE, FAILED
 from ltcp.dataplane.server import StreamBudget

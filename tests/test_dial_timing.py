@@ -5,8 +5,9 @@ import threading
 
 import pytest
 
-from ltcp.balancer import FAILED as DIAL_FAILED
-from ltcp.balancer import MAX_ATTEMPTS, PAUSED, Balancer, Dial
+from ltcp.balancer.dial import FAILED as DIAL_FAILED
+from ltcp.balancer import Balancer
+from ltcp.balancer.dial import MAX_ATTEMPTS, PAUSED, Dial
 from ltcp.config import Address, ClientSettings, FailFastConfig
 from ltcp.balancer.endpoint import AVAILABLE, FAILED
 from ltcp.loop import Reactor

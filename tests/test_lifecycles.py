@@ -2,18 +2,16 @@
 
 import pytest
 
-from ltcp import balancer
-from ltcp.balancer import connector
+from ltcp.balancer import connector, dial
 from ltcp.dataplane import intake
-from ltcp.balancer import DIAL
 from ltcp.balancer.connector import CONNECT
 from ltcp.dataplane.duplex import READING, WRITING
 from ltcp.balancer.endpoint import ENDPOINT
 from ltcp.dataplane.intake import INTAKE
 from ltcp.lifecycle import IllegalMove
 
-LIFECYCLES = [ENDPOINT, DIAL, INTAKE, CONNECT, READING, WRITING]
-FINAL = {balancer.ESTABLISHED, balancer.FAILED, intake.ROUTED, intake.FAILED, connector.DONE}
+LIFECYCLES = [ENDPOINT, dial.DIAL, INTAKE, CONNECT, READING, WRITING]
+FINAL = {dial.ESTABLISHED, dial.FAILED, intake.ROUTED, intake.FAILED, connector.DONE}
 
 
 @pytest.mark.parametrize("lifecycle", LIFECYCLES, ids=lambda lifecycle: lifecycle.name)
@@ -29,11 +27,11 @@ def test_every_move_leads_to_a_state_and_final_states_allow_none(lifecycle):
 
 def test_a_second_failure_of_a_dial_is_refused():
     """Once it pushed balancer.dials negative with no signal."""
-    state = balancer.NEW.moves["connect"].moves["fail"]
+    state = dial.NEW.moves["connect"].moves["fail"]
     with pytest.raises(IllegalMove, match="Dial: no move 'fail' from failed"):
         state.moves["fail"]
 
 
 def test_the_tables_describe_themselves():
-    assert DIAL.describe().splitlines()[:3] == ["| Dial state | event | next state |", "|---|---|---|",
+    assert dial.DIAL.describe().splitlines()[:3] == ["| Dial state | event | next state |", "|---|---|---|",
                                                 "| new | wait | waiting |"]

@@ -19,9 +19,8 @@ import pytest
 import trustme
 import urllib3
 
-from ltcp import balancer
 from ltcp.dataplane import server
-from ltcp.balancer import Balancer
+from ltcp.balancer import Balancer, dial
 from ltcp.dataplane.binder import Binder
 from ltcp.dataplane.duplex import Leg
 from netutil import LtcpProcess, closed_without_data, echo, recv_exactly, settled, static_config, wait_for
@@ -47,7 +46,7 @@ PHASES = {
     "bind": ((Binder, "bind", injected), {}),
     "bind_after_intake": ((Binder, "bind", injected), {"proxyProtocol": "accept"}),
     "pick": ((Balancer, "pick", injected), {}),
-    "connect": ((balancer, "Connect", injected), {}),
+    "connect": ((dial, "Connect", injected), {}),
     "duplex": ((server, "Duplex", injected), {}),
     # (an idle timer a half-built duplex left behind would fire during the test)
     "duplex_half_built": ((Leg, "adopt", upstream_not_watched), {"idleTimeoutMs": 100}),

@@ -9,8 +9,10 @@ from ..protocol.tlssocket import TlsSocket
 from ..lifecycle import Lifecycle, State
 from ..loop import WRITE, Registration
 
-__all__ = ["CONNECT", "Connect", "failure_cause"]
+__all__ = ["CANCELLED", "CONNECT", "Connect", "LOCAL_CAUSES", "failure_cause"]
 
+LOCAL_CAUSES = ("resources", "bug")  # connect failures that say nothing about the endpoint
+CANCELLED = "cancelled"  # an attempt its stream abandoned: no failure at all
 _REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH}
 _LOCAL = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 

@@ -18,7 +18,7 @@ import select
 import socket
 
 from ..protocol import tls
-from ..balancer import Dial
+from ..balancer.dial import Dial
 from .duplex import Duplex, Tally
 from ..histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from .intake import Intake

@@ -1,6 +1,9 @@
 """Balancing through a live proxy: spread, weights, ejection, discovery changes."""
 
 import collections
+import threading
+
+import urllib3
 
 from ltcp.balancer import UPDATE_SLICE, Balancer
 from ltcp.balancer.dial import MAX_ATTEMPTS
@@ -47,16 +50,76 @@ def test_weights_are_respected(proxies, backends):
     assert 40 <= where["light"] <= 60 and 140 <= where["heavy"] <= 160, where
 
 
-def test_one_at_a_time_streams_follow_weights(proxies, backends):
-    """With every endpoint idle the scores tie and the weighted draw decides."""
+def test_a_serial_client_is_spread_by_weight(proxies, backends):
+    """Issue 27: back-to-back connections split 187:213 over weights 1:3, since each pick still saw the
+    previous stream (its client gone, its backend not yet) as load.  A stream with a finished side no
+    longer steers picks, so a lone client follows the weights: 100 of 400 expected, sd 8.7."""
     light, heavy = backends(named("light")), backends(named("heavy"))
     proxy = proxies(static_config({"/svc/a": [light.addr, {"addr": heavy.addr, "weight": 3}]}))
     where = collections.Counter()
-    for i in range(400):
+    for _ in range(400):
         with proxy.connect() as c:
             where[c.recv(16).strip().decode()] += 1
-        wait_for(lambda i=i: proxy.listener.finished == i + 1)
-    assert 0.15 <= where["light"] / 400 <= 0.35, where
+    assert 60 <= where["light"] <= 140, where
+
+
+def test_round_robin_splits_exactly(proxies, backends):
+    light, heavy = backends(named("light")), backends(named("heavy"))
+    proxy = proxies(static_config({"/svc/a": [light.addr, {"addr": heavy.addr, "weight": 3}]},
+                                  client={"loadBalancer": {"kind": "roundRobin"}}))
+    where = collections.Counter()
+    for _ in range(40):
+        with proxy.connect() as c:
+            where[c.recv(16).strip().decode()] += 1
+    assert where == {"light": 10, "heavy": 30}
+
+
+def sink(name):
+    """A handler that says its name, then reads and drops whatever comes."""
+    def handler(conn):
+        conn.sendall(name.encode() + b"\n")
+        while conn.recv(65536):
+            pass
+    return handler
+
+
+def test_ewma_sends_few_new_streams_to_the_endpoint_moving_bulk_data(proxies, backends):
+    """Issue 27: 4 streams moving bulk data on one endpoint, 4 idle on the other; with load as open
+    streams alone, 60 new streams split about evenly.  ewma counts the bytes."""
+    servers = [backends(sink(n)) for n in "ab"]
+    proxy = proxies(static_config({"/svc/a": [s.addr for s in servers]},
+                                  client={"loadBalancer": {"kind": "ewma", "decayTimeMs": 1000}}), admin=True)
+    held, stop = [proxy.connect() for _ in range(8)], threading.Event()
+    try:
+        names = [c.recv(16).strip().decode() for c in held]
+        assert sorted(names) == list("aaaabbbb")  # (the less loaded of two endpoints: they alternate)
+        senders = [threading.Thread(target=_pour, args=(c, stop)) for c, name in zip(held, names) if name == "a"]
+        for thread in senders:
+            thread.start()
+        balancer = proxy.balancer("/svc/a")
+        bulk = balancer.endpoints[("127.0.0.1", servers[0].port)]
+        wait_for(lambda: proxy.call(lambda: bulk.rate_now(balancer.reactor.now, balancer.decay)) > 4e6,
+                 timeout=10, message="the bulk endpoint's throughput to be seen")
+        new = landing(proxy, 60, held)
+        shown = urllib3.PoolManager().request("GET", proxy.admin_url + "/routers.json").json()
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+    assert new["a"] <= 15, new
+    rows = {e["address"]: e for e in shown["routers"][0]["destinations"][0]["endpoints"]}
+    a, b = rows[servers[0].addr], rows[servers[1].addr]
+    assert a["throughput"] > 4e6 > b["throughput"] and a["score"] > b["score"], (a, b)
+
+
+def _pour(conn, stop):
+    """Send 64 KB every 5 ms (up to about 13 MB/s) until ``stop``."""
+    chunk = bytes(65536)
+    while not stop.wait(0.005):
+        try:
+            conn.sendall(chunk)
+        except OSError:
+            return
 
 
 def test_refusing_endpoint_is_ejected_and_returns_after_the_penalty(proxies, backends):

@@ -1,5 +1,5 @@
 """The endpoint set without sockets, reactor or clock: any sequence of discovery updates,
-connect outcomes, penalties ending and streams coming and going keeps its invariants."""
+connect outcomes, penalties ending, streams coming, ending and going, and slow starts keeps its invariants."""
 
 import random
 
@@ -10,10 +10,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from ltcp.config import Address
 from ltcp.balancer.endpoint import AVAILABLE, ENDPOINT, FAILED, RETIRED, Endpoint, EndpointSet
+from ltcp.balancer.load import MIN_RAMP
 from ltcp.lifecycle import IllegalMove
 
 UNIVERSE = [Address("127.0.0.1", port, weight) for port, weight in zip(range(1, 9), (1, 2, 1, 3, 1, 1, 5, 1))]
 MAX_FAILURES = 2
+SLOW_START = 1.0
 
 
 class EndpointSetMachine(RuleBasedStateMachine):
@@ -21,8 +23,9 @@ class EndpointSetMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.set = EndpointSet(MAX_FAILURES)
-        self.open = []  # endpoints with a stream on them, one entry per stream
+        self.set = EndpointSet(MAX_FAILURES, slow_start=SLOW_START)
+        self.now = 0.0
+        self.open = []  # [endpoint, ending] per stream
         self.connecting = []  # endpoints with a connect in flight, one entry per connect
         self.known = set()  # every Endpoint object the set ever handed out
 
@@ -32,19 +35,22 @@ class EndpointSetMachine(RuleBasedStateMachine):
     @rule(chosen=st.lists(st.sampled_from(UNIVERSE), unique=True, max_size=len(UNIVERSE)))
     def discovery_answers(self, chosen):
         fresh = {}
-        self.set.collect(chosen, fresh)
+        self.set.collect(chosen, fresh, self.now)
         before = {key: e for key, e in self.set.endpoints.items()}
-        added, removed = self.set.replace(fresh)
+        serving = any(e.state is AVAILABLE for e in before.values())
+        added, removed = self.set.replace(fresh, self.now)
         assert {e.sockaddr for e in removed} == set(before) - set(fresh)
         for endpoint in removed:  # retired, and kept only while something runs on it
             assert endpoint.state is RETIRED
-            assert (endpoint.sockaddr in self.set.retired) == bool(endpoint.load)
+            assert (endpoint.sockaddr in self.set.retired) == bool(endpoint.in_use)
+        for key in set(fresh) - set(before):  # a newcomer beside serving endpoints starts slowly
+            assert (fresh[key] in self.set.ramping) == serving
         self.known.update(fresh.values())
 
     @precondition(lambda self: self.set.endpoints)
     @rule(data=st.data())
     def a_connect_begins(self, data):
-        endpoint = self.set.picker.pick(random.Random(data.draw(st.integers())).random)
+        endpoint = self.set.picker.pick(random.Random(data.draw(st.integers())).random, now=self.now)
         endpoint.begin_connect()
         self.connecting.append(endpoint)
 
@@ -56,22 +62,34 @@ class EndpointSetMachine(RuleBasedStateMachine):
         if succeeds:  # no settling in between: the stream is about to run on it
             self.set.connect_succeeded(endpoint)
             endpoint.acquire()
-            self.open.append(endpoint)
+            self.open.append([endpoint, False])
         else:
             self.set.connect_failed(endpoint)
             self.set.settle(endpoint)
         if endpoint.state is RETIRED:
-            assert (endpoint.sockaddr in self.set.retired) == (endpoint.load > 0)
+            assert (endpoint.sockaddr in self.set.retired) == (endpoint.in_use > 0)
+
+    @precondition(lambda self: any(not ending for _, ending in self.open))
+    @rule(data=st.data())
+    def one_side_of_a_stream_finishes(self, data):
+        stream = data.draw(st.sampled_from([s for s in self.open if not s[1]]))
+        stream[0].ending += 1
+        stream[1] = True
 
     @precondition(lambda self: self.open)
     @rule(data=st.data())
     def a_stream_ends(self, data):
-        endpoint = self.open.pop(data.draw(st.integers(0, len(self.open) - 1)))
+        endpoint, ending = self.open.pop(data.draw(st.integers(0, len(self.open) - 1)))
         was_retired = endpoint.state is RETIRED
-        endpoint.release()
+        endpoint.release(ending)
         self.set.settle(endpoint)
-        if was_retired:  # gone exactly when its last stream ended
-            assert (endpoint.sockaddr in self.set.retired) == (endpoint.load > 0)
+        if was_retired:  # gone exactly when its last stream ended, ending or not
+            assert (endpoint.sockaddr in self.set.retired) == (endpoint.in_use > 0)
+
+    @rule(seconds=st.floats(0.01, 2 * SLOW_START))
+    def time_passes(self, seconds):
+        self.now += seconds
+        self.set.ramp_step(self.now)
 
     @precondition(lambda self: self.set.endpoints)
     @rule(data=st.data())
@@ -88,8 +106,9 @@ class EndpointSetMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def a_penalty_ends(self, data):
         endpoint = data.draw(st.sampled_from(sorted(self.set.ejected, key=lambda e: e.port)))
-        self.set.revive(endpoint)
+        self.set.revive(endpoint, self.now)
         assert endpoint.state is AVAILABLE and endpoint.failures == MAX_FAILURES - 1
+        assert endpoint in self.set.ramping and endpoint.effective == MIN_RAMP * endpoint.weight
 
     @invariant()
     def states_and_collections_agree(self):
@@ -97,14 +116,14 @@ class EndpointSetMachine(RuleBasedStateMachine):
             assert endpoint.state in (AVAILABLE, FAILED)
             assert (endpoint.state is FAILED) == (endpoint in self.set.ejected)  # never both
         for endpoint in self.set.retired.values():
-            assert endpoint.state is RETIRED and endpoint.load > 0
+            assert endpoint.state is RETIRED and endpoint.in_use > 0
         assert self.set.ejected <= set(self.set.endpoints.values())
 
     @invariant()
     def nothing_with_load_is_lost(self):
         """An endpoint something runs on stays reachable, so its counts can still come back down."""
         for endpoint in self.known:
-            if endpoint.load:
+            if endpoint.in_use:
                 assert (self.set.endpoints.get(endpoint.sockaddr) is endpoint
                         or self.set.retired.get(endpoint.sockaddr) is endpoint)
 
@@ -117,11 +136,23 @@ class EndpointSetMachine(RuleBasedStateMachine):
     @invariant()
     def counts_are_never_negative_and_match_the_streams(self):
         for endpoint in self.known:
-            assert endpoint.active >= 0 and endpoint.pending >= 0
+            assert endpoint.active >= endpoint.ending >= 0 and endpoint.pending >= 0
         assert sum(e.active for e in self.known) == len(self.open)
+        assert sum(e.ending for e in self.known) == sum(ending for _, ending in self.open)
         assert sum(e.pending for e in self.known) == len(self.connecting)
         counts = self.set.counts()
         assert sum(counts.values()) == len(self.set.endpoints) + len(self.set.retired)
+
+    @invariant()
+    def a_slow_start_gives_a_share_of_the_weight_until_it_is_over(self):
+        assert self.set.ramping <= set(self.set.endpoints.values())
+        for endpoint in self.set.endpoints.values():
+            assert (endpoint.since is not None) == (endpoint in self.set.ramping)
+            if endpoint.since is None:
+                assert endpoint.effective == endpoint.weight
+            else:
+                assert MIN_RAMP * endpoint.weight <= endpoint.effective < endpoint.weight
+                assert self.now - endpoint.since < SLOW_START
 
 
 EndpointSetMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

@@ -71,12 +71,18 @@ def _server(listener):
 
 
 def _destination(balancer, listed):
-    endpoints = itertools.chain(balancer.endpoints.values(), balancer.retired.values())
+    endpoints = list(itertools.islice(itertools.chain(balancer.endpoints.values(), balancer.retired.values()),
+                                      listed))
+    now = balancer.reactor.now
+    decay = balancer.decay
     return {
         "name": balancer.name,
         "resolved": balancer.resolved,
         "last_update": balancer.last_update,
+        "load_balancer": balancer.settings.load_balancer.kind,
         "waiters": len(balancer.waiters),
+        "waiting_for_room": len(balancer.queue),
+        "waited_for_room": balancer.queued,
         "pooled": len(balancer.pool),
         "streams": balancer.streams,
         "active": balancer.active,
@@ -91,7 +97,12 @@ def _destination(balancer, listed):
             "consecutive_failures": e.failures,
             "connects": e.connects,
             "connect_failures": e.connect_failures,
-        } for e in itertools.islice(endpoints, listed)],
+            "ending": e.ending,
+            "score": round(score, 4),
+            "throughput": round(e.rate_now(now, decay)),
+            "connect_ms": round(e.latency_now(now, decay) * 1000, 3),
+            "weight_share": round(e.effective / e.weight, 3),
+        } for e, score in zip(endpoints, balancer.scores(endpoints, now))],
     }
 
 
@@ -168,7 +179,8 @@ def finished(snapshots):
     return {**merged, "routers": [{
         **r,
         "servers": [{**s, "active": 0, "listening": False, "paused": None} for s in r["servers"]],
-        "destinations": [{**d, "resolved": False, "waiters": 0, "pooled": 0, "active": 0, "endpoints": [],
+        "destinations": [{**d, "resolved": False, "waiters": 0, "waiting_for_room": 0, "pooled": 0, "active": 0,
+                          "endpoints": [],
                           "endpoint_states": dict.fromkeys(d["endpoint_states"], 0)} for d in r["destinations"]],
     } for r in merged["routers"]]}
 
@@ -176,8 +188,8 @@ def finished(snapshots):
 # -- merge: several snapshots (one per worker reactor) into one; pure -------------------
 
 _KEYS = {"routers": "label", "servers": "address", "destinations": "name", "endpoints": "address"}
-_LARGEST = {"last_update", "consecutive_failures"}  # the latest time, the longest failure streak
-_SHARED = {"weight"}  # one value every reactor agrees on: kept, not summed
+_LARGEST = {"last_update", "consecutive_failures", "score", "connect_ms"}  # the latest, longest or worst seen
+_SHARED = {"weight", "weight_share", "load_balancer"}  # one value every reactor agrees on: kept, not summed
 _WORST = ("unhealthy", "failed", "retired", "available")  # an endpoint's state, merged as the worst seen
 
 

@@ -18,6 +18,7 @@ import time
 from ..protocol import proxyproto
 from .connector import CANCELLED, LOCAL_CAUSES, Connect
 from .endpoint import RETIRED, EndpointSet
+from .load import ewma_score
 from ..loop import READ, WRITE, Registration
 
 __all__ = ["Balancer", "PooledConnection"]
@@ -38,17 +39,23 @@ class Balancer:
         self.settings = settings
         self.budget = budget  # the process's stream budget; pooled connections draw on it too
         self.random = (rng or random.Random()).random
-        self.set = EndpointSet(settings.fail_fast.max_consecutive_failures)
+        balancing = settings.load_balancer
+        self.decay = balancing.decay_time_ms / 1000  # seconds: the time constant of the load averages
+        self.set = EndpointSet(settings.fail_fast.max_consecutive_failures, balancing.kind,
+                               settings.max_connections_per_endpoint, self.decay, settings.slow_start_secs)
+        self.ramp_timer = None  # while endpoints are in a slow start
         self.resolved = False  # has discovery answered at all?
         self.last_update = None  # wall-clock time of the last discovery answer
-        self.waiters = {}  # Dial -> None, oldest first
+        self.waiters = {}  # Dial -> None, oldest first: waiting for discovery's first answer
+        self.queue = {}  # Dial -> None, oldest first: waiting for an endpoint below its connection limit
+        self.queued = 0  # streams that ever waited in ``queue``
         self.penalties = {}  # ejected Endpoint -> its revive timer
         self.pool = collections.deque()  # PooledConnection, ready to hand out
         self.pool_connecting = 0
         self.pool_timer = None
         self.closed = False
         self.merging = None  # an update being merged a slice per turn: (addresses, position, endpoints)
-        self.queued = None  # the newest update that arrived during a merge
+        self.next_update = None  # the newest update that arrived during a merge
         self.dials = 0  # streams between accept and established that use this balancer
         self.streams = 0  # streams established to its endpoints, ever
         self.active = 0  # of those, the ones open now
@@ -59,6 +66,7 @@ class Balancer:
     def __repr__(self):
         counts = self.set.counts()
         return (f"<Balancer {self.prefix} endpoints={counts} dials={self.dials} waiters={len(self.waiters)} "
+                f"queue={len(self.queue)} "
                 f"pool={len(self.pool)}{' closed' if self.closed else ''}>")
 
     @property
@@ -82,7 +90,7 @@ class Balancer:
         if self.closed:
             return
         if self.merging is not None:
-            self.queued = addresses or ()
+            self.next_update = addresses or ()
             return
         self.merging = (addresses or (), 0, {})
         self._merge()
@@ -92,19 +100,19 @@ class Balancer:
             return
         addresses, position, fresh = self.merging
         end = min(position + UPDATE_SLICE, len(addresses))
-        self.set.collect(addresses[position:end], fresh)
+        self.set.collect(addresses[position:end], fresh, self.reactor.now)
         if end < len(addresses):
             self.merging = (addresses, end, fresh)
             self.reactor.call_soon(self._merge)
             return
         self.merging = None
         self._apply(fresh)
-        if self.queued is not None:
-            queued, self.queued = self.queued, None
-            self.update(queued)
+        if self.next_update is not None:
+            addresses, self.next_update = self.next_update, None
+            self.update(addresses)
 
     def _apply(self, fresh):
-        added, removed = self.set.replace(fresh)
+        added, removed = self.set.replace(fresh, self.reactor.now)
         for endpoint in removed:
             self._cancel_penalty(endpoint)
         self.resolved = True
@@ -115,13 +123,15 @@ class Balancer:
         usable = set(self.set.picker.candidates) if self.set.unhealthy else ()
         self._drop_pooled(lambda pooled: pooled.endpoint.sockaddr not in fresh
                           or (not pooled.endpoint.healthy and pooled.endpoint not in usable))
-        waiters, self.waiters = self.waiters, {}
+        waiters, self.waiters = {**self.waiters, **self.queue}, {}
+        self.queue = {}
         call_now = self.reactor.call_now  # (a bug in one waiter's step ends that stream, not the others)
         for dial in waiters:
             if fresh:
                 call_now(dial.next_attempt)
             else:
                 call_now(dial.fail, "no_endpoints")
+        self._ramp_later()
         self._fill_pool()
 
     def _cancel_penalty(self, endpoint):
@@ -135,16 +145,46 @@ class Balancer:
         return not self.dials and not self.waiters and not self.set.busy
 
     def pick(self, avoid=None):
-        return self.set.picker.pick(self.random, avoid)
+        return self.set.picker.pick(self.random, avoid, self.reactor.now)
+
+    def scores(self, endpoints, now):
+        """Each endpoint's score as its picks see it, for reports: ``load / weight`` (p2c, roundRobin), or the
+        ewma score against the whole destination."""
+        if self.settings.load_balancer.kind != "ewma":
+            return [e.load / e.effective for e in endpoints]
+        decay = self.decay
+        available = self.set.picker.candidates
+        weight = sum(e.effective for e in available) or 1.0
+        per_weight = sum(e.rate_now(now, decay) for e in available) / weight
+        fastest = min((e.latency_now(now, decay) for e in available), default=0.0)
+        return [ewma_score(e.load, e.effective, e.rate_now(now, decay), e.latency_now(now, decay), per_weight, fastest)
+                for e in endpoints]
+
+    # -- slow start -------------------------------------------------------------
+
+    def _ramp_later(self):
+        """While endpoints are in a slow start, raise their weights in twenty steps."""
+        if self.set.ramping and self.ramp_timer is None and not self.closed:
+            step = min(1.0, max(0.05, self.settings.slow_start_secs / 20))
+            self.ramp_timer = self.reactor.call_later(step, self._ramp_now)
+
+    def _ramp_now(self):
+        self.ramp_timer = None
+        if self.set.ramp_step(self.reactor.now):
+            self._ramp_later()
 
     # -- connect outcomes and streams -----------------------------------------------
 
-    def attempt_ended(self, endpoint, cause=None, detail=""):
-        """A connect to ``endpoint`` ended: in success (``cause`` None), failure, or ``CANCELLED`` by its stream."""
+    def attempt_ended(self, endpoint, cause=None, detail="", seconds=None):
+        """A connect to ``endpoint`` ended: in success (``cause`` None), failure, or ``CANCELLED`` by its stream;
+        ``seconds`` is how long it took, when that says something of the endpoint."""
         endpoint.end_connect()
+        if seconds is not None and (cause is None or cause == "timeout"):
+            endpoint.connected(seconds, self.reactor.now, self.decay)
         if cause is None:  # (no settling: the stream about to run on it is not counted yet)
             self.set.connect_succeeded(endpoint)
             return
+        self._room_made()
         if cause is not CANCELLED:
             self.connect_failures[cause] += 1
             if cause not in LOCAL_CAUSES and self.set.connect_failed(endpoint):  # ours say nothing of it
@@ -157,7 +197,8 @@ class Balancer:
 
     def _revive(self, endpoint):
         del self.penalties[endpoint]
-        self.set.revive(endpoint)
+        self.set.revive(endpoint, self.reactor.now)
+        self._ramp_later()
         log.info("%s: endpoint %s back after its penalty", self.prefix, endpoint.address)
 
     def stream_opened(self, endpoint):
@@ -165,17 +206,27 @@ class Balancer:
         self.streams += 1
         self.active += 1
 
-    def stream_closed(self, endpoint):
-        endpoint.release()
+    def stream_closed(self, endpoint, ending=False):
+        endpoint.release(ending)
         self.active -= 1
         if endpoint.state is RETIRED:
             self.set.settle(endpoint)
+        self._room_made()
+
+    def _room_made(self):
+        """A stream or a connect ended: the oldest stream waiting for room may try again."""
+        if self.queue:
+            dial = next(iter(self.queue))
+            del self.queue[dial]
+            self.reactor.call_soon(dial.next_attempt)
 
     # -- dials ------------------------------------------------------------------
 
     def dial(self, dial):
-        """Start ``dial`` now, or queue it until discovery first answers."""
-        if self.set.endpoints:
+        """Start ``dial`` now, or queue it until discovery first answers (or behind others waiting for room)."""
+        if self.queue:
+            self.wait_for_room(dial)
+        elif self.set.endpoints:
             dial.next_attempt()
         elif self.resolved or len(self.waiters) >= self.settings.max_waiters:
             dial.fail("no_endpoints")
@@ -183,8 +234,19 @@ class Balancer:
             dial.wait()
             self.waiters[dial] = None
 
+    def wait_for_room(self, dial):
+        """Every endpoint holds ``maxConnectionsPerEndpoint``: ``dial`` waits (within its deadline) for one
+        to have room, or fails at once when ``maxWaiters`` streams already wait."""
+        if len(self.queue) >= self.settings.max_waiters:
+            dial.fail("full")
+            return
+        dial.wait()
+        self.queue[dial] = None
+        self.queued += 1
+
     def forget(self, dial):
         self.waiters.pop(dial, None)
+        self.queue.pop(dial, None)
 
     # -- pre-established connections (minConnections) ---------------------------
 
@@ -213,11 +275,11 @@ class Balancer:
             endpoint.begin_connect()
             self.pool_connecting += 1
             Connect(self.reactor, endpoint.family, endpoint.sockaddr, settings.connect_timeout_ms / 1000,
-                    functools.partial(self._pool_connected, endpoint), tls=self.tls)
+                    functools.partial(self._pool_connected, endpoint, self.reactor.time()), tls=self.tls)
 
-    def _pool_connected(self, endpoint, sock, cause, detail=""):
+    def _pool_connected(self, endpoint, started, sock, cause, detail=""):
         self.pool_connecting -= 1
-        self.attempt_ended(endpoint, cause, detail)
+        self.attempt_ended(endpoint, cause, detail, self.reactor.now - started)
         if sock is None:
             self.budget.pool.give_back()
             self._refill_later()
@@ -258,10 +320,13 @@ class Balancer:
     def close(self):
         """Stop for good: fail waiters, close pooled connections, cancel penalties."""
         self.closed = True
-        self.merging = self.queued = None
-        for dial in list(self.waiters):
+        self.merging = self.next_update = None
+        for dial in [*self.waiters, *self.queue]:
             dial.fail("no_endpoints")
         self.waiters.clear()
+        self.queue.clear()
+        if self.ramp_timer is not None:
+            self.ramp_timer.cancel()
         self._drop_pooled(lambda pooled: True)
         for timer in self.penalties.values():
             timer.cancel()

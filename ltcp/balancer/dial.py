@@ -29,7 +29,7 @@ class DialOwner(Protocol):
 
 
 NEW = State("new")
-WAITING = State("waiting")  # for discovery's first answer
+WAITING = State("waiting")  # for discovery's first answer, or for an endpoint with room
 CONNECTING = State("connecting")
 PAUSED = State("paused")  # between attempts, once the quick ones have failed
 ESTABLISHED = State("established")  # handed over to its owner
@@ -37,9 +37,9 @@ FAILED = State("failed")
 _ENDINGS = {"establish": ESTABLISHED, "fail": FAILED}
 DIAL = Lifecycle("Dial", {
     NEW: {"wait": WAITING, "connect": CONNECTING, **_ENDINGS},
-    WAITING: {"connect": CONNECTING, **_ENDINGS},
-    CONNECTING: {"connect": CONNECTING, "pause": PAUSED, **_ENDINGS},
-    PAUSED: {"connect": CONNECTING, **_ENDINGS},
+    WAITING: {"wait": WAITING, "connect": CONNECTING, **_ENDINGS},
+    CONNECTING: {"wait": WAITING, "connect": CONNECTING, "pause": PAUSED, **_ENDINGS},
+    PAUSED: {"wait": WAITING, "connect": CONNECTING, **_ENDINGS},
 })
 
 
@@ -59,8 +59,8 @@ class Dial(Registration):
     and from then on the stream is the owner's, even should taking it over fail.
     """
 
-    __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt", "state", "timer", "expiring",
-                 "tries", "failure", "reactor", "fd", "events")
+    __slots__ = ("balancer", "client", "envelope", "owner", "endpoint", "attempt", "attempted", "state", "timer",
+                 "expiring", "tries", "failure", "reactor", "fd", "events")
 
     def __init__(self, balancer, client, envelope, owner: DialOwner):
         self.balancer = balancer
@@ -69,6 +69,7 @@ class Dial(Registration):
         self.owner = owner
         self.endpoint = None
         self.attempt = None
+        self.attempted = 0.0  # when the attempt under way began
         self.state = NEW
         self.timer = None
         self.expiring = False  # the timer is for the stream's deadline (not an attempt's, not a pause's end)
@@ -140,7 +141,10 @@ class Dial(Registration):
             return
         endpoint = balancer.pick(avoid=self.endpoint)
         if endpoint is None:
-            self.fail("no_endpoints")
+            if balancer.set.limit and balancer.set.picker.candidates:  # every one is at its limit
+                balancer.wait_for_room(self)
+            else:
+                self.fail("no_endpoints")
             return
         preface = None
         if balancer.proxy_header is not None:
@@ -153,6 +157,7 @@ class Dial(Registration):
         self.endpoint = endpoint
         self.tries += 1
         reactor = self.reactor
+        self.attempted = reactor.time()  # (not the turn's stamp: what ran before in this turn is not the endpoint's)
         self._wake_at(reactor.now + balancer.settings.connect_timeout_ms / 1000)
         self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, None, self._connected, preface,
                                balancer.tls)
@@ -162,7 +167,7 @@ class Dial(Registration):
         self.attempt = None
         endpoint = self.endpoint
         balancer = self.balancer
-        balancer.attempt_ended(endpoint, cause, detail)
+        balancer.attempt_ended(endpoint, cause, detail, self.reactor.now - self.attempted)
         if sock is not None:
             self._finish(endpoint, sock, WRITE)
             return

@@ -1,25 +1,19 @@
-"""Endpoints and the power-of-two-choices pick among them.
+"""Endpoints, their load, and the set a balancer picks from.
 
-Load score
-----------
-An endpoint's score is ``load / weight``, where ``load`` is its open streams
-plus its connects in flight and ``weight`` (> 0) comes from discovery.  A pick
-draws two distinct endpoints, each with probability proportional to its
-weight, and takes the one with the lower score (the first drawn on a tie).
-
-The score is monotone in both inputs: for ``w > 0``, ``d(l/w)/dl = 1/w > 0``,
-so more load never makes an endpoint more attractive, and
-``d(l/w)/dw = -l/w**2 <= 0``, so more weight never makes it less attractive.
-When every endpoint is idle the scores tie and the weighted draw alone decides,
-so short connections are still spread in proportion to weight.
+An endpoint counts its streams, its connects in flight, the bytes its
+streams move and how long its connects take; what those numbers mean for a
+pick is ``load``'s, and how a pick is made ``pick``'s.
 """
 
-import bisect
 import socket
 
 from ..lifecycle import Lifecycle, State
+from .load import decayed_rate, peak_ewma, ramp
+from .pick import PICKERS
 
-__all__ = ["Endpoint", "EndpointSet", "Picker", "AVAILABLE", "FAILED", "RETIRED", "ENDPOINT", "UNHEALTHY"]
+__all__ = ["Endpoint", "EndpointSet", "AVAILABLE", "FAILED", "RETIRED", "ENDPOINT", "UNHEALTHY"]
+
+RATE_INTERVAL = 0.1  # seconds: a throughput average is brought up to date at most this often
 
 
 AVAILABLE = State("available")
@@ -37,29 +31,42 @@ ENDPOINT = Lifecycle("Endpoint", {
 
 
 class Endpoint:
-    """One concrete address of a destination: its state, its load and its failure record.
+    """One concrete address of a destination: its state, its load and its record.
 
-    Its two counts move only through its own methods, in pairs:
+    Its counts move only through its own methods, in pairs:
     ``begin_connect``/``end_connect`` for connects in flight and
-    ``acquire``/``release`` for established streams.
+    ``acquire``/``release`` for established streams (``ending`` counts those
+    of them that one side has finished).  ``moved`` is added to by the
+    streams as bytes pass; ``rate_now`` and ``latency_now`` read the moving
+    averages as of ``now``.
     """
 
-    __slots__ = ("ip", "port", "family", "sockaddr", "weight", "healthy", "state", "active", "pending",
-                 "failures", "connects", "connect_failures")
+    __slots__ = ("ip", "port", "family", "sockaddr", "weight", "effective", "since", "healthy", "state", "active",
+                 "pending", "ending", "failures", "connects", "connect_failures", "moved", "rate", "rate_at",
+                 "rate_moved", "latency", "latency_at")
 
     def __init__(self, ip, port, weight=1.0):
         self.ip = ip
         self.port = port
         self.family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         self.sockaddr = (ip, port)
-        self.weight = weight
+        self.weight = weight  # as discovery says
+        self.effective = weight  # as picks use it: less during a slow start
+        self.since = None  # when its slow start began, while it lasts
         self.healthy = True  # what active health checks last said (always, without them)
         self.state = AVAILABLE
         self.active = 0  # established streams
         self.pending = 0  # connects in flight
+        self.ending = 0  # established streams one side of which has finished
         self.failures = 0  # consecutive connect failures
         self.connects = 0
         self.connect_failures = 0
+        self.moved = 0  # bytes its streams have read, both ways
+        self.rate = 0.0  # moving average of bytes per second, as of rate_at
+        self.rate_at = None
+        self.rate_moved = 0  # ``moved`` at rate_at
+        self.latency = 0.0  # peak-sensitive moving average of connect seconds, as of latency_at
+        self.latency_at = 0.0
 
     @property
     def shown_state(self):
@@ -81,15 +88,39 @@ class Endpoint:
         """A stream is established on this endpoint."""
         self.active += 1
 
-    def release(self):
-        """A stream on this endpoint has ended."""
-        if self.active <= 0:
+    def release(self, ending=False):
+        """A stream on this endpoint has ended (``ending``: it had been counted as ending)."""
+        if self.active <= 0 or (ending and self.ending <= 0):
             raise RuntimeError(f"{self!r}: a stream released that was never acquired")
         self.active -= 1
+        self.ending -= ending
+
+    @property
+    def in_use(self):
+        """Streams and connects on it, ending or not: what ``maxConnectionsPerEndpoint`` limits."""
+        return self.active + self.pending
 
     @property
     def load(self):
-        return self.active + self.pending
+        """What picks compare: streams in flight, less those ending (``load`` docstring)."""
+        return self.active - self.ending + self.pending
+
+    def connected(self, seconds, now, decay):
+        """A connect took ``seconds``: fold it into the latency average."""
+        self.latency = peak_ewma(self.latency, seconds, now - self.latency_at, decay)
+        self.latency_at = now
+
+    def latency_now(self, now, decay):
+        return peak_ewma(self.latency, None, now - self.latency_at, decay) if self.latency else 0.0
+
+    def rate_now(self, now, decay):
+        """Bytes per second its streams move, averaged with time constant ``decay``."""
+        if self.rate_at is None:
+            self.rate_at, self.rate_moved = now, self.moved
+        elif now - self.rate_at >= RATE_INTERVAL:
+            self.rate = decayed_rate(self.rate, self.moved - self.rate_moved, now - self.rate_at, decay)
+            self.rate_at, self.rate_moved = now, self.moved
+        return self.rate
 
     @property
     def address(self):
@@ -103,50 +134,67 @@ class Endpoint:
 class EndpointSet:
     """The endpoints of one destination, and the picker over those a stream may use.
 
-    Pure: no sockets, no reactor, no clock.  It knows what discovery said
-    (``endpoints``), which of those sit out a penalty (``ejected``), and which
-    were removed while streams still ran on them (``retired``, until their
-    last stream ends).  The picker offers the available endpoints, or all of
-    them when every one has failed: better to try them anyway than to refuse.
+    Pure: no sockets, no reactor, no clock (the time comes in as ``now``).
+    It knows what discovery said (``endpoints``), which of those sit out a
+    penalty (``ejected``), which were removed while streams still ran on them
+    (``retired``, until their last stream ends), and which are in a slow
+    start (``ramping``).  The picker offers the available endpoints, or all
+    of them when every one has failed: better to try them anyway than to
+    refuse.
     """
 
-    __slots__ = ("endpoints", "retired", "ejected", "unhealthy", "picker", "max_failures")
+    __slots__ = ("endpoints", "retired", "ejected", "unhealthy", "ramping", "picker", "max_failures", "kind",
+                 "limit", "decay", "slow_start")
 
-    def __init__(self, max_failures):
+    def __init__(self, max_failures, kind="p2c", limit=0, decay=10.0, slow_start=0.0):
         self.endpoints = {}  # sockaddr -> Endpoint, as discovery last said
         self.retired = {}  # sockaddr -> Endpoint removed by discovery, streams still open
         self.ejected = set()  # endpoints of ``endpoints`` in state FAILED
         self.unhealthy = set()  # endpoints of ``endpoints`` whose health checks fail
-        self.picker = Picker(())
+        self.ramping = set()  # endpoints in a slow start
         self.max_failures = max_failures
+        self.kind = kind  # loadBalancer.kind
+        self.limit = limit  # maxConnectionsPerEndpoint (0: none)
+        self.decay = decay  # seconds: the time constant of the ewma averages
+        self.slow_start = slow_start  # seconds (0: none)
+        self.picker = PICKERS[kind]((), limit, decay)
 
-    def collect(self, addresses, fresh):
+    def collect(self, addresses, fresh, now=0.0):
         """Add ``addresses`` to a set being built, reusing the endpoints already known."""
         endpoints, retired = self.endpoints, self.retired
         for address in addresses:  # config.Address, or plain tuples from the supervisor
             ip, port, weight = address[:3]
             key = (ip, port)
             endpoint = endpoints.get(key) or retired.get(key) or Endpoint(ip, port)
+            healthy = len(address) < 4 or address[3]  # (ip, port, weight, False): failing checks
+            if healthy and not endpoint.healthy and key in endpoints:
+                self._start_ramp(endpoint, now)
             endpoint.weight = weight
-            endpoint.healthy = len(address) < 4 or address[3]  # (ip, port, weight, False): failing checks
+            endpoint.healthy = healthy
+            self._ramp(endpoint, now)
             fresh[key] = endpoint
 
-    def replace(self, fresh):
+    def replace(self, fresh, now=0.0):
         """Make ``fresh`` (built by ``collect``) what discovery says; returns (added, removed)."""
         current = self.endpoints
+        serving = any(e.state is AVAILABLE and e.healthy for e in current.values())
         added = 0
         for key, endpoint in fresh.items():
             if endpoint.state is RETIRED:
                 self.retired.pop(key, None)  # (its last stream may have ended while the set was built)
                 endpoint.move("rediscover")
-                added += 1
-            elif key not in current:
-                added += 1
+            elif key in current:
+                continue
+            added += 1
+            if serving:
+                self._start_ramp(endpoint, now)
         removed = [endpoint for key, endpoint in current.items() if key not in fresh]
         for endpoint in removed:
             endpoint.move("retire")
             self.ejected.discard(endpoint)
-            if endpoint.load:
+            self.ramping.discard(endpoint)
+            endpoint.since, endpoint.effective = None, endpoint.weight
+            if endpoint.in_use:
                 self.retired[endpoint.sockaddr] = endpoint
         self.endpoints = fresh
         self._rebuild()
@@ -167,18 +215,39 @@ class EndpointSet:
             return True
         return False
 
-    def revive(self, endpoint):
+    def revive(self, endpoint, now=0.0):
         """The penalty is over; one more failure sends it straight back out."""
         if endpoint.state is FAILED:
             endpoint.move("revive")
             self.ejected.discard(endpoint)
             endpoint.failures = self.max_failures - 1
+            self._start_ramp(endpoint, now)
             self._rebuild()
 
     def settle(self, endpoint):
         """Forget a retired endpoint once nothing runs on it any more."""
-        if endpoint.state is RETIRED and not endpoint.load:
+        if endpoint.state is RETIRED and not endpoint.in_use:
             self.retired.pop(endpoint.sockaddr, None)
+
+    def ramp_step(self, now):
+        """Bring every slow start up to ``now``; whether any goes on."""
+        for endpoint in list(self.ramping):
+            self._ramp(endpoint, now)
+        self._rebuild()
+        return bool(self.ramping)
+
+    def _start_ramp(self, endpoint, now):
+        if self.slow_start > 0:
+            endpoint.since = now
+            self.ramping.add(endpoint)
+            self._ramp(endpoint, now)
+
+    def _ramp(self, endpoint, now):
+        share = 1.0 if endpoint.since is None else ramp(now - endpoint.since, self.slow_start)
+        endpoint.effective = endpoint.weight * share
+        if share >= 1.0 and endpoint.since is not None:
+            endpoint.since = None
+            self.ramping.discard(endpoint)
 
     def counts(self):
         """Endpoints by state, without walking them."""
@@ -189,64 +258,14 @@ class EndpointSet:
     @property
     def busy(self):
         """Something runs on one of these endpoints."""
-        return bool(self.retired) or any(e.load for e in self.endpoints.values())
+        return bool(self.retired) or any(e.in_use for e in self.endpoints.values())
 
     def _rebuild(self):
         """Pick among the available healthy endpoints; failing that the healthy ones; failing that all."""
         endpoints = self.endpoints.values()
         self.unhealthy = {e for e in endpoints if not e.healthy}
+        candidates = endpoints
         if self.ejected or self.unhealthy:
             usable = [e for e in endpoints if e.state is AVAILABLE and e.healthy]
-            self.picker = Picker(usable or [e for e in endpoints if e.healthy] or endpoints)
-        else:
-            self.picker = Picker(endpoints)
-
-
-def score(load, weight):
-    """The quantity a pick minimises (see the module docstring)."""
-    return load / weight
-
-
-class Picker:
-    """Weighted power-of-two-choices over a fixed list of candidates.
-
-    Built once per change of the candidate set, so a pick costs two random
-    numbers and two bisections.
-    """
-
-    __slots__ = ("candidates", "cumulative", "total")
-
-    def __init__(self, candidates):
-        self.candidates = list(candidates)
-        self.cumulative = []
-        total = 0.0
-        for endpoint in self.candidates:
-            total += endpoint.weight
-            self.cumulative.append(total)
-        self.total = total
-
-    def _draw(self, random):
-        index = bisect.bisect_right(self.cumulative, random() * self.total)
-        return min(index, len(self.candidates) - 1)
-
-    def pick(self, random, avoid=None):
-        """The less loaded of two weighted draws; ``avoid`` loses whenever there is another."""
-        candidates = self.candidates
-        n = len(candidates)
-        if n == 0:
-            return None
-        if n == 1:
-            return candidates[0]
-        i = self._draw(random)
-        j = self._draw(random)
-        if j == i:
-            j = self._draw(random)
-            if j == i:  # one weight dominates: fall back to a uniform second choice
-                j = (i + 1 + int(random() * (n - 1))) % n
-        a, b = candidates[i], candidates[j]
-        if a is avoid:
-            return b
-        if b is avoid:
-            return a
-        # a.load / a.weight <= b.load / b.weight, without dividing
-        return a if a.load * b.weight <= b.load * a.weight else b
+            candidates = usable or [e for e in endpoints if e.healthy] or endpoints
+        self.picker = PICKERS[self.kind](candidates, self.limit, self.decay)

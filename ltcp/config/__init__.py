@@ -29,8 +29,8 @@ from .parse import (
 __all__ = [
     "AccessLogConfig", "Address", "AdminConfig", "ClientAuthConfig", "ClientConfig", "ClientSettings",
     "ClientTlsConfig", "Config", "ConfigError", "DnsConfig", "FailFastConfig", "FsConfig", "HealthCheckConfig",
-    "IdentityConfig", "NamerdConfig", "PrefixClientConfig", "RouterConfig", "ServerConfig", "ServerTlsConfig",
-    "StaticConfig", "load", "loads", "missing_timeouts", "parse_address", "prefix_matches",
+    "IdentityConfig", "LoadBalancerConfig", "NamerdConfig", "PrefixClientConfig", "RouterConfig", "ServerConfig",
+    "ServerTlsConfig", "StaticConfig", "load", "loads", "missing_timeouts", "parse_address", "prefix_matches",
 ]
 
 # Limits on the document itself, so that no file can make loading slow or huge.
@@ -277,6 +277,14 @@ class HealthCheckConfig:
 
 
 @dataclass(frozen=True)
+class LoadBalancerConfig:
+    """linkerd's ``client.loadBalancer``: how a destination's streams are spread (``ltcp.balancer.load``)."""
+
+    kind: str = spec(choice("p2c", "ewma", "roundRobin"), "p2c")
+    decay_time_ms: int = spec(integer(1, DAY_SECS * 1000), 10_000)
+
+
+@dataclass(frozen=True)
 class ClientSettings:
     """How a router connects to the endpoints of one destination."""
 
@@ -287,6 +295,9 @@ class ClientSettings:
     tls: Optional[ClientTlsConfig] = spec(section(ClientTlsConfig), None)
     proxy_protocol: Optional[str] = spec(choice("v1", "v2"), None)
     health_check: Optional[HealthCheckConfig] = spec(section(HealthCheckConfig), None)
+    load_balancer: LoadBalancerConfig = spec(section(LoadBalancerConfig), LoadBalancerConfig())
+    slow_start_secs: float = spec(seconds(at_least=0), 0)
+    max_connections_per_endpoint: int = spec(integer(0, MAX_COUNT), 0)
 
 
 def prefix_matches(prefix, name):

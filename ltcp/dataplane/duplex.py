@@ -121,6 +121,7 @@ class Leg(Registration):
         # arrived(n), spelled out: this is the path every small message takes.
         self.received += n
         self.tally.value += n
+        duplex.endpoint.moved += n
         duplex.last_active = self.reactor.now
         peer = self.peer
         try:
@@ -154,17 +155,23 @@ class Leg(Registration):
             return False
         self.received += n
         self.tally.value += n
-        self.duplex.last_active = self.reactor.now
+        duplex = self.duplex
+        duplex.endpoint.moved += n
+        duplex.last_active = self.reactor.now
         return True
 
     def reached_eof(self):
         self.reading = self.reading.moves["eof"]
+        duplex = self.duplex
+        if not duplex.ending:  # one side has finished: the stream no longer steers picks
+            duplex.ending = True
+            duplex.endpoint.ending += 1
         if self.writing is NOTIFYING:
             self.close_notify()
         peer = self.peer
         if peer.pending is None and not peer.piped:  # nothing backlogged for it
             peer.shutdown_write()
-        if not self.duplex.closed:
+        if not duplex.closed:
             self.want(self.wanted())
 
     # -- the splice path ------------------------------------------------------------
@@ -383,7 +390,8 @@ class Duplex:
     """
 
     __slots__ = ("reactor", "client", "upstream", "owner", "balancer", "endpoint", "envelope", "buffer", "view",
-                 "started", "last_active", "timer", "closed", "reason", "detail", "from_client", "to_client")
+                 "started", "last_active", "timer", "closed", "ending", "reason", "detail", "from_client",
+                 "to_client")
 
     def __init__(self, owner: DuplexOwner, dial, upstream_sock, upstream_events, buffer):
         """Take over ``dial``'s client (still registered for ``dial.events``) and its upstream socket.
@@ -398,6 +406,7 @@ class Duplex:
         self.buffer = buffer
         self.view = owner.view
         self.closed = False
+        self.ending = False  # counted in its endpoint's ``ending``: one side has finished sending
         self.reason = None
         self.detail = ""
         self.from_client = self.to_client = 0  # bytes, once closed: read from the client, written to it

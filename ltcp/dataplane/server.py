@@ -468,7 +468,7 @@ class Listener:
 
     def stream_closed(self, duplex):
         self.streams.discard(duplex)
-        duplex.balancer.stream_closed(duplex.endpoint)
+        duplex.balancer.stream_closed(duplex.endpoint, duplex.ending)
         self.endings[duplex.reason] += 1
         self.stream_duration.observe(self.reactor.now - duplex.started)
         if duplex.detail and log.isEnabledFor(logging.DEBUG):

@@ -74,7 +74,7 @@ def test_twice_its_share_of_bytes_counts_four_times_and_slow_connects_count_in_p
     assert ewma_score(3, 1.0, 4 * RATE_FLOOR, 0.0, 2 * RATE_FLOOR, 0.0) == (4 * 4 - 1)
     slowness = (1.0 + LATENCY_FLOOR) / (0.001 + LATENCY_FLOOR)
     assert math.isclose(ewma_score(0, 1.0, 0.0, 1.0, 0.0, 0.001), slowness - 1)
-    assert slowness > 90
+    assert slowness > 19
 
 
 def test_traffic_below_the_floor_says_nothing():

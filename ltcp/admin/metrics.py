@@ -60,6 +60,10 @@ FAMILIES = {  # key: (family class, name, help, labels)
     "endpoints": (GaugeMetricFamily, "ltcp_endpoints", "Endpoints by state", _DST + ["state"]),
     "dst_streams": (CounterMetricFamily, "ltcp_destination_streams", "Streams established to the destination", _DST),
     "waiters": (GaugeMetricFamily, "ltcp_waiters", "Streams waiting for discovery", _DST),
+    "room_waiters": (GaugeMetricFamily, "ltcp_endpoint_limit_waiters",
+                     "Streams waiting for an endpoint below maxConnectionsPerEndpoint", _DST),
+    "room_waits": (CounterMetricFamily, "ltcp_endpoint_limit_waits",
+                   "Streams that found every endpoint at maxConnectionsPerEndpoint and waited", _DST),
     "last_update": (GaugeMetricFamily, "ltcp_discovery_last_update_timestamp_seconds",
                     "When discovery last answered for a name", _DST),
     "cache_hits": (CounterMetricFamily, "ltcp_route_cache_hits", "Streams whose balancer existed", ["router"]),
@@ -124,6 +128,8 @@ def _render_destination(f, values, dst):
     for state, count in dst["endpoint_states"].items():
         f["endpoints"].add_metric(values + [state], count)
     f["waiters"].add_metric(values, dst["waiters"])
+    f["room_waiters"].add_metric(values, dst.get("waiting_for_room", 0))  # (absent from workers before it)
+    f["room_waits"].add_metric(values, dst.get("waited_for_room", 0))
     f["dst_streams"].add_metric(values, dst["streams"])
     if dst["last_update"] is not None:
         f["last_update"].add_metric(values, dst["last_update"])

@@ -37,8 +37,8 @@ Each is read against a reference: the pair being compared (or, for what
 ``/routers.json`` shows, the whole destination).  With ``r`` the endpoint's
 share of the bytes over its share of the weight, and ``LATENCY_FLOOR`` the
 connect time below which endpoints count as equally fast (a busy reactor
-sees a connect complete only at its next turn, so a few milliseconds of any
-connect time are its own, not the endpoint's)::
+sees a connect complete only at its next turn, so up to tens of milliseconds
+of a connect time can be its own, not the endpoint's)::
 
     crowding = max(1, r) ** 2
     slowness = (latency + LATENCY_FLOOR) / (fastest latency + LATENCY_FLOOR)
@@ -49,7 +49,7 @@ connecting as fast as the fastest, scores ``load / weight`` exactly as in
 p2c (so a serial client is still spread by weight).  One carrying twice its
 share counts each stream, and the new one, four times over; one whose
 connects take 1 s (a full accept queue: the SYN is sent again after a
-second) against 1 ms counts about 90 times over.  The squaring is a
+second) against 1 ms counts about 20 times over.  The squaring is a
 choice: with it, of 60 new streams between two endpoints with 4 open
 streams each, the one whose 4 move bulk data gets about 9 (15%), where a
 linear factor would give it about 18 (30%).  When the bulk ends the rate
@@ -79,7 +79,7 @@ import math
 
 __all__ = ["LATENCY_FLOOR", "MIN_RAMP", "RATE_FLOOR", "decayed_rate", "ewma_score", "peak_ewma", "ramp"]
 
-LATENCY_FLOOR = 0.010  # seconds: connects faster than about this are all "fast" (see the docstring)
+LATENCY_FLOOR = 0.050  # seconds: connects faster than about this are all "fast" (see the docstring)
 RATE_FLOOR = 64 * 1024.0  # bytes per second per unit of weight below which throughput is not compared
 MIN_RAMP = 0.1  # the share of its weight a slow-starting endpoint begins with
 
@@ -98,7 +98,7 @@ def peak_ewma(average, sample, elapsed, decay):
     faded = average * keep
     if sample is None:
         return faded
-    return sample if sample >= faded else faded + (sample - faded) * (1.0 - keep)
+    return sample if sample >= faded else faded * keep + sample * (1.0 - keep)
 
 
 def ewma_score(load, weight, rate, latency, rate_per_weight, fastest):

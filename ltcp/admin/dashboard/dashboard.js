@@ -173,18 +173,24 @@ function destination(router, d) {
     ["open", d.active],
     ["resolved", d.resolved ? "yes" : "not yet", d.resolved ? "yes" : "no"],
     ["waiters", d.waiters],
+    ["balancer", d.load_balancer || "p2c"],
+    ["waiting for room", d.waiting_for_room || 0],
     ["last update", d.last_update ? duration(Date.now() / 1000 - d.last_update) + " ago" : "never"],
     ["discovery", known.outcome ? known.outcome + (known.ttl !== undefined ? ", TTL " + known.ttl + " s" : "")
                                 : router.interpreter],
     ["endpoints", counts(d.endpoint_states)],
     ["connect failures", counts(d.connect_failures)],
   ]));
+  // The weight, and during a slow start the share of it the endpoint has reached so far.
+  const weight = (e) => e.weight_share !== undefined && e.weight_share < 1
+    ? e.weight + " (" + Math.round(e.weight_share * 100) + "%)" : e.weight;
   const rows = d.endpoints.map((e) => [
-    {text: e.address, className: "name"}, e.weight, {text: e.state, className: "state state-" + e.state},
-    e.open, e.pending, e.connects, e.connect_failures,
+    {text: e.address, className: "name"}, weight(e), {text: e.state, className: "state state-" + e.state},
+    e.open, e.pending, e.connects, e.connect_failures, shownRate(e.score, (n) => n.toFixed(2)),
+    shownRate(e.throughput, (n) => bytes(n) + "/s"), shownRate(e.connect_ms, (n) => n.toFixed(1) + " ms"),
   ]);
-  box.appendChild(table(["endpoint", "weight", "state", "open", "connecting", "connects", "connect failures"],
-                        rows, [1, 3, 4, 5, 6]));
+  box.appendChild(table(["endpoint", "weight", "state", "open", "connecting", "connects", "connect failures",
+                         "score", "throughput", "connect time"], rows, [1, 3, 4, 5, 6, 7, 8, 9]));
   const total = Object.values(d.endpoint_states).reduce((a, b) => a + b, 0);
   if (total > d.endpoints.length) box.appendChild(el("p", "(" + d.endpoints.length + " of " + total + " listed)", "muted"));
   return box;

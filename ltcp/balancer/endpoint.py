@@ -61,7 +61,7 @@ class Endpoint:
         self.failures = 0  # consecutive connect failures
         self.connects = 0
         self.connect_failures = 0
-        self.moved = 0  # bytes its streams have read, both ways
+        self.moved = 0  # bytes its streams have read, both ways, once open a second (duplex.LONG_LIVED)
         self.rate = 0.0  # moving average of bytes per second, as of rate_at
         self.rate_at = None
         self.rate_moved = 0  # ``moved`` at rate_at

@@ -26,8 +26,11 @@ ewma
 The same two draws, compared on a score that also counts what each endpoint
 is doing, measured by two moving averages with time constant ``decayTimeMs``:
 
-* ``rate``: bytes per second moved by its streams, both ways, decayed
-  exponentially (``decayed_rate``);
+* ``rate``: bytes per second moved by its streams that have been open for a
+  second or more, both ways, decayed exponentially (``decayed_rate``).  The
+  bytes of short streams are left out: an endpoint that answers quickly
+  serves more requests and so moves more bytes, and counting them would
+  steer streams away from the fastest endpoints;
 * ``latency``: how long its connects take, a peak-sensitive average
   (``peak_ewma``): the record fades toward zero with time, a connect slower
   than what is left of it is taken at once, and a faster one is averaged in;

@@ -31,6 +31,9 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 PIPE_SIZE = 1 << 18  # bytes one splice may move; the kernel caps it at fs.pipe-max-size
 SPLICE_ROUNDS = 4  # splices per wakeup while the other side keeps up
+# Seconds a stream must have been open before its bytes count in its endpoint's throughput: the bytes of
+# request-and-answer streams are an endpoint's work done, those of long streams its load (balancer.load).
+LONG_LIVED = 1.0
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)  # not an error, just "not now"
 
 
@@ -121,8 +124,9 @@ class Leg(Registration):
         # arrived(n), spelled out: this is the path every small message takes.
         self.received += n
         self.tally.value += n
-        duplex.endpoint.moved += n
-        duplex.last_active = self.reactor.now
+        now = duplex.last_active = self.reactor.now
+        if now - duplex.started >= LONG_LIVED:
+            duplex.endpoint.moved += n
         peer = self.peer
         try:
             sent = peer.sock.send(duplex.view[:n])
@@ -156,8 +160,9 @@ class Leg(Registration):
         self.received += n
         self.tally.value += n
         duplex = self.duplex
-        duplex.endpoint.moved += n
-        duplex.last_active = self.reactor.now
+        now = duplex.last_active = self.reactor.now
+        if now - duplex.started >= LONG_LIVED:
+            duplex.endpoint.moved += n
         return True
 
     def reached_eof(self):

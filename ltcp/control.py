@@ -7,12 +7,15 @@ trust model holds, and configurations and snapshots cross as they are.
 
 supervisor -> worker::
 
-    ("start", config, material, sockets, generation)
+    ("start", config, material, sockets, generation, secret)
                                              first, once: the TLS files' bytes (tls.TlsMaterial) as the
-                                             supervisor checked them; sockets maps listener_key -> fd
+                                             supervisor checked them; sockets maps listener_key -> fd;
+                                             secret: what old workers handing streams over must show
     ("update", label, name, addresses)       a watched name's endpoint set (None: resolves to nothing)
     ("snapshot", token, listed)              please answer with your snapshot
-    ("drain",)                               stop accepting, finish streams within graceSecs, exit
+    ("drain", targets)                       stop accepting, hand plain streams to the new workers targets
+                                             [(pid, secret)] (dataplane.handover), finish the others within
+                                             graceSecs, exit
     ("pause", token)                         an upgrade: answer ("paused", token), then send nothing more...
     ("resume",)                              ... until the new supervisor says so (on the same channel)
 

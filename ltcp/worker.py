@@ -34,8 +34,9 @@ MAX_LOG_BACKLOG = 4 << 20  # bytes queued for the supervisor beyond which access
 
 
 class Worker:
-    def __init__(self, config, material, sock, framer, sockets, generation):
+    def __init__(self, config, material, sock, framer, sockets, generation, secret=None):
         self.generation = generation
+        self.secret = secret  # what workers handing streams to this one prove themselves with
         self.remote = {router.label: RemoteDiscovery(router.label, self.send) for router in config.routers}
         self.app = App(config, interpreters=self.remote, sockets=sockets, log_sink=self._send_log, material=material)
         self.channel = Channel(self.app.reactor, sock, self._received, self._orphaned, framer)
@@ -54,6 +55,7 @@ class Worker:
         """Serve until drained; the exit status."""
         app = self.app
         app.start()
+        app.receive_streams(self.secret)
         log.info("worker %d (generation %d) serving", os.getpid(), self.generation)  # (before the supervisor knows)
         self.send(("ready", os.getpid()))
         tune_garbage_collection()
@@ -71,7 +73,7 @@ class Worker:
             _, token, listed = message
             self.send(("snapshot", token, snapshot(self.app, listed)))
         elif kind == "drain":
-            self.app.drain()
+            self.app.drain(message[1] if len(message) > 1 else ())
             self.send(("draining",))  # nothing is accepted here any more
         elif kind == "pause":
             self.send(("paused", message[1]))  # the last frame the old supervisor reads
@@ -116,8 +118,8 @@ SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUS
 
 
 def _receive_start(sock, framer):
-    """Block for the first message, ("start", config, material, sockets by key -> fd, generation); and any after
-    it."""
+    """Block for the first message, ("start", config, material, sockets by key -> fd, generation, secret); and
+    any after it."""
     while True:
         data = sock.recv(1 << 20)
         if not data:
@@ -148,10 +150,10 @@ def serve(sock, sockets=None):
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # the supervisor's mask is inherited: a worker has one thread
     framer = Framer()
-    (_, config, material, fds, generation), early = _receive_start(sock, framer)
+    (_, config, material, fds, generation, *secret), early = _receive_start(sock, framer)
     if sockets is None:
         sockets = {key: socket.socket(fileno=number) for key, number in fds.items()}
-    worker = Worker(config, material, sock, framer, sockets, generation)
+    worker = Worker(config, material, sock, framer, sockets, generation, *secret)
     # A service manager may signal every process of the service, and a terminal's Ctrl-C
     # the whole process group: both drain here too (as the supervisor's order would).
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,8 +1,10 @@
 import logging
 import signal
+import ssl
 import threading
 
 import pytest
+import trustme
 
 from ltcp.loop import Reactor
 from netutil import Backend, LtcpProcess, Proxy
@@ -108,3 +110,31 @@ def no_logged_errors(request, caplog):
         return
     errors = [r for r in caplog.get_records("call") if r.name.startswith("ltcp") and r.levelno >= logging.ERROR]
     assert not errors, "ltcp logged errors:\n" + "\n".join(r.getMessage() for r in errors)
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    """Two CAs, each with a certificate for web.example.com; a client context that trusts both."""
+    root = tmp_path / "pki"
+    root.mkdir()
+    cas = [trustme.CA(), trustme.CA()]
+    issued = []
+    for i, ca in enumerate(cas):
+        cert = ca.issue_cert("web.example.com")
+        key, crt = root / f"web{i}.key", root / f"web{i}.crt"
+        cert.private_key_pem.write_to_path(str(key))
+        cert.cert_chain_pems[0].write_to_path(str(crt))
+        issued.append((key.read_bytes(), crt.read_bytes()))
+    context = ssl.create_default_context()
+    for ca in cas:
+        context.load_verify_locations(cadata=ca.cert_pem.bytes().decode())
+    live = {"privateKey": str(root / "live.key"), "certs": [str(root / "live.crt")]}
+
+    def install(index):
+        """Put certificate ``index`` where the configuration points."""
+        key, crt = issued[index]
+        (root / "live.key").write_bytes(key)
+        (root / "live.crt").write_bytes(crt)
+
+    install(0)
+    return live, install, context, cas

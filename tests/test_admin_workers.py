@@ -112,7 +112,8 @@ def test_with_no_worker_serving_every_page_answers_and_says_so(instances, backen
 
 
 def two_servers(interpreter):
-    return {"workers": 2, "admin": {"port": 0, "graceSecs": 30}, "routers": [{
+    # (streams stay with their generation here, which is what these tests look at: no hand-over)
+    return {"workers": 2, "handOver": False, "admin": {"port": 0, "graceSecs": 30}, "routers": [{
         "label": "r", "interpreter": interpreter,
         "servers": [{"port": 0, "dstName": "/svc/a"}, {"port": 0, "dstName": "/svc/dead", "connectTimeoutMs": 2000}]}]}
 

@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-import trustme
 import urllib3
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -245,34 +244,6 @@ def test_post_reload_applies_a_new_endpoint_list_and_refuses_cross_site_requests
     wait_for(lambda: not any(alive(pid) for pid in ltcp.workers), timeout=20, message="old workers to exit")
     # Counters survive the workers that counted them.
     assert metrics(ltcp)[("ltcp_accepted_total", (("router", "r"), ("server", f"127.0.0.1:{ltcp.port}")))] == 11
-
-
-@pytest.fixture
-def certificates(tmp_path):
-    """Two CAs, each with a certificate for web.example.com; a client context that trusts both."""
-    root = tmp_path / "pki"
-    root.mkdir()
-    cas = [trustme.CA(), trustme.CA()]
-    issued = []
-    for i, ca in enumerate(cas):
-        cert = ca.issue_cert("web.example.com")
-        key, crt = root / f"web{i}.key", root / f"web{i}.crt"
-        cert.private_key_pem.write_to_path(str(key))
-        cert.cert_chain_pems[0].write_to_path(str(crt))
-        issued.append((key.read_bytes(), crt.read_bytes()))
-    context = ssl.create_default_context()
-    for ca in cas:
-        context.load_verify_locations(cadata=ca.cert_pem.bytes().decode())
-    live = {"privateKey": str(root / "live.key"), "certs": [str(root / "live.crt")]}
-
-    def install(index):
-        """Put certificate ``index`` where the configuration points."""
-        key, crt = issued[index]
-        (root / "live.key").write_bytes(key)
-        (root / "live.crt").write_bytes(crt)
-
-    install(0)
-    return live, install, context, cas
 
 
 @pytest.mark.timeout(240)

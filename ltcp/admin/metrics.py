@@ -51,6 +51,9 @@ FAMILIES = {  # key: (family class, name, help, labels)
                  _SERVER),
     "fallbacks": (CounterMetricFamily, "ltcp_sni_fallbacks", "Streams sent to defaultDstName, by cause",
                   _SERVER + ["cause"]),
+    "handed_over": (CounterMetricFamily, "ltcp_streams_handed_over",
+                    "Open streams a drain offered to the next generation's workers, by outcome (moved, kept to "
+                    "drain, failed)", _SERVER + ["outcome"]),
     "context_failures": (CounterMetricFamily, "ltcp_tls_context_failures",
                          "Workers that could not build the server's TLS contexts, and so did not serve it", _SERVER),
     "paused": (CounterMetricFamily, "ltcp_listener_paused_seconds",
@@ -115,6 +118,8 @@ def _render_server(f, values, server):
         f["stream_failures"].add_metric(values + [cause], count)
     for cause, count in sorted(server["sni_fallbacks"].items()):
         f["fallbacks"].add_metric(values + [cause], count)
+    for outcome, count in sorted(server.get("handed_over", {}).items()):  # (absent from workers before it)
+        f["handed_over"].add_metric(values + [outcome], count)
     f["context_failures"].add_metric(values, server.get("tls_context_failures", 0))  # (absent before this version)
     for reason, seconds in sorted(server.get("paused_seconds", {}).items()):  # (workers older than it: none)
         f["paused"].add_metric(values + [reason], seconds)

@@ -64,6 +64,7 @@ def _server(listener):
         "sent_bytes": listener.sent.value,
         "failures": {**listener.failures, **{k: v for k, v in listener.endings.items() if k != "done"}},
         "sni_fallbacks": dict(listener.fallbacks),
+        "handed_over": dict(listener.handed_over),
         "tls_context_failures": listener.context_failures,
         "connect_latency": listener.connect_latency.copy(),
         "stream_duration": listener.stream_duration.copy(),

@@ -206,6 +206,17 @@ class Balancer:
         self.streams += 1
         self.active += 1
 
+    def stream_adopted(self, endpoint, ending):
+        """A stream handed over from another worker runs on ``endpoint`` (counted as established there)."""
+        endpoint.acquire()
+        endpoint.ending += ending
+        self.active += 1
+
+    def adopt_endpoint(self, sockaddr):
+        """The endpoint at ``sockaddr`` for a stream handed over: the one discovery gave, or one kept as
+        retired until the stream ends (this worker may not know the name's endpoints yet, or no longer)."""
+        return self.set.adopt(*sockaddr)
+
     def stream_closed(self, endpoint, ending=False):
         endpoint.release(ending)
         self.active -= 1

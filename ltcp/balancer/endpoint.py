@@ -224,6 +224,15 @@ class EndpointSet:
             self._start_ramp(endpoint, now)
             self._rebuild()
 
+    def adopt(self, ip, port):
+        """The endpoint at (ip, port) for a stream that already runs on it: known, or kept as retired."""
+        key = (ip, port)
+        endpoint = self.endpoints.get(key) or self.retired.get(key)
+        if endpoint is None:
+            endpoint = self.retired[key] = Endpoint(ip, port)
+            endpoint.move("retire")
+        return endpoint
+
     def settle(self, endpoint):
         """Forget a retired endpoint once nothing runs on it any more."""
         if endpoint.state is RETIRED and not endpoint.in_use:

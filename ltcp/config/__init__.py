@@ -393,6 +393,7 @@ class Config:
     admin: AdminConfig = spec(section(AdminConfig), AdminConfig())
     buffer_size_bytes: int = spec(integer(1024, 64 * 1024 * 1024), 16384)
     workers: int = spec(worker_count, 1)
+    hand_over: bool = spec(boolean, True)  # reloads and upgrades move open plain-TCP streams to the new workers
     access_log: Optional[AccessLogConfig] = spec(section(AccessLogConfig), None)
 
 

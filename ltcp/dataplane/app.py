@@ -9,6 +9,7 @@ import logging
 import resource
 
 from .accesslog import FileWriter, StreamLog
+from .handover import Mover, Receiver
 from ..loop import Reactor
 from .router import Router
 from .server import StreamBudget
@@ -102,6 +103,8 @@ class App:
         self.closed = False
         self.draining = False
         self.grace_timer = None
+        self.receiver = None  # handover.Receiver: streams old workers hand to this one
+        self.mover = None  # handover.Mover: this one's streams, handed to the next generation
         self.budget = stream_budget(config, control_plane=interpreters is None)
         if interpreters is None:
             from ..balancer.health import checked
@@ -137,8 +140,20 @@ class App:
     def request_drain(self):
         self.reactor.call_soon_threadsafe(self.drain)
 
-    def drain(self):
-        """Stop accepting, let open streams finish for graceSecs, then stop."""
+    def receive_streams(self, secret):
+        """Take the streams draining workers hand over (``handOver``), from those that know ``secret``."""
+        if self.config.hand_over and secret:
+            self.receiver = Receiver(self.reactor, secret, self._adopt)
+
+    def _adopt(self, record, client, upstream):
+        for listener in self.listeners:
+            if listener.label == record.router and listener.address == record.listener:
+                return listener.adopt(record, client, upstream)
+        return None  # the new configuration does not serve it: it stays where it is, and drains
+
+    def drain(self, targets=()):
+        """Stop accepting, hand open streams to the new workers ``targets`` [(pid, secret)] if there are any
+        (``handOver``), let the others finish for graceSecs, then stop."""
         if self.draining:
             return
         for router in self.routers:
@@ -151,9 +166,15 @@ class App:
             return
         self.budget.on_empty = self._drained
         self.grace_timer = self.reactor.call_later(grace, self._grace_over)
+        if targets and self.config.hand_over:
+            self.mover = Mover(self.reactor, self.listeners, targets, lambda listener, duplex: listener.let_go(duplex),
+                               lambda listener, outcome: listener.handed_over.update((outcome,)))
+            self.mover.start()
 
     def _grace_over(self):
         self.grace_timer = None
+        if self.mover is not None:
+            self.mover.close()
         log.info("grace period over: closing %d streams", self.budget.used)
         for router in self.routers:
             router.close_streams()  # the last release calls _drained
@@ -169,6 +190,9 @@ class App:
     def close(self):
         if not self.closed:
             self.closed = True
+            for part in (self.receiver, self.mover):
+                if part is not None:
+                    part.close()
             for router in self.routers:
                 router.close()
             if self.access_log is not None:

@@ -291,7 +291,7 @@ class Leg(Registration):
         # Backlogged (bytes wait to be written to it) is spelled out, not a property:
         # this runs on every readiness change.
         events = WRITE if self.pending is not None or self.piped else 0
-        if self.reading is OPEN:
+        if self.reading is OPEN and not self.duplex.held:
             peer = self.peer
             if peer.pending is None and not peer.piped:
                 events |= READ
@@ -395,32 +395,38 @@ class Duplex:
     """
 
     __slots__ = ("reactor", "client", "upstream", "owner", "balancer", "endpoint", "envelope", "buffer", "view",
-                 "started", "last_active", "timer", "closed", "ending", "reason", "detail", "from_client",
+                 "started", "last_active", "timer", "closed", "ending", "held", "reason", "detail", "from_client",
                  "to_client")
 
-    def __init__(self, owner: DuplexOwner, dial, upstream_sock, upstream_events, buffer):
-        """Take over ``dial``'s client (still registered for ``dial.events``) and its upstream socket.
+    def __init__(self, owner: DuplexOwner, route, client_sock, client_events, upstream_sock, upstream_events,
+                 buffer, resumed=None):
+        """Take over the client and upstream sockets (left registered for ``*_events``) of a stream routed
+        ``route`` (balancer, endpoint, envelope).
 
-        ``buffer`` is the shared transfer buffer, and ``owner.view`` a memoryview of it.
+        ``buffer`` is the shared transfer buffer, and ``owner.view`` a memoryview of it.  ``resumed``: a
+        stream another worker ran until now (``handover.StreamRecord``): its counts, the ends already passed
+        on, and its start go on; it waits, held, for ``hold(False)``.
         """
-        reactor = self.reactor = dial.reactor
-        envelope = self.envelope = dial.envelope
+        reactor = self.reactor = owner.reactor
+        self.balancer, self.endpoint, envelope = route
+        self.envelope = envelope
         self.owner = owner
-        self.balancer = dial.balancer
-        self.endpoint = dial.endpoint
         self.buffer = buffer
         self.view = owner.view
         self.closed = False
         self.ending = False  # counted in its endpoint's ``ending``: one side has finished sending
+        self.held = resumed is not None  # reading neither side: a hand-over waits for what was read to be out
         self.reason = None
         self.detail = ""
         self.from_client = self.to_client = 0  # bytes, once closed: read from the client, written to it
         self.started = self.last_active = reactor.now
-        client = self.client = _leg(self, dial.client, owner.received)
+        client = self.client = _leg(self, client_sock, owner.received)
         upstream = self.upstream = _leg(self, upstream_sock, owner.sent)
         client.peer = upstream
         upstream.peer = client
-        client.adopt(dial.events, client.wanted())
+        if resumed is not None:
+            self._resume(resumed)
+        client.adopt(client_events, client.wanted())
         upstream.adopt(upstream_events, upstream.wanted())
         for leg in (client, upstream):
             if leg.tls and leg.sock.pending():  # bytes that came with the end of the handshake raise no event
@@ -431,7 +437,53 @@ class Duplex:
         first = min(idle, lifetime) if idle and lifetime else idle or lifetime
         self.timer = reactor.call_later(first, self._check_limits) if first else None
 
+    def _resume(self, record):
+        self.started, self.last_active = record.started, record.last_active
+        self.ending = record.client_ended or record.upstream_ended
+        for leg, received, ended, shut in ((self.client, record.from_client, record.client_ended, record.client_shut),
+                                           (self.upstream, record.from_upstream, record.upstream_ended,
+                                            record.upstream_shut)):
+            leg.received = received
+            if ended:
+                leg.reading = leg.reading.moves["eof"]
+            if shut:
+                leg.writing = leg.writing.moves["shut"]
+
+    def hold(self, held):
+        """Stop (or start again) reading both sockets: what was read goes on being written meanwhile."""
+        if self.held != held and not self.closed:
+            self.held = held
+            for leg in (self.client, self.upstream):
+                leg.want(leg.wanted())
+
+    @property
+    def movable(self):
+        """Plain sockets on both sides: the stream can be handed to another process as it is."""
+        return not (self.closed or self.client.tls or self.upstream.tls)
+
+    @property
+    def quiet(self):
+        """Held, with nothing read left to write: handing it over now loses no byte."""
+        client, upstream = self.client, self.upstream
+        return (self.held and not self.closed and client.pending is None and not client.piped
+                and upstream.pending is None and not upstream.piped)
+
+    def let_go(self):
+        """This process hands the stream to another: its sockets are closed here (never shut down, the other
+        process holds them), and nobody is told of an end."""
+        self.closed = True
+        self.reason = "moved"
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.client.release(False)
+        self.upstream.release(False)
+        self.client.peer = self.upstream.peer = None
+        self.client = self.upstream = None
+
     def __repr__(self):
+        if self.client is None:
+            return f"<Duplex {self.balancer.prefix} {self.envelope.source} -> {self.endpoint.address} moved>"
         state = f"closed ({self.reason}{': ' + self.detail if self.detail else ''})" if self.closed else "open"
         return (f"<Duplex {self.balancer.prefix} {self.envelope.source} -> {self.endpoint.address} {state} "
                 f"client={self.client!r} upstream={self.upstream!r}>")

@@ -222,6 +222,7 @@ class Listener:
         self.failures = collections.Counter()  # cause -> streams that never reached an endpoint
         self.fallbacks = collections.Counter()  # cause -> streams sent to defaultDstName for want of SNI
         self.endings = collections.Counter()  # reason -> established streams that ended so
+        self.handed_over = collections.Counter()  # outcome -> streams a drain offered to the next generation
         self.connect_latency = Histogram(LATENCY_BUCKETS)  # accept -> upstream established
         self.stream_duration = Histogram(DURATION_BUCKETS)  # upstream established -> closed
         self.dials = set()  # streams still connecting
@@ -428,7 +429,8 @@ class Listener:
 
     def established(self, dial, endpoint, upstream, upstream_events):
         try:
-            duplex = Duplex(self, dial, upstream, upstream_events, self.buffer)
+            duplex = Duplex(self, (dial.balancer, endpoint, dial.envelope), dial.client, dial.events, upstream,
+                            upstream_events, self.buffer)
         except Exception as exc:
             self._lost(exc, dial, dial.client, dial.envelope, upstream)
             return
@@ -458,6 +460,37 @@ class Listener:
             log.debug("%s %s: stream from %s failed: %s%s", self.label, envelope.dst_name, envelope.source, cause,
                       f" ({dial.failure})" if dial.failure else "")
         self._ended_unconnected(dial.client, dial.envelope, getattr(dial, "endpoint", None), cause)
+
+    # -- streams handed between workers (dataplane.handover) ------------------------------
+
+    def adopt(self, record, client, upstream):
+        """A stream another worker ran until now: a held Duplex that this listener answers for, or None when
+        this worker cannot take it (it is draining, full, or has no route to its destination)."""
+        if self.closed or self.active >= self.config.max_concurrency or not self.budget.has_room():
+            return None
+        balancer = self.binder.bind(record.dst_name)
+        if balancer is None:
+            return None
+        endpoint = balancer.adopt_endpoint(record.endpoint)
+        envelope = Envelope(record.source, record.dst_name, record.accepted_at, record.accepted_at,
+                            record.lifetime, record.idle_timeout)
+        envelope.destination = record.destination
+        client.setblocking(False)
+        upstream.setblocking(False)
+        duplex = Duplex(self, (balancer, endpoint, envelope), client, 0, upstream, 0, self.buffer, resumed=record)
+        self.active += 1
+        self.budget.acquire()
+        self.streams.add(duplex)
+        balancer.stream_adopted(endpoint, duplex.ending)
+        return duplex
+
+    def let_go(self, duplex):
+        """``duplex`` runs in another worker now: it leaves this one's counts without ending here."""
+        self.streams.discard(duplex)
+        duplex.balancer.stream_closed(duplex.endpoint, duplex.ending)
+        duplex.let_go()
+        self.active -= 1
+        self.budget.release()
 
     def _ended_unconnected(self, client, envelope, endpoint, cause):
         """The end of a stream that never reached an endpoint (``endpoint``: the last one tried, if any)."""

@@ -9,6 +9,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -67,6 +68,7 @@ class WorkerProcess:
         self.ready = threading.Event()
         self.stopped_accepting = threading.Event()  # set when it confirms a drain order
         self.link = None  # None for a worker inherited through an upgrade: it is only waited for
+        self.secret = None  # what a worker handing it streams must show (hex); known for those this code started
         self.channel = None  # such a worker's channel descriptor, held open until it must drain
         self.final = None  # its last snapshot, sent when it finished draining
         self.last = None  # the latest snapshot it answered (stands in if it fails to answer, or is killed)
@@ -192,12 +194,13 @@ class Fleet:
         finally:
             child.close()
         worker = WorkerProcess(slot, generation.number, pid)
+        worker.secret = secrets.token_hex(16)
         worker.link = Link(parent, f"worker-{pid}", lambda message: self._received(generation, worker, message),
                            lambda: self._closed(generation, worker, wait))
         with self.lock:
             generation.workers[slot] = worker
         fds = {key: sock.fileno() for key, sock in sockets.items()}  # (a fresh interpreter has them by number)
-        worker.link.send(("start", generation.config, generation.material, fds, generation.number))
+        worker.link.send(("start", generation.config, generation.material, fds, generation.number, worker.secret))
         worker.link.start()
         log.info("worker %d started (generation %d, slot %d)", pid, generation.number, slot)
         return worker

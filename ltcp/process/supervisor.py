@@ -302,10 +302,15 @@ class Supervisor(Fleet, Reloads, Upgrades, AdminView):
         self._close_sockets(keep=())  # new clients are refused once the workers stop accepting
 
     def _drain(self, worker):
+        """Tell ``worker`` to drain; on a reload or an upgrade, it hands its plain streams to the current
+        generation's workers (``handOver``)."""
         worker.state = "draining"
         self.kill_at[worker] = time.monotonic() + self.current.config.admin.grace_secs + KILL_MARGIN
         if worker.link is not None:
-            worker.link.send(("drain",))
+            handing = self.current.config.hand_over and not self.stopping
+            targets = [(w.pid, w.secret) for w in self.current.workers.values()
+                       if handing and w is not worker and w.secret and w.state == "serving"]
+            worker.link.send(("drain", targets))
         elif worker.channel is not None:  # inherited through an upgrade: closing its channel drains it
             if worker.channel >= 0:
                 os.close(worker.channel)

@@ -9,7 +9,7 @@ from ltcp.balancer import UPDATE_SLICE, Balancer
 from ltcp.balancer.dial import MAX_ATTEMPTS
 from ltcp.config import Address, ClientSettings
 from ltcp.balancer.endpoint import AVAILABLE, FAILED
-from ltcp.dataplane.server import StreamBudget
+from ltcp.dataplane.budget import StreamBudget
 from netutil import client_hello, echo, named, recv_all, recv_exactly, refused_port, static_config, wait_for
 
 

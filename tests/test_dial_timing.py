@@ -11,7 +11,8 @@ from ltcp.balancer.dial import MAX_ATTEMPTS, PAUSED, Dial
 from ltcp.config import Address, ClientSettings, FailFastConfig
 from ltcp.balancer.endpoint import AVAILABLE, FAILED
 from ltcp.loop import Reactor
-from ltcp.dataplane.server import Envelope, StreamBudget
+from ltcp.dataplane.budget import StreamBudget
+from ltcp.dataplane.server import Envelope
 from netutil import refused_port, wait_for
 
 NS = 1_000_000_000

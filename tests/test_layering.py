@@ -86,7 +86,7 @@ LEVELS = {"protocol": 0, "config": 0, "interpreter": 1, "balancer": 1, "dataplan
 # Entry points, and the worker's control channel: both stay in ltcp/ because they are named on the wire.
 ENTRY_POINTS = {"ltcp", "ltcp.__main__", "ltcp.cli", "ltcp.worker", "ltcp.control"}
 # The in-process mode (tests, embedding) sizes the admin server's share of descriptors: a lazy import, in one place.
-ALLOWED_UPWARD = {("ltcp.dataplane.app", "ltcp.admin.httpd")}
+ALLOWED_UPWARD = {("ltcp.dataplane.budget", "ltcp.admin.httpd")}
 
 
 def plane(module):

@@ -6,72 +6,17 @@ tests run one in-process, with discovery on threads of their own.
 
 import gc
 import logging
-import resource
 
 from .accesslog import FileWriter, StreamLog
 from .handover import Mover, Receiver
 from ..loop import Reactor
 from .router import Router
-from .server import StreamBudget
+from .budget import stream_budget
 from ..protocol.tls import read_material
 
 __all__ = ["App", "tune_garbage_collection"]
 
 log = logging.getLogger(__name__)
-
-RESERVED_DESCRIPTORS = 32  # stdio, epoll, wakeup pipe, the control channel, logs, a margin
-
-
-def reserved_descriptors(config, control_plane):
-    """Descriptors left to everything but streams: listeners, and the control plane's when it shares the process."""
-    listeners = sum(len(r.servers) for r in config.routers)
-    return RESERVED_DESCRIPTORS + listeners + (control_plane_descriptors(config) if control_plane else 0)
-
-
-def control_plane_descriptors(config):
-    """The admin server's clients and discovery's requests, at most."""
-    from ..admin import httpd
-    from ..config import NamerdConfig
-    from ..interpreter.namerd import MAX_STREAMS, POLL_WORKERS
-    admin = httpd.MAX_CONNECTIONS + httpd.MAX_QUEUED + httpd.HANDLER_THREADS
-    discovery = sum(MAX_STREAMS + POLL_WORKERS if isinstance(r.interpreter, NamerdConfig) else 1
-                    for r in config.routers)
-    return admin + discovery
-
-
-def raise_descriptor_limit():
-    """Raise the soft descriptor limit to the hard one (when allowed); the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def stream_budget(config, control_plane=True):
-    """How many streams, pooled connections and splice pipes fit in the descriptor limit (raised first).
-
-    A quarter of the descriptors is set aside for the pipes duplexes splice
-    bulk data through (two descriptors each, one pipe per direction), and,
-    when any client keeps pre-established connections, another quarter for
-    them (every destination's pool together); the rest holds streams, two
-    descriptors each.  A stream that finds no pipe left copies instead.
-    """
-    soft = raise_descriptor_limit()
-    available = soft - reserved_descriptors(config, control_plane)
-    pooling = any(r.client.min_connections or any(c.overrides.get("min_connections") for c in r.client.configs)
-                  for r in config.routers)
-    share = max(0, available // 4)
-    pool = share if pooling else 0
-    pipes = share // 2
-    streams = max(1, (available - pool - 2 * pipes) // 2)
-    log.info("descriptor limit %d: at most %d concurrent streams in this process (%d splice pipes%s)", soft, streams,
-             pipes, f", {pool} pre-established connections" if pool else "")
-    return StreamBudget(streams, pool, pipes)
-
 
 class App:
     """Every router of a configuration on one reactor.

@@ -380,7 +380,7 @@ class DuplexOwner(Protocol):
     received: Tally
     sent: Tally
     view: memoryview  # of the shared transfer buffer, made once
-    pipes: object  # the budget's share of splice pipes (a server.Share): take() one, give_back() it
+    pipes: object  # the budget's share of splice pipes (a budget.Share): take() one, give_back() it
 
     def stream_closed(self, duplex: "Duplex") -> None: ...
 

@@ -25,7 +25,7 @@ from .intake import Intake
 from ..loop import READ
 from ..names import display_address
 
-__all__ = ["Envelope", "Listener", "Share", "StreamBudget", "listen"]
+__all__ = ["Envelope", "Listener", "listen"]
 
 log = logging.getLogger(__name__)
 
@@ -76,72 +76,6 @@ class Pause:
         self.released = since  # reactor time it was last let go
         self.again = 0  # times it was held back since, not logged
         self.timer = None  # looks whether the listener has been calm for long enough
-
-
-class Share:
-    """A part of the descriptor budget set aside for one use, counted in units.
-
-    When it is used up, ``take`` says so and the caller does without (no pooled
-    connection, no splice pipe), rather than run the process out of descriptors.
-    """
-
-    __slots__ = ("capacity", "used")
-
-    def __init__(self, capacity):
-        self.capacity = capacity
-        self.used = 0
-
-    def take(self):
-        """Count one more unit, if the share has room; whether it had."""
-        if self.used >= self.capacity:
-            return False
-        self.used += 1
-        return True
-
-    def give_back(self):
-        if self.used <= 0:
-            raise RuntimeError("a unit given back that was never taken")
-        self.used -= 1
-
-
-class StreamBudget:
-    """How many streams the whole process may hold, shared by every listener.
-
-    Sized from the descriptor limit so that a stream, once accepted, can
-    always open its upstream socket: accepting every client first and then
-    finding no descriptor left for any upstream would stall them all.
-    What else a stream may open has a share of its own, so that it cannot
-    eat the streams' descriptors: pre-established connections
-    (``minConnections``, which SNI names can multiply) and the pipes a duplex
-    splices bulk data through.
-    """
-
-    def __init__(self, capacity, pool_capacity=0, pipe_capacity=0):
-        self.capacity = capacity
-        self.used = 0
-        self.pool = Share(pool_capacity)  # idle pre-established connections, every balancer together
-        self.pipes = Share(pipe_capacity)  # splice pipes (two descriptors each), every stream together
-        self.waiting = set()  # listeners paused until a stream ends
-        self.on_empty = None  # called when the last stream ends (graceful drain)
-
-    def has_room(self):
-        return self.used < self.capacity
-
-    def acquire(self):
-        """Count one more stream (the caller has checked ``has_room``)."""
-        self.used += 1
-
-    def release(self):
-        """A stream has ended: listeners that waited for room may accept again."""
-        if self.used <= 0:
-            raise RuntimeError("a stream released that was never acquired")
-        self.used -= 1
-        if self.waiting:
-            waiting, self.waiting = self.waiting, set()
-            for listener in waiting:
-                listener.resume()
-        if not self.used and self.on_empty is not None:
-            self.on_empty()
 
 
 def listen(config):

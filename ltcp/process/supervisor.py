@@ -33,7 +33,7 @@ import time
 
 from ..admin.server import AdminServer, exit_now
 from ..dataplane.accesslog import FileWriter
-from ..dataplane.app import raise_descriptor_limit
+from ..dataplane.budget import raise_descriptor_limit
 from ..control import update_frame
 from ..interpreter.fanout import Hub
 from ..balancer.health import checked

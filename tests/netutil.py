@@ -324,13 +324,13 @@ def settled(app):
                             f"{len(listener.streams)} streams")
     for router in app.routers:
         for balancer in router.binder.balancers.values():
-            pooled += len(balancer.pool) + balancer.pool_connecting
+            pooled += len(balancer.pool) + balancer.pool.connecting
             if balancer.dials or balancer.waiters:
                 problems.append(repr(balancer))
             endpoints = list(balancer.endpoints.values()) + list(balancer.retired.values())
             problems.extend(repr(endpoint) for endpoint in endpoints if endpoint.active)
-            if sum(endpoint.pending for endpoint in endpoints) != balancer.pool_connecting:
-                problems.append(f"{balancer!r}: connects pending on endpoints, {balancer.pool_connecting} for its pool")
+            if sum(endpoint.pending for endpoint in endpoints) != balancer.pool.connecting:
+                problems.append(f"{balancer!r}: connects pending on endpoints, {balancer.pool.connecting} for its pool")
     if app.budget.pool.used != pooled:
         problems.append(f"budget: {app.budget.pool.used} pooled, {pooled} in pools")
     if app.budget.pipes.used:

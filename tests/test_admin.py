@@ -104,7 +104,8 @@ def test_metrics_match_the_traffic(proxies, backends):
 def test_routers_json_follows_discovery_and_ejection(proxies, backends, tmp_path):
     a = backends(named("a"))
     holder, dead_port = refused_port()
-    (tmp_path / "web").write_text(f"127.0.0.1 {a.port}\n127.0.0.1 {dead_port} 100\n")
+    # (the dead endpoint is drawn first but once in a million, so the first stream ejects it)
+    (tmp_path / "web").write_text(f"127.0.0.1 {a.port}\n127.0.0.1 {dead_port} 1000000\n")
     proxy = proxies({
         "admin": {"port": 0},
         "routers": [{
@@ -125,7 +126,7 @@ def test_routers_json_follows_discovery_and_ejection(proxies, backends, tmp_path
     assert router["label"] == "fs" and router["interpreter"] == "io.l5d.fs"
     endpoints = {e["address"]: e for e in router["destinations"][0]["endpoints"]}
     assert endpoints[f"127.0.0.1:{dead_port}"]["state"] == "failed"
-    assert endpoints[f"127.0.0.1:{dead_port}"]["weight"] == 100
+    assert endpoints[f"127.0.0.1:{dead_port}"]["weight"] == 1_000_000
     assert endpoints[f"127.0.0.1:{a.port}"]["state"] == "available"
     held = proxy.connect()
     assert held.recv(2) == b"a\n"

@@ -222,7 +222,7 @@ def test_min_connections_are_pre_established_and_replaced(proxies, backends):
     balancer = proxy.balancer("/svc/a")
     wait_for(lambda: proxy.call(lambda: len(balancer.pool)) == 3, message="pool refilled")
     wait_for(lambda: backend.accepted == accepted + 1, message="one replacement")
-    assert proxy.call(lambda: balancer.pool_connecting) == 0
+    assert proxy.call(lambda: balancer.pool.connecting) == 0
 
 
 def test_attempts_per_stream_are_bounded_when_every_endpoint_refuses(proxies):
@@ -261,7 +261,7 @@ def test_pooled_connections_stay_within_their_share_as_sni_multiplies_pools(prox
     wait_for(lambda: backend.open <= 40, message="idle pooled connections within their share")
 
     def pools():
-        return budget.pool.used, sum(len(b.pool) + b.pool_connecting for b in binder.balancers.values())
+        return budget.pool.used, sum(len(b.pool) + b.pool.connecting for b in binder.balancers.values())
 
     counted, held = proxy.call(pools)
     assert counted == held <= 40  # evicted balancers' pools were closed and returned their share

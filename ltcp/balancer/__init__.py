@@ -1,4 +1,4 @@
-"""One balancer per destination name: its endpoints, waiters and pool (its dials are ``dial``'s).
+"""One balancer per destination name: its endpoints and waiters (its dials are ``dial``'s, its pool ``pool``'s).
 
 Discovery updates arrive as events (``update``) on the reactor thread; the
 endpoints themselves, their states and the picker live in a pure
@@ -9,23 +9,20 @@ a slice per turn.
 """
 
 import collections
-import functools
 import logging
 import random
-import socket
 import time
 
 from ..protocol import proxyproto
-from .connector import CANCELLED, LOCAL_CAUSES, Connect
+from .connector import CANCELLED, LOCAL_CAUSES
 from .endpoint import RETIRED, EndpointSet
 from .load import ewma_score
-from ..loop import READ, WRITE, Registration
+from .pool import Pool
 
-__all__ = ["Balancer", "PooledConnection"]
+__all__ = ["Balancer"]
 
 log = logging.getLogger(__name__)
 
-POOL_RETRY = 1.0  # pause before refilling the pool after a failure
 UPDATE_SLICE = 2000  # addresses merged per reactor turn, so a huge answer never stalls the loop
 
 
@@ -50,9 +47,6 @@ class Balancer:
         self.queue = {}  # Dial -> None, oldest first: waiting for an endpoint below its connection limit
         self.queued = 0  # streams that ever waited in ``queue``
         self.penalties = {}  # ejected Endpoint -> its revive timer
-        self.pool = collections.deque()  # PooledConnection, ready to hand out
-        self.pool_connecting = 0
-        self.pool_timer = None
         self.closed = False
         self.merging = None  # an update being merged a slice per turn: (addresses, position, endpoints)
         self.next_update = None  # the newest update that arrived during a merge
@@ -62,6 +56,7 @@ class Balancer:
         self.connect_failures = collections.Counter()  # cause -> count
         self.tls = tls  # (client context, server name) when the endpoints speak TLS
         self.proxy_header = {"v1": proxyproto.build_v1, "v2": proxyproto.build_v2}.get(settings.proxy_protocol)
+        self.pool = Pool(self)  # pre-established connections (minConnections)
 
     def __repr__(self):
         counts = self.set.counts()
@@ -121,8 +116,8 @@ class Balancer:
             log.info("%s: %d endpoints (%d added, %d removed)", self.prefix, len(fresh), added, len(removed))
         # (and those to endpoints failing health checks, unless the picker must use them anyway)
         usable = set(self.set.picker.candidates) if self.set.unhealthy else ()
-        self._drop_pooled(lambda pooled: pooled.endpoint.sockaddr not in fresh
-                          or (not pooled.endpoint.healthy and pooled.endpoint not in usable))
+        self.pool.drop(lambda pooled: pooled.endpoint.sockaddr not in fresh
+                       or (not pooled.endpoint.healthy and pooled.endpoint not in usable))
         waiters, self.waiters = {**self.waiters, **self.queue}, {}
         self.queue = {}
         call_now = self.reactor.call_now  # (a bug in one waiter's step ends that stream, not the others)
@@ -132,7 +127,7 @@ class Balancer:
             else:
                 call_now(dial.fail, "no_endpoints")
         self._ramp_later()
-        self._fill_pool()
+        self.pool.fill()
 
     def _cancel_penalty(self, endpoint):
         timer = self.penalties.pop(endpoint, None)
@@ -259,75 +254,6 @@ class Balancer:
         self.waiters.pop(dial, None)
         self.queue.pop(dial, None)
 
-    # -- pre-established connections (minConnections) ---------------------------
-
-    def take_pooled(self):
-        """A pooled (endpoint, socket) ready for a stream (not registered), or None.
-
-        The stream's own budget covers the socket from now on.
-        """
-        if not self.pool:
-            return None
-        pooled = self.pool.popleft()
-        pooled.want(0)  # its callback must not outlive it: the stream registers its own
-        self.budget.pool.give_back()
-        self.reactor.call_soon(self._fill_pool)
-        return pooled.endpoint, pooled.sock
-
-    def _fill_pool(self):
-        # A PROXY header names the client, so a connection made before it arrives cannot carry one.
-        if self.closed or self.pool_timer is not None or self.proxy_header is not None:
-            return
-        settings = self.settings
-        for _ in range(settings.min_connections - len(self.pool) - self.pool_connecting):
-            endpoint = self.pick()
-            if endpoint is None or not self.budget.pool.take():
-                return
-            endpoint.begin_connect()
-            self.pool_connecting += 1
-            Connect(self.reactor, endpoint.family, endpoint.sockaddr, settings.connect_timeout_ms / 1000,
-                    functools.partial(self._pool_connected, endpoint, self.reactor.time()), tls=self.tls)
-
-    def _pool_connected(self, endpoint, started, sock, cause, detail=""):
-        self.pool_connecting -= 1
-        self.attempt_ended(endpoint, cause, detail, self.reactor.now - started)
-        if sock is None:
-            self.budget.pool.give_back()
-            self._refill_later()
-            return
-        if self.closed or endpoint.sockaddr not in self.endpoints:
-            self.budget.pool.give_back()
-            self.reactor.unregister(sock)
-            sock.close()
-            if endpoint.state is RETIRED:
-                self.set.settle(endpoint)
-            return
-        self.pool.append(PooledConnection(self, endpoint, sock))  # takes over the WRITE registration
-
-    def _refill_later(self):
-        if self.pool_timer is None and not self.closed:
-            self.pool_timer = self.reactor.call_later(POOL_RETRY, self._refill_now)
-
-    def _refill_now(self):
-        self.pool_timer = None
-        self._fill_pool()
-
-    def _drop_pooled(self, condition):
-        keep = collections.deque()
-        for pooled in self.pool:
-            if condition(pooled):
-                pooled.want(0)
-                pooled.sock.close()
-                self.budget.pool.give_back()
-            else:
-                keep.append(pooled)
-        self.pool = keep
-
-    def pooled_closed(self, pooled):
-        """A pooled connection was closed by its endpoint before use."""
-        self._drop_pooled(lambda p: p is pooled)
-        self._refill_later()
-
     def close(self):
         """Stop for good: fail waiters, close pooled connections, cancel penalties."""
         self.closed = True
@@ -338,47 +264,7 @@ class Balancer:
         self.queue.clear()
         if self.ramp_timer is not None:
             self.ramp_timer.cancel()
-        self._drop_pooled(lambda pooled: True)
+        self.pool.close()
         for timer in self.penalties.values():
             timer.cancel()
         self.penalties.clear()
-        if self.pool_timer is not None:
-            self.pool_timer.cancel()
-
-
-class PooledConnection(Registration):
-    """An idle upstream connection waiting to be handed to a stream.
-
-    While idle it is watched for readability: EOF means the endpoint closed it
-    (drop and replace); data means the server speaks first, so the bytes are
-    left in the kernel for the stream and the watch ends.
-    """
-
-    __slots__ = ("balancer", "endpoint", "sock", "reactor", "fd", "events")
-
-    def __init__(self, balancer, endpoint, sock):
-        self.balancer = balancer
-        self.endpoint = endpoint
-        self.sock = sock
-        self.reactor = balancer.reactor
-        self.fd = sock.fileno()
-        self.adopt(WRITE, READ)  # the connector left it registered for WRITE
-
-    def on_event(self, mask):
-        try:
-            # Peek below TLS too: only "closed or not" matters here.
-            data = socket.socket.recv(self.sock, 1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            self.want(0)
-        else:
-            self.balancer.pooled_closed(self)
-
-    def crashed(self, exc):
-        self.balancer.pooled_closed(self)
-
-    def __repr__(self):
-        return f"<PooledConnection fd={self.fd} to {self.endpoint.address}{' watched' if self.events else ''}>"

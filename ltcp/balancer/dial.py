@@ -133,7 +133,7 @@ class Dial(Registration):
 
     def next_attempt(self):
         balancer = self.balancer
-        pooled = balancer.take_pooled() if balancer.pool else None
+        pooled = balancer.pool.take() if balancer.pool else None
         if pooled is not None:
             endpoint, sock = pooled
             self.endpoint = endpoint

@@ -2,7 +2,7 @@
 
     python scripts/handover.py [--streams 10000] [--reloads 50] [--workers 2] [--hand-over/--no-hand-over]
 
-Starts an echo backend (a process of its own, one selector loop) and ltcp
+Starts an echo backend (sni_scale's: one selector loop) and ltcp
 with ``--workers`` workers and ``graceSecs: 600``, opens ``--streams`` idle
 streams (each echoes a line first), then sends SIGHUP ``--reloads`` times,
 one after the other.  For each reload it reports the seconds from SIGHUP
@@ -15,10 +15,8 @@ what a reload cost before.
 """
 
 import argparse
-import multiprocessing
 import os
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -29,31 +27,8 @@ import time
 
 import yaml
 
-
-def echo_server(listener):
-    """Echo every connection on one selector loop (runs in a process of its own)."""
-    selector = selectors.DefaultSelector()
-    listener.setblocking(False)
-    selector.register(listener, selectors.EVENT_READ)
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj is listener:
-                try:
-                    conn, _ = listener.accept()
-                except BlockingIOError:
-                    continue
-                conn.setblocking(False)
-                selector.register(conn, selectors.EVENT_READ)
-                continue
-            try:
-                data = key.fileobj.recv(65536)
-            except (BlockingIOError, ConnectionError):
-                data = None
-            if data:
-                key.fileobj.sendall(data)  # (a line at a time: never more than the socket takes)
-            elif data is not None or not data:
-                selector.unregister(key.fileobj)
-                key.fileobj.close()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sni_scale import EchoServer  # noqa: E402  (the echo backend of the SNI benchmark)
 
 
 class Ltcp:
@@ -157,12 +132,10 @@ def main():
     parser.add_argument("--hand-over", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 
-    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
-    backend = multiprocessing.Process(target=echo_server, args=(listener,), daemon=True)
-    backend.start()
+    backend = EchoServer()
     ltcp = Ltcp({"workers": args.workers, "handOver": args.hand_over, "admin": {"port": 0, "graceSecs": 600},
                  "routers": [{"label": "bench", "interpreter": {"kind": "io.l5d.static", "names": {
-                     "/svc/echo": [f"127.0.0.1:{listener.getsockname()[1]}"]}},
+                     "/svc/echo": [f"127.0.0.1:{backend.port}"]}},
                      "servers": [{"port": 0, "dstName": "/svc/echo", "connectTimeoutMs": 60000}],
                      "client": {"connectTimeoutMs": 10000}}]})
     try:
@@ -191,7 +164,6 @@ def main():
             sock.close()
     finally:
         ltcp.stop()
-        backend.terminate()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
 """The hand-over protocol without workers: its messages, hostile bytes, and a new worker that dies at any
 point of a hand-over (an old and a new side in this process, on one reactor, over a real socket)."""
 
+import json
 import os
 import socket
+import threading
 import types
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from ltcp.dataplane.handover import BATCH, HandOverError, Mover, Receiver, StreamRecord, decode, encode, streams_of
+from ltcp.dataplane import handover
+from ltcp.dataplane.handover import Mover, Receiver
+from netutil import echo, static_config, wait_for
+from ltcp.dataplane.streamrecord import BATCH, HandOverError, StreamRecord, decode, encode, streams_of
 
 texts = st.text(min_size=1, max_size=40)
 addresses = st.tuples(st.sampled_from(["127.0.0.1", "::1", "10.0.0.7"]), st.integers(0, 65535))
@@ -97,6 +102,12 @@ class NewStream:
     def hold(self, held):
         self.started |= not held
 
+    def dropped(self):
+        """Its answer could not be sent: the old side has it, this side closes its copies."""
+        assert not self.started
+        for sock in self.socks:
+            sock.close()
+
 
 def open_descriptors():
     return len(os.listdir("/proc/self/fd"))
@@ -136,7 +147,7 @@ def test_a_new_worker_dying_at_any_point_leaves_each_stream_to_exactly_one_side(
             for sock in stream.socks:
                 sock.close()
 
-    receiver = Receiver(reactor, "s3cret", adopt)
+    receiver = Receiver(reactor, "s3cret", adopt, lambda stream: stream.dropped())
     old = [OldStream(n) for n in range(streams)]
     listener = types.SimpleNamespace(label="r", address=("127.0.0.1", 7474), streams=set(old))
     outcomes = {}
@@ -177,3 +188,47 @@ def test_a_new_worker_dying_at_any_point_leaves_each_stream_to_exactly_one_side(
         for stream in old:
             stream.close()
     assert open_descriptors() == before
+
+
+def test_a_held_stream_outlives_its_idle_limit_while_its_answer_is_awaited(proxies, backends):
+    """Found by review: the idle timer closed a stream whose batch was in flight, and the answer then
+    released it a second time (and raised on the reactor).  Held, it is the hand-over's to end."""
+    proxy = proxies(static_config({"/svc/a": [backends(echo).addr]}, idleTimeoutMs=200))
+    client = proxy.connect()
+    client.sendall(b"hi")
+    assert client.recv(2) == b"hi"
+    listener = proxy.listener
+    (duplex,) = proxy.call(lambda: list(listener.streams))
+    secret = "s3cret"
+    new_worker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    new_worker.bind(handover.socket_name(secret))
+    new_worker.listen(1)
+    answer, received = threading.Event(), []
+
+    def slow_new_worker():
+        conn, _ = new_worker.accept()
+        with conn:
+            conn.recv(handover.MAX_MESSAGE)  # hello
+            data, fds, _, _ = socket.recv_fds(conn, handover.MAX_MESSAGE, 2)
+            received.extend(fds)
+            answer.wait(10)
+            conn.send(json.dumps({"adopted": [json.loads(data)["streams"][0][0]], "refused": []}).encode())
+            conn.recv(1)
+
+    thread = threading.Thread(target=slow_new_worker, daemon=True)
+    thread.start()
+    proxy.call(proxy.app.drain, [(os.getpid(), secret)])
+    wait_for(lambda: received, message="the batch to arrive")
+    idle_until = proxy.call(lambda: duplex.last_active + 0.2)
+    wait_for(lambda: proxy.call(proxy.app.reactor.time) > idle_until + 0.1, message="its idle limit to pass")
+    assert proxy.call(lambda: not duplex.closed)
+    answer.set()
+    proxy.thread.join(10)  # (its last stream gone, the drained app stops)
+    assert not proxy.thread.is_alive()
+    assert (listener.handed_over["moved"], listener.active, dict(listener.endings), proxy.app.budget.used) == \
+        (1, 0, {}, 0)
+    thread.join(10)
+    new_worker.close()
+    client.close()
+    for fd in received:
+        os.close(fd)

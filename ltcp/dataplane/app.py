@@ -49,7 +49,7 @@ class App:
         self.draining = False
         self.grace_timer = None
         self.receiver = None  # handover.Receiver: streams old workers hand to this one
-        self.mover = None  # handover.Mover: this one's streams, handed to the next generation
+        self.movers = []  # handover.Mover: this one's streams, handed to the next generation (each drain order)
         self.budget = stream_budget(config, control_plane=interpreters is None)
         if interpreters is None:
             from ..balancer.health import checked
@@ -88,7 +88,11 @@ class App:
     def receive_streams(self, secret):
         """Take the streams draining workers hand over (``handOver``), from those that know ``secret``."""
         if self.config.hand_over and secret:
-            self.receiver = Receiver(self.reactor, secret, self._adopt)
+            try:
+                self.receiver = Receiver(self.reactor, secret, self._adopt, lambda duplex: duplex.owner.let_go(duplex))
+            except OSError as exc:
+                log.error("hand-over: cannot open this worker's socket (%s): it takes no streams from others",
+                          exc.strerror)
 
     def _adopt(self, record, client, upstream):
         for listener in self.listeners:
@@ -98,8 +102,10 @@ class App:
 
     def drain(self, targets=()):
         """Stop accepting, hand open streams to the new workers ``targets`` [(pid, secret)] if there are any
-        (``handOver``), let the others finish for graceSecs, then stop."""
+        (``handOver``), let the others finish for graceSecs, then stop.  Draining already, hand what is left
+        to ``targets`` (newer workers than the last ones named)."""
         if self.draining:
+            self._hand_over(targets)
             return
         for router in self.routers:
             router.stop_accepting()
@@ -111,15 +117,26 @@ class App:
             return
         self.budget.on_empty = self._drained
         self.grace_timer = self.reactor.call_later(grace, self._grace_over)
-        if targets and self.config.hand_over:
-            self.mover = Mover(self.reactor, self.listeners, targets, lambda listener, duplex: listener.let_go(duplex),
-                               lambda listener, outcome: listener.handed_over.update((outcome,)))
-            self.mover.start()
+        self._hand_over(targets)
+
+    def _hand_over(self, targets):
+        if targets and self.config.hand_over and self.budget.used:
+            mover = Mover(self.reactor, self.listeners, targets, lambda listener, duplex: listener.let_go(duplex),
+                          lambda listener, outcome: listener.handed_over.update((outcome,)), self._given_back,
+                          count_unmovable=not self.movers)
+            self.movers.append(mover)
+            mover.start()
+
+    def _given_back(self, mover, listener, duplex):
+        """A stream ``mover``'s targets refused or failed: the newest workers named since may take it."""
+        newest = self.movers[-1]
+        if newest is not mover:
+            newest.offer(listener, duplex)
 
     def _grace_over(self):
         self.grace_timer = None
-        if self.mover is not None:
-            self.mover.close()
+        for mover in self.movers:
+            mover.close()
         log.info("grace period over: closing %d streams", self.budget.used)
         for router in self.routers:
             router.close_streams()  # the last release calls _drained
@@ -135,7 +152,7 @@ class App:
     def close(self):
         if not self.closed:
             self.closed = True
-            for part in (self.receiver, self.mover):
+            for part in (self.receiver, *self.movers):
                 if part is not None:
                     part.close()
             for router in self.routers:

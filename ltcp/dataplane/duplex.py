@@ -431,11 +431,18 @@ class Duplex:
         for leg in (client, upstream):
             if leg.tls and leg.sock.pending():  # bytes that came with the end of the handshake raise no event
                 reactor.call_soon(leg.pump_more)
-        idle, lifetime = envelope.idle_timeout, envelope.lifetime
         # One timer for both limits, at whichever could come first; armed last, so
         # that a duplex whose construction failed leaves nothing behind to fire.
-        first = min(idle, lifetime) if idle and lifetime else idle or lifetime
-        self.timer = reactor.call_later(first, self._check_limits) if first else None
+        self.timer = None
+        self._arm_limits()
+
+    def _arm_limits(self):
+        """Look at the limits when the first could be reached (from the stream's start and last byte)."""
+        lifetime, idle = self.envelope.lifetime, self.envelope.idle_timeout
+        if lifetime or idle:
+            due = min(self.started + lifetime if lifetime else math.inf,
+                      self.last_active + idle if idle else math.inf)
+            self.timer = self.reactor.call_at(due, self._check_limits)
 
     def _resume(self, record):
         self.started, self.last_active = record.started, record.last_active
@@ -455,6 +462,8 @@ class Duplex:
             self.held = held
             for leg in (self.client, self.upstream):
                 leg.want(leg.wanted())
+            if not held and self.timer is None:
+                self._arm_limits()
 
     @property
     def movable(self):
@@ -494,6 +503,8 @@ class Duplex:
         Re-armed only when it fires, never per read.
         """
         self.timer = None
+        if self.held:  # (a hand-over under way decides its fate; it lets go, or hold(False) looks again)
+            return
         envelope = self.envelope
         now = self.reactor.now
         lifetime_left = self.started + envelope.lifetime - now if envelope.lifetime else math.inf

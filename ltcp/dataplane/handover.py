@@ -3,62 +3,57 @@
 On a reload or an upgrade the supervisor tells each old worker to drain and
 names the new workers, each with a secret of its own.  The old worker
 (``Mover``) connects to each new worker's hand-over socket (``Receiver``: a
-``SOCK_SEQPACKET`` socket in the abstract namespace, named for the new
-worker's pid), checks from the kernel's credentials that the pid it reached
-is the one it was told, and proves itself with the secret.  Then, for every
-stream with plain sockets on both sides (no TLS of ltcp's own; SNI
-passthrough and PROXY-protocol streams are plain once routed), it:
+``SOCK_SEQPACKET`` socket in the abstract namespace, named after a hash of
+the secret, so that nobody can take the name first), checks from the
+kernel's credentials that the process it reached is the pid it was told,
+and proves itself with the secret.  Then, for every stream with plain
+sockets on both sides (no TLS of ltcp's own; SNI passthrough and
+PROXY-protocol streams are plain once routed), it:
 
 1. stops reading both sockets: bytes that arrive from now on wait in the kernel;
 2. waits until what it had already read is written out (pending bytes, splice
    pipes), for at most ``FLUSH_SECS``: a stream whose reader has stalled stays
    and drains as before;
-3. sends the stream's record (``StreamRecord``) and both descriptors, up to
-   ``BATCH`` streams a message;
+3. sends the stream's record (``streamrecord.StreamRecord``) and both
+   descriptors, up to ``BATCH`` streams a message;
 4. on ``adopted`` closes its copies (never shutting the sockets down) and
-   forgets the stream; on ``refused``, or if the connection ends before the
-   answer, reads the stream again and lets it drain.
+   forgets the stream; on ``refused``, or once the connection is over, reads
+   the stream again and lets it drain.
 
-The new worker answers a batch before it reads a byte of any stream in it,
-so no stream is ever read by two processes: if it dies after answering, its
-streams die with it (as with any worker's crash); if before, the old worker
-still has them.
-
-The wire: each message is one JSON object; ``{"hello": secret}`` first, then
-``{"streams": [record, ...]}`` with two descriptors per record (client, then
-upstream), answered by ``{"adopted": [id, ...], "refused": [id, ...]}``.
+A stream is never read by two processes.  The new worker starts a stream
+only once its answer is sent, and drops it (closing only its copies) if the
+answer cannot be sent.  The old worker, before it takes back streams it has
+no answer for, shuts the connection down, so that no answer can be sent any
+more, and reads every answer already queued, even after the kernel reports
+that the new worker died.  A new worker that dies takes with it only the
+streams it had answered for, as any worker's crash would.
 """
 
+import hashlib
 import hmac
-import json
 import logging
 import os
 import socket
 import struct
-from typing import NamedTuple, Optional, Tuple
 
 from ..loop import READ, WRITE
+from .streamrecord import BATCH, HandOverError, answer_of, decode, encode, record_of, streams_of
 
-__all__ = ["BATCH", "HandOverError", "Mover", "Receiver", "StreamRecord", "decode", "encode", "socket_name"]
+__all__ = ["Mover", "Receiver", "socket_name"]
 
 log = logging.getLogger(__name__)
 
-BATCH = 100  # streams per message: 200 descriptors, below the kernel's 253
 FLUSH_SECS = 2.0  # longest a stream waits for its read bytes to be written out before it stays to drain
-CONNECT_SECS = 1.0  # for the new worker to take a connection on its hand-over socket
+ANSWER_SECS = 5.0  # longest a new worker may take to answer for a batch before the old one takes it back
 POLL_SECS = 0.01  # how often streams still writing out are looked at again
 MAX_MESSAGE = 256 << 10  # bytes: a full batch of records is about 30 KB
-MAX_TEXT = 4096  # characters of a name or address in a record
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class HandOverError(ValueError):
-    """A hand-over message that is not one."""
-
-
-def socket_name(pid):
-    """The abstract-namespace address of worker ``pid``'s hand-over socket."""
-    return f"\0ltcp-hand-over-{pid}"
+def socket_name(secret):
+    """The abstract-namespace address of the hand-over socket of the worker with ``secret``: it names the
+    socket without giving the secret away (/proc/net/unix shows every name to everyone)."""
+    return "\0ltcp-hand-over-" + hashlib.sha256(secret.encode()).hexdigest()[:32]
 
 
 def peer_credentials(sock):
@@ -70,169 +65,61 @@ def _seqpacket():
     return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
 
 
-# -- the record of one stream -----------------------------------------------------------------------
-
-Address = Tuple[str, int]
-
-
-class StreamRecord(NamedTuple):
-    """What a stream needs to go on in another process; times are CLOCK_MONOTONIC, which every process shares."""
-
-    id: int
-    router: str  # the router's label
-    listener: Address  # where the stream was accepted (the listening socket's address)
-    dst_name: str
-    endpoint: Address
-    source: Address  # the client (from a PROXY header, if one was read)
-    destination: Optional[Address]  # the address a PROXY header said the client connected to
-    accepted_at: float
-    started: float  # when the upstream connection was established: the lifetime counts from it
-    last_active: float
-    lifetime: Optional[float]
-    idle_timeout: Optional[float]
-    from_client: int  # bytes read so far from each side
-    from_upstream: int
-    client_ended: bool  # that side has finished sending (its end was passed on)
-    upstream_ended: bool
-    client_shut: bool  # ltcp has finished sending to that side
-    upstream_shut: bool
-
-
-def _address(value):
-    if (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and len(value[0]) <= MAX_TEXT
-            and type(value[1]) is int and 0 <= value[1] <= 65535):
-        return (value[0], value[1])
-    raise HandOverError(f"not an address: {value!r:.80}")
-
-
-def _text(value):
-    if isinstance(value, str) and 0 < len(value) <= MAX_TEXT:
-        return value
-    raise HandOverError(f"not a name: {value!r:.80}")
-
-
-def _count(value):
-    if type(value) is int and 0 <= value < 1 << 63:
-        return value
-    raise HandOverError(f"not a count: {value!r:.80}")
-
-
-def _time(value):
-    if type(value) in (int, float) and 0 <= value < 1e12:
-        return float(value)
-    raise HandOverError(f"not a time: {value!r:.80}")
-
-
-def _flag(value):
-    if type(value) is bool:
-        return value
-    raise HandOverError(f"not true or false: {value!r:.80}")
-
-
-def _optional(check):
-    return lambda value: None if value is None else check(value)
-
-
-_FIELDS = (_count, _text, _address, _text, _address, _address, _optional(_address), _time, _time, _time,
-           _optional(_time), _optional(_time), _count, _count, _flag, _flag, _flag, _flag)
-
-
-def record_from(value):
-    """A StreamRecord from its JSON form, every field checked."""
-    if not isinstance(value, list) or len(value) != len(_FIELDS):
-        raise HandOverError(f"a record of {len(value) if isinstance(value, list) else type(value).__name__}")
-    return StreamRecord(*(check(item) for check, item in zip(_FIELDS, value)))
-
-
-def encode(message):
-    return json.dumps(message, separators=(",", ":")).encode()
-
-
-def decode(data):
-    """A message's JSON object; HandOverError for anything else."""
-    try:
-        message = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HandOverError(f"not JSON: {exc}") from None
-    if not isinstance(message, dict) or len(message) not in (1, 2):
-        raise HandOverError("not a hand-over message")
-    return message
-
-
-def streams_of(message, fds):
-    """The (record, client fd, upstream fd) of a ``streams`` message and its descriptors."""
-    records = message.get("streams")
-    if not isinstance(records, list) or not 0 < len(records) <= BATCH:
-        raise HandOverError("not a batch of streams")
-    if len(fds) != 2 * len(records):
-        raise HandOverError(f"{len(fds)} descriptors for {len(records)} streams")
-    return [(record_from(record), fds[2 * i], fds[2 * i + 1]) for i, record in enumerate(records)]
-
-
-def answer_of(message):
-    """The (adopted ids, refused ids) of an answer."""
-    adopted, refused = message.get("adopted", []), message.get("refused", [])
-    if not (isinstance(adopted, list) and isinstance(refused, list)
-            and all(type(i) is int for i in adopted + refused)):
-        raise HandOverError("not an answer")
-    return adopted, refused
-
-
-def record_of(stream_id, listener, duplex):
-    """A stream's record, as its old worker sends it."""
-    envelope, client, upstream = duplex.envelope, duplex.client, duplex.upstream
-    ended, shut = client.reading.name == "ended", client.writing.name == "shut"
-    return StreamRecord(
-        stream_id, listener.label, listener.address, envelope.dst_name, duplex.endpoint.sockaddr,
-        tuple(envelope.source[:2]), envelope.destination and tuple(envelope.destination[:2]),
-        envelope.accepted_at, duplex.started, duplex.last_active, envelope.lifetime, envelope.idle_timeout,
-        client.received, upstream.received, ended, upstream.reading.name == "ended", shut,
-        upstream.writing.name == "shut")
-
-
 # -- the old worker's side ----------------------------------------------------------------------------
 
 class Target:
     """One new worker, as the mover sends to it."""
 
-    __slots__ = ("pid", "sock", "unsent", "in_flight", "events")
+    __slots__ = ("pid", "sock", "unsent", "in_flight", "events", "due")
 
     def __init__(self, pid, sock):
         self.pid = pid
         self.sock = sock
-        self.unsent = []  # (message, fds, ids) waiting for room in the socket
+        self.unsent = []  # (message, descriptors) waiting for room in the socket
         self.in_flight = set()  # ids sent, not answered
         self.events = 0
+        self.due = None  # reactor time by which the next answer must come, while any is awaited
 
 
 class Mover:
-    """Hands a draining worker's plain streams to the new workers named in ``targets`` [(pid, secret hex)].
+    """Hands a draining worker's plain streams to the new workers named in ``targets`` [(pid, secret)].
 
-    ``listeners``: the worker's listeners (each knows its streams);
-    ``counted(listener, outcome)`` is told what became of each stream:
+    ``listeners``: the worker's listeners (each knows its streams).
+    ``moved(listener, duplex)``: the stream is the other process's now.
+    ``counted(listener, outcome)`` is told what became of each stream offered:
     ``moved``, ``kept`` (it stays and drains) or ``failed`` (the hand-over went
-    wrong; it stays and drains).
+    wrong; it stays and drains); ``given_back(self, listener, duplex)`` is
+    told of the last two, so that a newer mover may offer it again.  Streams
+    already held (another mover's, or adopted and not yet started) are left
+    alone; ``count_unmovable``: count the streams that cannot move (TLS) as
+    kept, once per drain.
     """
 
-    def __init__(self, reactor, listeners, targets, moved, counted):
+    def __init__(self, reactor, listeners, targets, moved, counted, given_back=None, count_unmovable=True):
         self.reactor = reactor
         self.listeners = listeners
-        self.moved = moved  # moved(listener, duplex): the stream is the other process's now
+        self.moved = moved
         self.counted = counted
-        self.targets = [t for t in (self._connect(pid, secret) for pid, secret in targets) if t is not None]
+        self.given_back = given_back
+        self.count_unmovable = count_unmovable
+        self.named = targets  # [(pid, secret)]: connected again if an offer comes once all is done
+        self.targets = self._connect_all()
         self.waiting = {}  # id -> (listener, duplex): held until quiet
         self.sent = {}  # id -> (listener, duplex, target)
         self.next_id = 0
         self.turn = 0  # round robin over the targets
         self.deadline = reactor.now + FLUSH_SECS
-        self.timer = None
+        self.timer = None  # looks again at streams still writing out
+        self.answer_timer = None
+
+    def _connect_all(self):
+        return [t for t in (self._connect(pid, secret) for pid, secret in self.named) if t is not None]
 
     def _connect(self, pid, secret):
+        """A connection to the new worker ``pid``, or None.  Never waits: a backlog that is full is a failure."""
         sock = _seqpacket()
         try:
-            sock.settimeout(CONNECT_SECS)  # (a Unix connect waits only while the peer's backlog is full)
-            sock.connect(socket_name(pid))
-            sock.setblocking(False)
+            sock.connect(socket_name(secret))
             if peer_credentials(sock)[:2] != (pid, os.getuid()):
                 raise OSError(0, f"the socket of worker {pid} is held by another process")
             sock.send(encode({"hello": secret}))
@@ -245,16 +132,16 @@ class Mover:
         return target
 
     def start(self):
-        """Hold every movable stream; the others are counted as kept.  False if no new worker can be reached."""
+        """Hold every movable stream; False if no new worker can be reached."""
         if not self.targets:
             return False
         for listener in self.listeners:
             for duplex in list(listener.streams):
-                if duplex.movable:
+                if duplex.movable and not duplex.held:
                     duplex.hold(True)
                     self.waiting[self.next_id] = (listener, duplex)
                     self.next_id += 1
-                else:
+                elif not duplex.movable and self.count_unmovable:
                     self.counted(listener, "kept")
         log.info("hand-over: moving %d streams to workers %s", len(self.waiting),
                  ", ".join(str(t.pid) for t in self.targets))
@@ -264,6 +151,22 @@ class Mover:
     @property
     def finished(self):
         return not self.waiting and not self.sent
+
+    def offer(self, listener, duplex):
+        """One more stream to move (one an older mover's targets refused); whether this mover takes it."""
+        if duplex.closed or not duplex.movable or duplex.held:
+            return False
+        if not any(t.sock is not None for t in self.targets):  # (all was done, and the connections closed)
+            self.targets = self._connect_all()
+            if not self.targets:
+                return False
+        duplex.hold(True)
+        self.waiting[self.next_id] = (listener, duplex)
+        self.next_id += 1
+        self.deadline = max(self.deadline, self.reactor.now + FLUSH_SECS)
+        if self.timer is None:
+            self.timer = self.reactor.call_later(0, self._send_quiet)
+        return True
 
     def _send_quiet(self):
         """Send every held stream with nothing left to write; keep the others until the flush deadline."""
@@ -302,6 +205,9 @@ class Mover:
             self.sent[stream_id] = (listener, duplex, target)
             target.in_flight.add(stream_id)
         target.unsent.append((encode({"streams": records}), fds))
+        if target.due is None:
+            target.due = self.reactor.now + ANSWER_SECS
+            self._time_answers()
         self._flush(target)
 
     def _next_target(self):
@@ -312,7 +218,7 @@ class Mover:
         return live[self.turn % len(live)]
 
     def _flush(self, target):
-        while target.unsent:
+        while target.unsent and target.sock is not None:
             data, fds = target.unsent[0]
             try:
                 socket.send_fds(target.sock, [data], fds)
@@ -323,7 +229,8 @@ class Mover:
                 self._lost(target, f"send failed: {exc.strerror}")
                 return
             target.unsent.pop(0)
-        self._watch(target, READ)
+        if target.sock is not None:
+            self._watch(target, READ)
 
     def _watch(self, target, events):
         if events != target.events:
@@ -370,19 +277,43 @@ class Mover:
             if stream_id in target.in_flight:
                 target.in_flight.discard(stream_id)
                 listener, duplex, _ = self.sent.pop(stream_id)
-                self.moved(listener, duplex)
+                if not duplex.closed:  # (closed here meanwhile, it was counted here: the other runs it uncounted)
+                    self.moved(listener, duplex)
                 self.counted(listener, "moved")
         for stream_id in refused:
             if stream_id in target.in_flight:
                 target.in_flight.discard(stream_id)
                 listener, duplex, _ = self.sent.pop(stream_id)
                 self._give_back(listener, duplex, "kept")
+        target.due = self.reactor.now + ANSWER_SECS if target.in_flight else None
         self._close_if_finished()
 
+    def _time_answers(self):
+        if self.answer_timer is None:
+            self.answer_timer = self.reactor.call_later(ANSWER_SECS, self._answers_due)
+
+    def _answers_due(self):
+        """A new worker that has not answered in ANSWER_SECS: its streams come back (they were never read)."""
+        self.answer_timer = None
+        now = self.reactor.now
+        for target in self.targets:
+            if target.due is not None and target.due <= now and target.sock is not None:
+                self._lost(target, f"no answer in {ANSWER_SECS:g}s")
+        if any(t.due is not None for t in self.targets):
+            self._time_answers()
+
     def _lost(self, target, why):
-        """The connection to ``target`` is over: what it did not answer for is still ours, and drains here."""
+        """The connection to ``target`` is over: what it did not answer for is still ours, and drains here.
+
+        Shut down first: from then on the new worker cannot answer (so it drops
+        what it has not answered for), and every answer it did send is queued.
+        """
         if target.sock is not None:
-            self._read_answers(target)  # (a failed send says nothing of the answers already queued)
+            try:
+                target.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._read_answers(target)
         if target.in_flight:
             log.warning("hand-over to worker %d: %s; %d streams stay here", target.pid, why, len(target.in_flight))
         for stream_id in sorted(target.in_flight):
@@ -390,12 +321,15 @@ class Mover:
             self._give_back(listener, duplex, "failed")
         target.in_flight.clear()
         target.unsent.clear()
+        target.due = None
         self._close(target)
         self._close_if_finished()
 
     def _give_back(self, listener, duplex, outcome):
         duplex.hold(False)
         self.counted(listener, outcome)
+        if self.given_back is not None:
+            self.given_back(self, listener, duplex)
 
     def _close(self, target):
         if target.sock is not None:
@@ -408,18 +342,21 @@ class Mover:
         if self.finished:
             for target in self.targets:
                 self._close(target)
+            if self.answer_timer is not None:
+                self.answer_timer.cancel()
+                self.answer_timer = None
 
     def close(self):
-        """Give up (the grace period is over): streams still unanswered are closed with the others."""
+        """Give up (the grace period is over): every answer already sent counts, the rest stays here."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         for _, duplex in self.waiting.values():
             duplex.hold(False)
         self.waiting.clear()
-        self.sent.clear()
         for target in self.targets:
-            self._close(target)
+            if target.sock is not None:
+                self._lost(target, "the grace period is over")
 
 
 # -- the new worker's side ----------------------------------------------------------------------------
@@ -429,33 +366,40 @@ class Receiver:
 
     ``adopt(record, client sock, upstream sock)`` answers a held duplex (and
     owns both sockets), or None (the caller closes them).  Each adopted stream
-    starts reading once the answer naming it is sent.
+    starts reading once the answer naming it is sent; ``drop(duplex)`` undoes
+    the adoption of one whose answer could not be.
     """
 
-    def __init__(self, reactor, secret, adopt):
+    def __init__(self, reactor, secret, adopt, drop):
         self.reactor = reactor
-        self.secret = secret
+        self.secret = secret.encode()
         self.adopt = adopt
+        self.drop = drop
         self.peers = set()
         self.sock = _seqpacket()
-        self.sock.bind(socket_name(os.getpid()))
-        self.sock.listen(64)
+        try:
+            self.sock.bind(socket_name(secret))
+            self.sock.listen(64)
+        except OSError:
+            self.sock.close()
+            raise
         reactor.register(self.sock, READ, self._acceptable)
 
     def _acceptable(self, mask):
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.warning("hand-over: accept failed: %s", exc.strerror)
-            return
-        conn.setblocking(False)
-        if peer_credentials(conn)[1] != os.getuid():
-            log.warning("hand-over: a process of another user connected; closed")
-            conn.close()
-            return
-        self.peers.add(Peer(self, conn))
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("hand-over: accept failed: %s", exc.strerror)
+                return
+            conn.setblocking(False)
+            if peer_credentials(conn)[1] != os.getuid():
+                log.warning("hand-over: a process of another user connected; closed")
+                conn.close()
+                continue
+            self.peers.add(Peer(self, conn))
 
     def close(self):
         for peer in list(self.peers):
@@ -473,7 +417,7 @@ class Peer:
         self.receiver = receiver
         self.sock = sock
         self.trusted = False
-        self.unsent = []  # (answer, duplexes to start once it is sent)
+        self.unsent = []  # (answer, duplexes it adopts): to start once it is sent
         self.events = READ
         receiver.reactor.register(sock, READ, self._ready)
 
@@ -506,7 +450,7 @@ class Peer:
     def _received(self, message, fds):
         if not self.trusted:
             secret = message.get("hello")
-            if fds or not isinstance(secret, str) or not hmac.compare_digest(secret, self.receiver.secret):
+            if fds or not isinstance(secret, str) or not hmac.compare_digest(secret.encode(), self.receiver.secret):
                 raise HandOverError("not introduced with this worker's secret")
             self.trusted = True
             return
@@ -538,8 +482,9 @@ class Peer:
             except (BlockingIOError, InterruptedError):
                 self._want(READ | WRITE)
                 return
-            except OSError:  # the old worker is gone: it may not know these are ours, but we have them
-                pass
+            except OSError:  # the old worker has taken them back (or is gone): they are not ours
+                self.close()
+                return
             self.unsent.pop(0)
             for duplex in started:  # only now: no byte of them is read before the old worker knows
                 duplex.hold(False)
@@ -551,12 +496,14 @@ class Peer:
             self.events = events
 
     def close(self):
+        """The connection is over: streams whose answer was never sent go back to nobody here (the old worker
+        has them), their copies closed."""
         if self.sock is not None:
             self.receiver.reactor.discard(self.sock)
             self.sock.close()
             self.sock = None
-            for _, started in self.unsent:  # (never answered: start them anyway, they are ours)
-                for duplex in started:
-                    duplex.hold(False)
-            self.unsent.clear()
+        for _, started in self.unsent:
+            for duplex in started:
+                self.receiver.drop(duplex)
+        self.unsent.clear()
         self.receiver.peers.discard(self)

@@ -176,6 +176,9 @@ class Reloads:
         draining = list(old.workers.values())
         for worker in draining:
             self._drain(worker)
+        with self.lock:
+            older = [g for g in self.generations if g is not old and g is not generation]
+        self._retarget_draining(older)
         # Once the answer is out, every new connection gets the new configuration.
         deadline = time.monotonic() + DRAIN_CONFIRM_TIMEOUT
         for worker in draining:

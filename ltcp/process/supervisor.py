@@ -307,14 +307,26 @@ class Supervisor(Fleet, Reloads, Upgrades, AdminView):
         worker.state = "draining"
         self.kill_at[worker] = time.monotonic() + self.current.config.admin.grace_secs + KILL_MARGIN
         if worker.link is not None:
-            handing = self.current.config.hand_over and not self.stopping
-            targets = [(w.pid, w.secret) for w in self.current.workers.values()
-                       if handing and w is not worker and w.secret and w.state == "serving"]
-            worker.link.send(("drain", targets))
+            worker.link.send(("drain", self._hand_over_targets(worker)))
         elif worker.channel is not None:  # inherited through an upgrade: closing its channel drains it
             if worker.channel >= 0:
                 os.close(worker.channel)
             worker.channel = None
+
+    def _hand_over_targets(self, worker):
+        """The workers ``worker`` hands its streams to as it drains: the current generation's, serving."""
+        if not self.current.config.hand_over or self.stopping:
+            return []
+        return [(w.pid, w.secret) for w in self.current.workers.values()
+                if w is not worker and w.secret and w.state == "serving"]
+
+    def _retarget_draining(self, generations):
+        """Workers of ``generations`` still draining hand what they hold to the current generation now: a
+        reload right after another leaves nothing with workers that were new a moment ago."""
+        for generation in generations:
+            for worker in list(generation.workers.values()):
+                if worker.state == "draining" and worker.link is not None:
+                    worker.link.send(("drain", self._hand_over_targets(worker)))
 
     def abort(self, status=1):
         """End at once: every worker killed."""

@@ -185,6 +185,9 @@ class Upgrades:
         """The new workers serve: the previous ones drain (their channel closes), and old sockets go."""
         for worker in list(previous.workers.values()):
             self._drain(worker)
+        with self.lock:
+            older = [g for g in self.generations if g is not previous and g is not self.current]
+        self._retarget_draining(older)
         self._close_sockets(keep=listeners(config))
         self.reloads["success"] += 1
         self.last_reload_success = time.time()

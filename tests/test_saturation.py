@@ -10,7 +10,7 @@ import re
 import pytest
 import urllib3
 
-from ltcp.dataplane import server
+from ltcp.dataplane import holdback
 from ltcp.admin.snapshot import snapshot
 from netutil import LtcpProcess, echo, recv_exactly, wait_for
 
@@ -80,7 +80,7 @@ def test_max_concurrency_is_logged_once_counted_shown_and_its_end_logged(backend
 
 @pytest.fixture
 def calm_soon(monkeypatch):
-    monkeypatch.setattr(server, "CALM", 0.2)
+    monkeypatch.setattr(holdback, "CALM", 0.2)
 
 
 def test_the_stream_budget_holds_back_each_listener_that_meets_it(proxies, backends, caplog, calm_soon):

@@ -55,8 +55,8 @@ def _server(listener):
         "address": listener.display_address if listener.address else None,
         "dst_name": listener.config.dst_name,
         "listening": listener.listening,
-        "paused": listener.held,  # the limit holding it back now, or None
-        "paused_seconds": listener.paused_time(),
+        "paused": listener.holdback.held,  # the limit holding it back now, or None
+        "paused_seconds": listener.holdback.totals(),
         "active": listener.active,
         "accepted": listener.accepted,
         "closed": listener.finished,

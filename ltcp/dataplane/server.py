@@ -3,11 +3,7 @@
 A listener stops accepting (drops its registration) rather than accepting and
 dropping: at ``maxConcurrency`` or the process's stream budget until a stream
 ends, and for a short pause when the process runs out of file descriptors.
-Held back so by a limit, it logs it once per episode: from the first time
-until it has accepted freely for ``CALM`` seconds, however often it was held
-back and let go meanwhile (a listener at its limit is let go, accepts one
-client and is held back again as each stream ends).  The time held back is
-counted by reason.
+How such episodes are counted and logged is ``holdback``'s.
 """
 
 import _socket
@@ -20,6 +16,7 @@ import socket
 from ..protocol import tls
 from ..balancer.dial import Dial
 from .duplex import Duplex, Tally
+from .holdback import Holdback
 from ..histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from .intake import Intake
 from ..loop import READ
@@ -33,7 +30,6 @@ BACKLOG = 1024
 ACCEPT_BATCH = 64  # accepts per readiness event, so one busy listener cannot starve the rest
 FD_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE
 BUG_PAUSE = 1.0  # seconds to stop accepting after a bug in the accept path
-CALM = 5.0  # seconds of accepting freely that end an episode of being held back
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 # Why a listener stopped accepting (the reason label of ltcp_listener_paused_seconds_total).
@@ -63,19 +59,6 @@ class Envelope:
 
     def __repr__(self):
         return f"<Envelope {self.source} -> {self.dst_name}>"
-
-
-class Pause:
-    """One episode of a listener held back by limits: the first limit, when, and what went unlogged."""
-
-    __slots__ = ("why", "since", "released", "again", "timer")
-
-    def __init__(self, why, since):
-        self.why = why  # the first limit, in words, for the log
-        self.since = since  # reactor time it was first held back
-        self.released = since  # reactor time it was last let go
-        self.again = 0  # times it was held back since, not logged
-        self.timer = None  # looks whether the listener has been calm for long enough
 
 
 def listen(config):
@@ -144,10 +127,7 @@ class Listener:
         self.listening = False
         self.closed = False
         self.pause_timer = None
-        self.held = None  # the limit holding accepting back now, if one does (MAX_CONCURRENCY, ...)
-        self.held_since = 0.0
-        self.paused_seconds = collections.Counter()  # reason -> seconds held back by it, once let go
-        self.pause = None  # the episode of being held back, until calm again
+        self.holdback = Holdback(reactor, lambda: f"router {self.label} on {self.display_address}")
         self.active = 0
         self.accepted = 0
         self.finished = 0
@@ -209,8 +189,8 @@ class Listener:
             # Workers share the socket: each readiness wakes one of them, not all.
             self.reactor.register(self.sock, READ | select.EPOLLEXCLUSIVE, self._acceptable)
             self.listening = True
-            if self.held is not None:
-                self._let_go()
+            if self.holdback.held is not None:
+                self.holdback.release()
 
     def _unlisten(self):
         if self.listening:
@@ -266,49 +246,10 @@ class Listener:
         self._held_back(OUT_OF_DESCRIPTORS, f"out of descriptors ({what})")
 
     def _held_back(self, reason, why):
-        """A limit stops accepting: logged if this begins an episode, counted as one more time if not."""
-        now = self.reactor.now
-        if self.held is None:  # (held already, if a connect ran out of descriptors meanwhile)
+        """A limit stops accepting (logged once per episode: ``Holdback``)."""
+        if self.holdback.hold(reason, why, f"; trying again every {FD_PAUSE:g}s" if reason is OUT_OF_DESCRIPTORS
+                              else ""):
             self._unlisten()
-            self.held, self.held_since = reason, now
-        if self.pause is None:
-            self.pause = Pause(why, now)
-            log.warning("router %s on %s stopped accepting: %s%s", self.label, self.display_address, why,
-                        f"; trying again every {FD_PAUSE:g}s" if reason is OUT_OF_DESCRIPTORS else "")
-        else:
-            self.pause.again += 1
-
-    def _let_go(self):
-        """Listening again: count the time held back, and end the episode once calm for ``CALM`` seconds."""
-        now = self.reactor.now
-        self.paused_seconds[self.held] += now - self.held_since
-        self.held = None
-        pause = self.pause
-        pause.released = now
-        if pause.timer is None:
-            pause.timer = self.reactor.call_later(CALM, self._calm)
-
-    def _calm(self):
-        """Has the listener accepted freely since it was let go?  Then the episode is over."""
-        pause = self.pause
-        pause.timer = None
-        if self.held is not None:
-            return  # held back again: letting it go looks again
-        calm_until = pause.released + CALM
-        if self.reactor.now < calm_until:
-            pause.timer = self.reactor.call_at(calm_until, self._calm)
-            return
-        self.pause = None
-        log.info("router %s on %s accepting again after %.1fs (%s%s)", self.label, self.display_address,
-                 pause.released - pause.since, pause.why,
-                 f"; held back {pause.again} more times, not logged" if pause.again else "")
-
-    def paused_time(self):
-        """Seconds held back, by reason, the time held back now included."""
-        seconds = dict(self.paused_seconds)
-        if self.held is not None:
-            seconds[self.held] = seconds.get(self.held, 0) + self.reactor.now - self.held_since
-        return seconds
 
     def crashed(self, exc):
         """A bug while accepting: stop for a moment instead of failing again on every wakeup."""
@@ -465,12 +406,7 @@ class Listener:
         if self.pause_timer is not None:
             self.pause_timer.cancel()
             self.pause_timer = None
-        if self.held is not None:
-            self.paused_seconds[self.held] += self.reactor.now - self.held_since
-            self.held = None
-        if self.pause is not None and self.pause.timer is not None:
-            self.pause.timer.cancel()
-        self.pause = None
+        self.holdback.close()
         if self.sock is not None:
             self.sock.close()
 

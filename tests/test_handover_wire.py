@@ -71,17 +71,16 @@ class OldStream:
     """What the mover needs of a stream (a Duplex's face), on two socketpairs of its own."""
 
     def __init__(self, number):
+        self.number = number
         self.pairs = [socket.socketpair(), socket.socketpair()]
-        leg = lambda sock, received: types.SimpleNamespace(  # noqa: E731
-            fd=sock.fileno(), received=received, reading=types.SimpleNamespace(name="open"),
-            writing=types.SimpleNamespace(name="open"))
-        self.client, self.upstream = leg(self.pairs[0][0], number), leg(self.pairs[1][0], 2 * number)
-        self.envelope = types.SimpleNamespace(dst_name="/svc/a", source=("127.0.0.1", 40000 + number),
-                                              destination=None, accepted_at=1.0, lifetime=None, idle_timeout=None)
-        self.endpoint = types.SimpleNamespace(sockaddr=("127.0.0.1", 9))
-        self.started = self.last_active = 2.0
+        self.client, self.upstream = (types.SimpleNamespace(fd=pair[0].fileno()) for pair in self.pairs)
+        self.envelope = types.SimpleNamespace(source=("127.0.0.1", 40000 + number))
         self.closed, self.movable, self.quiet, self.held = False, True, True, False
         self.resumed = self.let_go = False
+
+    def record(self, stream_id, router, listener):
+        return StreamRecord(stream_id, router, listener, "/svc/a", ("127.0.0.1", 9), self.envelope.source, None,
+                            1.0, 2.0, 2.0, None, None, self.number, 2 * self.number, False, False, False, False)
 
     def hold(self, held):
         self.held = held

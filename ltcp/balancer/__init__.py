@@ -148,12 +148,12 @@ class Balancer:
         if self.settings.load_balancer.kind != "ewma":
             return [e.load / e.effective for e in endpoints]
         decay = self.decay
+        measured = {e: (e.rate_now(now, decay), e.latency_now(now, decay))
+                    for e in (*self.set.picker.candidates, *endpoints)}
         available = self.set.picker.candidates
-        weight = sum(e.effective for e in available) or 1.0
-        per_weight = sum(e.rate_now(now, decay) for e in available) / weight
-        fastest = min((e.latency_now(now, decay) for e in available), default=0.0)
-        return [ewma_score(e.load, e.effective, e.rate_now(now, decay), e.latency_now(now, decay), per_weight, fastest)
-                for e in endpoints]
+        per_weight = sum(measured[e][0] for e in available) / (sum(e.effective for e in available) or 1.0)
+        fastest = min((measured[e][1] for e in available), default=0.0)
+        return [ewma_score(e.load, e.effective, *measured[e], per_weight, fastest) for e in endpoints]
 
     # -- slow start -------------------------------------------------------------
 
@@ -201,16 +201,15 @@ class Balancer:
         self.streams += 1
         self.active += 1
 
-    def stream_adopted(self, endpoint, ending):
-        """A stream handed over from another worker runs on ``endpoint`` (counted as established there)."""
+    def stream_adopted(self, sockaddr, ending):
+        """A stream handed over from another worker runs on the endpoint at ``sockaddr`` (counted as established
+        there, not again here): the one discovery gave, or one kept as retired until the stream ends (this
+        worker may not know the name's endpoints yet, or no longer).  The endpoint."""
+        endpoint = self.set.adopt(*sockaddr)
         endpoint.acquire()
         endpoint.ending += ending
         self.active += 1
-
-    def adopt_endpoint(self, sockaddr):
-        """The endpoint at ``sockaddr`` for a stream handed over: the one discovery gave, or one kept as
-        retired until the stream ends (this worker may not know the name's endpoints yet, or no longer)."""
-        return self.set.adopt(*sockaddr)
+        return endpoint
 
     def stream_closed(self, endpoint, ending=False):
         endpoint.release(ending)

@@ -171,7 +171,10 @@ class EndpointSet:
                 self._start_ramp(endpoint, now)
             endpoint.weight = weight
             endpoint.healthy = healthy
-            self._ramp(endpoint, now)
+            if endpoint.since is None:  # (the usual case, on the path of every address of every answer)
+                endpoint.effective = weight
+            else:
+                self._ramp(endpoint, now)
             fresh[key] = endpoint
 
     def replace(self, fresh, now=0.0):

@@ -24,6 +24,7 @@ from ..lifecycle import Lifecycle, State
 from ..loop import READ, WRITE, Registration
 from ..protocol.tls import describe_error
 from ..protocol.tlssocket import TlsSocket
+from .streamrecord import StreamRecord
 
 __all__ = ["Duplex", "DuplexOwner", "Tally", "READING", "WRITING"]
 
@@ -443,6 +444,16 @@ class Duplex:
             due = min(self.started + lifetime if lifetime else math.inf,
                       self.last_active + idle if idle else math.inf)
             self.timer = self.reactor.call_at(due, self._check_limits)
+
+    def record(self, stream_id, router, listener):
+        """What another worker needs to go on with this stream (``streamrecord.StreamRecord``); ``_resume``
+        reads it back."""
+        envelope, client, upstream = self.envelope, self.client, self.upstream
+        return StreamRecord(
+            stream_id, router, listener, envelope.dst_name, self.endpoint.sockaddr, tuple(envelope.source[:2]),
+            envelope.destination and tuple(envelope.destination[:2]), envelope.accepted_at, self.started,
+            self.last_active, envelope.lifetime, envelope.idle_timeout, client.received, upstream.received,
+            client.reading is ENDED, upstream.reading is ENDED, client.writing is SHUT, upstream.writing is SHUT)
 
     def _resume(self, record):
         self.started, self.last_active = record.started, record.last_active

@@ -37,7 +37,7 @@ import socket
 import struct
 
 from ..loop import READ, WRITE
-from .streamrecord import BATCH, HandOverError, answer_of, decode, encode, record_of, streams_of
+from .streamrecord import BATCH, HandOverError, answer_of, decode, encode, streams_of
 
 __all__ = ["Mover", "Receiver", "socket_name"]
 
@@ -200,7 +200,7 @@ class Mover:
             return
         records, fds = [], []
         for stream_id, listener, duplex in batch:
-            records.append(record_of(stream_id, listener, duplex))
+            records.append(duplex.record(stream_id, listener.label, listener.address))
             fds += [duplex.client.fd, duplex.upstream.fd]
             self.sent[stream_id] = (listener, duplex, target)
             target.in_flight.add(stream_id)

@@ -346,17 +346,16 @@ class Listener:
         balancer = self.binder.bind(record.dst_name)
         if balancer is None:
             return None
-        endpoint = balancer.adopt_endpoint(record.endpoint)
         envelope = Envelope(record.source, record.dst_name, record.accepted_at, record.accepted_at,
                             record.lifetime, record.idle_timeout)
         envelope.destination = record.destination
         client.setblocking(False)
         upstream.setblocking(False)
+        endpoint = balancer.stream_adopted(record.endpoint, record.client_ended or record.upstream_ended)
         duplex = Duplex(self, (balancer, endpoint, envelope), client, 0, upstream, 0, self.buffer, resumed=record)
         self.active += 1
         self.budget.acquire()
         self.streams.add(duplex)
-        balancer.stream_adopted(endpoint, duplex.ending)
         return duplex
 
     def let_go(self, duplex):

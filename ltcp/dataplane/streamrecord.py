@@ -10,7 +10,7 @@ raises ``HandOverError``, never anything else.
 import json
 from typing import NamedTuple, Optional, Tuple
 
-__all__ = ["BATCH", "HandOverError", "StreamRecord", "answer_of", "decode", "encode", "record_of", "streams_of"]
+__all__ = ["BATCH", "HandOverError", "StreamRecord", "answer_of", "decode", "encode", "streams_of"]
 
 BATCH = 100  # streams per message: 200 descriptors, below the kernel's 253
 MAX_TEXT = 4096  # characters of a name or address in a record
@@ -124,15 +124,3 @@ def answer_of(message):
             and all(type(i) is int for i in adopted + refused)):
         raise HandOverError("not an answer")
     return adopted, refused
-
-
-def record_of(stream_id, listener, duplex):
-    """A stream's record, as its old worker sends it."""
-    envelope, client, upstream = duplex.envelope, duplex.client, duplex.upstream
-    ended, shut = client.reading.name == "ended", client.writing.name == "shut"
-    return StreamRecord(
-        stream_id, listener.label, listener.address, envelope.dst_name, duplex.endpoint.sockaddr,
-        tuple(envelope.source[:2]), envelope.destination and tuple(envelope.destination[:2]),
-        envelope.accepted_at, duplex.started, duplex.last_active, envelope.lifetime, envelope.idle_timeout,
-        client.received, upstream.received, ended, upstream.reading.name == "ended", shut,
-        upstream.writing.name == "shut")

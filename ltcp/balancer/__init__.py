@@ -38,6 +38,7 @@ class Balancer:
         self.random = (rng or random.Random()).random
         balancing = settings.load_balancer
         self.decay = balancing.decay_time_ms / 1000  # seconds: the time constant of the load averages
+        self.timed = balancing.kind == "ewma"  # connect times count in its picks: measure each attempt
         self.set = EndpointSet(settings.fail_fast.max_consecutive_failures, balancing.kind,
                                settings.max_connections_per_endpoint, self.decay, settings.slow_start_secs)
         self.ramp_timer = None  # while endpoints are in a slow start
@@ -179,7 +180,8 @@ class Balancer:
         if cause is None:  # (no settling: the stream about to run on it is not counted yet)
             self.set.connect_succeeded(endpoint)
             return
-        self._room_made()
+        if self.queue:
+            self._room_made()
         if cause is not CANCELLED:
             self.connect_failures[cause] += 1
             if cause not in LOCAL_CAUSES and self.set.connect_failed(endpoint):  # ours say nothing of it
@@ -216,14 +218,14 @@ class Balancer:
         self.active -= 1
         if endpoint.state is RETIRED:
             self.set.settle(endpoint)
-        self._room_made()
+        if self.queue:
+            self._room_made()
 
     def _room_made(self):
         """A stream or a connect ended: the oldest stream waiting for room may try again."""
-        if self.queue:
-            dial = next(iter(self.queue))
-            del self.queue[dial]
-            self.reactor.call_soon(dial.next_attempt)
+        dial = next(iter(self.queue))
+        del self.queue[dial]
+        self.reactor.call_soon(dial.next_attempt)
 
     # -- dials ------------------------------------------------------------------
 

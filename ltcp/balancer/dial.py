@@ -69,7 +69,7 @@ class Dial(Registration):
         self.owner = owner
         self.endpoint = None
         self.attempt = None
-        self.attempted = 0.0  # when the attempt under way began
+        self.attempted = 0.0  # when the attempt under way began (timed balancers only)
         self.state = NEW
         self.timer = None
         self.expiring = False  # the timer is for the stream's deadline (not an attempt's, not a pause's end)
@@ -133,7 +133,7 @@ class Dial(Registration):
 
     def next_attempt(self):
         balancer = self.balancer
-        pooled = balancer.pool.take() if balancer.pool else None
+        pooled = balancer.pool.take() if balancer.pool.ready else None
         if pooled is not None:
             endpoint, sock = pooled
             self.endpoint = endpoint
@@ -157,7 +157,8 @@ class Dial(Registration):
         self.endpoint = endpoint
         self.tries += 1
         reactor = self.reactor
-        self.attempted = reactor.time()  # (not the turn's stamp: what ran before in this turn is not the endpoint's)
+        if balancer.timed:  # (the clock, not the turn's stamp: what ran before in this turn is not the endpoint's)
+            self.attempted = reactor.time()
         self._wake_at(reactor.now + balancer.settings.connect_timeout_ms / 1000)
         self.attempt = Connect(reactor, endpoint.family, endpoint.sockaddr, None, self._connected, preface,
                                balancer.tls)
@@ -167,7 +168,7 @@ class Dial(Registration):
         self.attempt = None
         endpoint = self.endpoint
         balancer = self.balancer
-        balancer.attempt_ended(endpoint, cause, detail, self.reactor.now - self.attempted)
+        balancer.attempt_ended(endpoint, cause, detail, self.reactor.now - self.attempted if balancer.timed else None)
         if sock is not None:
             self._finish(endpoint, sock, WRITE)
             return

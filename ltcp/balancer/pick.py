@@ -59,7 +59,7 @@ class P2cPicker(_Candidates):
             return None
         if n == 1:
             only = candidates[0]
-            return only if self.has_room(only) else None
+            return only if not self.limit or self.has_room(only) else None
         i = self._draw(random)
         j = self._draw(random)
         if j == i:

@@ -56,12 +56,13 @@ class Pool:
             endpoint.begin_connect()
             self.connecting += 1
             Connect(self.reactor, endpoint.family, endpoint.sockaddr, settings.connect_timeout_ms / 1000,
-                    functools.partial(self._connected, endpoint, self.reactor.time()), tls=balancer.tls)
+                    functools.partial(self._connected, endpoint, self.reactor.time() if balancer.timed else None),
+                    tls=balancer.tls)
 
     def _connected(self, endpoint, started, sock, cause, detail=""):
         balancer = self.balancer
         self.connecting -= 1
-        balancer.attempt_ended(endpoint, cause, detail, self.reactor.now - started)
+        balancer.attempt_ended(endpoint, cause, detail, None if started is None else self.reactor.now - started)
         if sock is None:
             self.share.give_back()
             self._refill_later()

@@ -1,5 +1,6 @@
 """File descriptors: the stream budget, running out anyway, and recovering."""
 
+import collections
 import os
 import re
 import resource
@@ -63,14 +64,17 @@ def test_streams_stop_at_the_descriptor_budget_and_resume(running):
 
 
 def pipes_open(pid):
-    """How many pipes (read and write ends counted once) a process has open."""
-    ends = 0
+    """How many pipes a process has open: those whose two ends were both seen.  (The listing is not one
+    snapshot: a descriptor closed and reused while it is read once made a pipe count that was not whole.)"""
+    ends = collections.Counter()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            ends += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:  # closed meanwhile
-            pass
-    return ends // 2
+            continue
+        if target.startswith("pipe:"):
+            ends[target] += 1
+    return sum(count == 2 for count in ends.values())
 
 
 def bulk_echo(ltcp, size, seed, results):

@@ -57,7 +57,8 @@ def test_the_dashboard_shows_the_routers_state_and_follows_discovery(browser, ba
     holder, dead_port = refused_port()
     disco = tmp_path / "disco"
     disco.mkdir()
-    (disco / "a").write_text(f"127.0.0.1 {live.port}\n127.0.0.1 {dead_port}\n")
+    # (the dead endpoint is drawn first but once in a million, so the first stream ejects it)
+    (disco / "a").write_text(f"127.0.0.1 {live.port}\n127.0.0.1 {dead_port} 1000000\n")
     ltcp = LtcpProcess({
         "workers": 2,
         "admin": {"port": 0},
@@ -83,7 +84,7 @@ def test_the_dashboard_shows_the_routers_state_and_follows_discovery(browser, ba
         assert shown["destinations"][HOSTILE] == {live.addr: "available"}
         assert shown["images"] == 0 and shown["title"] == "ltcp"
 
-        (disco / "a.new").write_text(f"127.0.0.1 {live.port}\n127.0.0.1 {dead_port}\n127.0.0.1 {later.port}\n")
+        (disco / "a.new").write_text(f"127.0.0.1 {live.port}\n127.0.0.1 {dead_port} 1000000\n127.0.0.1 {later.port}\n")
         os.rename(disco / "a.new", disco / "a")
         before = shown["updates"]
         shown = page(browser, lambda s: later.addr in s["destinations"].get("/svc/a", {}),

@@ -1,9 +1,9 @@
 """File descriptors: the stream budget, running out anyway, and recovering."""
 
-import collections
 import os
 import re
 import resource
+import signal
 import socket
 import threading
 
@@ -64,17 +64,21 @@ def test_streams_stop_at_the_descriptor_budget_and_resume(running):
 
 
 def pipes_open(pid):
-    """How many pipes a process has open: those whose two ends were both seen.  (The listing is not one
-    snapshot: a descriptor closed and reused while it is read once made a pipe count that was not whole.)"""
-    ends = collections.Counter()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:  # closed meanwhile
-            continue
-        if target.startswith("pipe:"):
-            ends[target] += 1
-    return sum(count == 2 for count in ends.values())
+    """How many pipes a process has open, counted while it is stopped: a listing of /proc/PID/fd taken
+    while it runs is no snapshot, and pipes closed and opened meanwhile made it count more than ever
+    existed together."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: stopped(pid), timeout=5, interval=0.001, message="the worker to stop")
+        targets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        return sum(target.startswith("pipe:") for target in targets)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def stopped(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "T"
 
 
 def bulk_echo(ltcp, size, seed, results):

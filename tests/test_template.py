@@ -47,10 +47,24 @@ def ltcp(backends):
 
 def test_workers_are_forks_of_the_template_and_children_of_the_supervisor(ltcp):
     template, = templates(ltcp)
+    assert parent(template) == ltcp.proc.pid
+    assert command(template) == command(ltcp.proc.pid)  # the first template is a fork of the supervisor
     for pid in ltcp.workers:
         assert parent(pid) == ltcp.proc.pid
-        assert "ltcp.process.template" in command(pid)  # a fork, never an exec: the template's pages, shared
-    assert parent(template) == ltcp.proc.pid
+        assert command(pid) == command(template)  # a fork, never an exec: the pages, shared
+
+
+def test_the_template_starts_as_a_new_program_would(ltcp):
+    """A fork of the supervisor, it holds none of its descriptors, and a signal meant for it is not the
+    supervisor's to handle: SIGTERM ends it."""
+    template, = templates(ltcp)
+    held = {int(fd): os.readlink(f"/proc/{template}/fd/{fd}") for fd in os.listdir(f"/proc/{template}/fd")}
+    assert len(held) == 4 and {0, 1, 2} < set(held), held  # stdio and its channel: a socket
+    (channel,) = (target for fd, target in held.items() if fd > 2)
+    assert channel.startswith("socket:")
+    os.kill(template, signal.SIGTERM)
+    wait_for(lambda: not alive(template), message="the template to exit")
+    assert alive(ltcp.proc.pid) and all(map(alive, ltcp.workers))
 
 
 def test_a_killed_template_is_started_again_for_the_next_worker(ltcp):
@@ -59,7 +73,9 @@ def test_a_killed_template_is_started_again_for_the_next_worker(ltcp):
     replacement = replace_a_worker(ltcp)
     second = templates(ltcp)[-1]
     assert second != first and alive(second) and not alive(first)
-    assert "ltcp.process.template" in command(replacement) and parent(replacement) == ltcp.proc.pid
+    # With the supervisor's threads running, the new template is a new interpreter, and the worker its fork.
+    assert "ltcp.process.template" in command(second)
+    assert command(replacement) == command(second) and parent(replacement) == ltcp.proc.pid
 
 
 def test_a_template_that_hangs_is_replaced_and_the_worker_starts_anyway(ltcp):
@@ -91,4 +107,4 @@ def test_a_template_that_hangs_while_preparing_a_generation_is_replaced_and_the_
     wait_for(lambda: not alive(stuck), message="the stuck template to be killed")
     reload_via_sighup(ltcp, expect=True)  # the next generation is forked by a new template
     assert len(templates(ltcp)) == 2
-    assert all("ltcp.process.template" in command(pid) for pid in serving(ltcp))
+    assert all(command(pid) == command(templates(ltcp)[-1]) for pid in serving(ltcp))

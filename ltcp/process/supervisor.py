@@ -111,6 +111,8 @@ class Supervisor(Fleet, Reloads, Upgrades, AdminView):
         upgrade (``inherited``), new code that cannot serve leaves the previous workers serving.
         """
         config, material = self.current.config, self.current.material
+        if self.template is not None:
+            self.template.start()  # (first: no thread runs yet)
         raise_descriptor_limit()  # discovery, health checks and admin clients share it
         previous = self._inherit(inherited) if inherited else None
         try:

@@ -2,17 +2,22 @@
 
 A fresh ``python -m ltcp.worker`` spends about 120 ms of CPU importing ltcp
 and the standard library before it serves, and keeps its own copy of every
-module.  So the supervisor starts this process once (``python -m
-ltcp.template FD LEVEL FORMAT SUPERVISOR``): it imports what a worker needs,
-freezes that heap (no collection writes to those pages again) and waits.
-Each worker is a fork of it: serving within milliseconds, and sharing those
-pages with its siblings.
+module.  So the supervisor starts this process once: it holds what a worker
+needs imported, with that heap frozen (no collection writes to those pages
+again), and waits.  Each worker is a fork of it: serving within
+milliseconds, and sharing those pages with its siblings.
 
-Why not fork the supervisor: it runs threads (discovery, admin, a reader and a
-writer per worker), and a fork copies whatever lock one of them held at that
-instant.  The template never starts a thread, and holds no listening socket:
-each request brings the worker's descriptors, which go to the worker and are
-closed here.
+The supervisor forks the template from itself before it starts its first
+thread, having imported the data plane too (it checks configurations with
+it), so the supervisor, the template and every worker share one copy of the
+interpreter and the modules, where an ``exec`` would load a second (5 MB of
+the summed PSS of an instance with two workers).  Should that template die
+later, its replacement is a new interpreter (``python -m
+ltcp.process.template FD LEVEL FORMAT SUPERVISOR``): the supervisor runs
+threads by then (discovery, admin, a reader and a writer per worker), and a
+fork copies whatever lock one of them held at that instant.  The template
+never starts a thread, and holds no listening socket: each request brings
+the worker's descriptors, which go to the worker and are closed here.
 
 Workers remain the supervisor's children.  The template forks twice and the
 middle process exits at once, so the worker is re-parented to the
@@ -45,6 +50,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from . import launch
@@ -125,13 +131,22 @@ class Template:
             raise TemplateError(detail)
         return detail
 
+    def start(self):
+        """Start the template now, if it is not running: called before the supervisor starts a thread, it is a
+        fork of the supervisor, sharing every page both have imported rather than importing it all again."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+
     def _start(self):
         self.close(kill=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        args = (str(theirs.fileno()), *self.logging_args, str(os.getpid()))
         try:
-            command = launch.python_module("ltcp.process.template", str(theirs.fileno()), *self.logging_args,
-                                           str(os.getpid()))
-            self.proc = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            if threading.active_count() == 1:  # (forking a process with threads copies the locks they hold)
+                self.proc = Forked(main, args)
+            else:
+                command = launch.python_module("ltcp.process.template", *args)
+                self.proc = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except OSError as exc:
             ours.close()
             raise TemplateError(f"cannot start the worker template: {exc.strerror or exc}") from None
@@ -156,6 +171,54 @@ class Template:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+
+
+class Forked:
+    """A child process running ``entry(args)`` in a fork of this one, with the few methods of ``Popen`` that
+    ``Template`` uses.  The child starts as a new program would: only stdio and the descriptor its first
+    argument names open, and no Python signal handler."""
+
+    def __init__(self, entry, args):
+        gc.freeze()  # (in both: neither process's collections write to the pages they share)
+        self.returncode = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            status = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in signal.valid_signals():
+                    if callable(signal.getsignal(signum)):
+                        signal.signal(signum, signal.SIG_DFL)
+                keep = int(args[0])
+                os.closerange(3, keep)
+                os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+                status = entry(args)
+            except BaseException:
+                sys.excepthook(*sys.exc_info())
+            finally:
+                os._exit(status)
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: gone all the same
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self):
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"template {self.pid}", timeout)
+            time.sleep(0.001)
+        return self.returncode
 
 
 # -- the template process --------------------------------------------------------------

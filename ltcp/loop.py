@@ -168,6 +168,12 @@ class Reactor:
         del self._handlers[fd]
         self._poller.unregister(fd)
 
+    def forget(self, fd):
+        """Stop dispatching ``fd``, whose socket the caller closes next: closing a socket's last descriptor takes
+        it out of the epoll set, a syscall fewer than ``unregister``.  Never for a socket that another process,
+        or another descriptor of this one, holds too: it would stay in the set."""
+        del self._handlers[fd]
+
     def discard(self, fileobj):
         """Unregister ``fileobj`` if it is registered (cleaning up after a bug, when nobody knows)."""
         fd = fileobj if fileobj.__class__ is int else fileobj.fileno()
@@ -213,12 +219,13 @@ class Reactor:
                 wheel.advance(now)
             # Only what is queued now: callbacks that queue more wait a turn,
             # so a self-requeueing callback cannot starve I/O.
-            for _ in range(len(ready)):
-                fn, args = ready.popleft()
-                try:
-                    fn(*args)
-                except Exception as exc:
-                    self.callback_failed(fn, exc)
+            if ready:
+                for _ in range(len(ready)):
+                    fn, args = ready.popleft()
+                    try:
+                        fn(*args)
+                    except Exception as exc:
+                        self.callback_failed(fn, exc)
 
     def stop(self):
         """End ``run()`` after the current iteration, or the next ``run()`` at once (reactor thread, or via

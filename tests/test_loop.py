@@ -150,6 +150,24 @@ def test_readiness_dispatch_and_modify(reactor):
         b.close()
 
 
+def test_a_forgotten_socket_leaves_the_epoll_set_when_closed(reactor):
+    """``forget`` spares the ``epoll_ctl`` a close does anyway: once the socket is closed, its peer's bytes
+    wake nobody; while another descriptor of it is open, they still would, which is why a socket handed to
+    another process is unregistered instead."""
+    a, b = socket.socketpair()
+    reactor.register(a, READ, lambda mask: None)
+    reactor.forget(a.fileno())
+    kept = os.dup(a.fileno())
+    a.close()
+    try:
+        b.send(b"ping")
+        assert reactor._poller.poll(0, 8), "a descriptor left open keeps the registration"
+        os.close(kept)
+        assert reactor._poller.poll(0, 8) == []
+    finally:
+        b.close()
+
+
 class Broken:
     """An object whose callbacks raise, recording what the reactor tells it."""
 

@@ -7,7 +7,7 @@ import socket
 from ..protocol.tls import describe_error
 from ..protocol.tlssocket import TlsSocket
 from ..lifecycle import Lifecycle, State
-from ..loop import WRITE, Registration
+from ..loop import HANGUP, WRITE, Registration
 
 __all__ = ["CANCELLED", "CONNECT", "Connect", "LOCAL_CAUSES", "failure_cause"]
 
@@ -81,7 +81,9 @@ class Connect(Registration):
         if err in (0, errno.EINPROGRESS):
             self.sock = sock
             self.fd = sock.fileno()
-            self.want(WRITE)
+            # HANGUP as well: a failed handshake is reported with it (the reactor hands trouble on as every
+            # event asked for), so a plain WRITE is a connection made, and needs no SO_ERROR to prove it.
+            self.want(WRITE | HANGUP)
             if timeout is not None:  # (a dial times its attempts itself)
                 self.timer = reactor.call_later(timeout, self._timed_out)
         else:
@@ -103,10 +105,11 @@ class Connect(Registration):
         if self.state is HANDSHAKING:
             self._handshake()
             return
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # the TCP handshake is over
-        if err:
-            self._fail(failure_cause(err), _errno_name(err))
-            return
+        if mask & HANGUP:  # refused, reset, unreachable; or accepted and at once closed by the peer
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._fail(failure_cause(err), _errno_name(err))
+                return
         if self.preface:
             try:
                 sent = self.sock.send(self.preface)
@@ -136,7 +139,7 @@ class Connect(Registration):
             self._succeed()
 
     def _succeed(self):
-        if self.events != WRITE:
+        if not self.events & WRITE:
             self.want(WRITE)  # the registration the new owner adopts...
         self.events = 0  # ... goes with the socket
         self.done(self._release(), None)

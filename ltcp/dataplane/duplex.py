@@ -276,10 +276,11 @@ class Leg(Registration):
 
     def shutdown_write(self):
         self.writing = self.writing.moves["shut"]
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the other end is gone; its reads will tell
+        if self.peer.writing is not SHUT:  # (else the stream is done: both sides have ended, and the close sends it)
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the other end is gone; its reads will tell
         self.sent_all()
 
     def sent_all(self):
@@ -298,8 +299,19 @@ class Leg(Registration):
                 events |= READ
         return events
 
-    def release(self, reset):
-        self.want(0)
+    def release(self, reset, held_elsewhere=False):
+        """Close this leg's socket (``reset``: with an RST).
+
+        Closing a socket's last descriptor takes it out of the epoll set, so the
+        reactor is only told to forget it, one ``epoll_ctl`` fewer per socket;
+        a socket another process holds too (``held_elsewhere``: handed over)
+        must be withdrawn from the set by hand.
+        """
+        if held_elsewhere:
+            self.want(0)
+        elif self.events:
+            self.reactor.forget(self.fd)
+            self.events = 0
         if reset:
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -397,7 +409,7 @@ class Duplex:
 
     __slots__ = ("reactor", "client", "upstream", "owner", "balancer", "endpoint", "envelope", "buffer", "view",
                  "started", "last_active", "timer", "closed", "ending", "held", "reason", "detail", "from_client",
-                 "to_client")
+                 "to_client", "adopted")
 
     def __init__(self, owner: DuplexOwner, route, client_sock, client_events, upstream_sock, upstream_events,
                  buffer, resumed=None):
@@ -417,6 +429,7 @@ class Duplex:
         self.closed = False
         self.ending = False  # counted in its endpoint's ``ending``: one side has finished sending
         self.held = resumed is not None  # reading neither side: a hand-over waits for what was read to be out
+        self.adopted = resumed is not None  # the worker that handed it over may still hold its sockets
         self.reason = None
         self.detail = ""
         self.from_client = self.to_client = 0  # bytes, once closed: read from the client, written to it
@@ -496,8 +509,8 @@ class Duplex:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.client.release(False)
-        self.upstream.release(False)
+        self.client.release(False, held_elsewhere=True)
+        self.upstream.release(False, held_elsewhere=True)
         self.client.peer = self.upstream.peer = None
         self.client = self.upstream = None
 
@@ -550,8 +563,8 @@ class Duplex:
         self.from_client = client.received
         # What was read from upstream, less what never made it out to the client.
         self.to_client = upstream.received - client.piped - (len(client.pending) if client.pending is not None else 0)
-        self.client.release(reset)
-        self.upstream.release(reset)
+        self.client.release(reset, self.adopted)
+        self.upstream.release(reset, self.adopted)
         self.owner.stream_closed(self)
         # Unlink the legs so reference counting frees the stream now, not a GC pass later.
         self.client.peer = self.upstream.peer = None

@@ -1,10 +1,11 @@
 """Benchmark ltcp against HAProxy, a plain asyncio proxy and a direct connection, in one run.
 
-    python scripts/bench.py [--quick] [--repeat N] [--rows direct,ltcp,ltcplog,haproxy,ltcp2,haproxy2,asyncio]
+    python scripts/bench.py [--quick] [--repeat N] [--rows direct,ltcp,ltcplog,haproxy,ltcp2,haproxy2,ltcpauto,asyncio]
                             [--workloads bulk,keepalive,connrate,latency,idle,scrapes,reloads]
 
 Rows: ``ltcp`` runs one worker and ``haproxy`` one thread; ``ltcp2`` runs
-``workers: 2`` and is compared with ``haproxy2`` (``nbthread 2``); ``ltcplog``
+``workers: 2`` and is compared with ``haproxy2`` (``nbthread 2``), as is
+``ltcpauto`` (``workers: auto``, one per CPU: two on a two-core machine); ``ltcplog``
 is ``ltcp`` writing a JSON access log, compared with ``ltcp`` (the log's cost).  CPU and
 memory figures add up every process of a row (ltcp's supervisor and workers).
 
@@ -27,7 +28,9 @@ Workloads:
   CPU each   for keepalive, connrate and tlsrate: the proxy's CPU time (from
              /proc) per request or connection, in microseconds
   latency    10 keep-alive connections; p50 and p99 in microseconds
-  idle-rss   4,000 idle proxied connections: proxy RSS (MB) and KB per connection
+  idle-rss   4,000 idle proxied connections: proxy RSS (MB) and KB per connection,
+             and PSS (MB): the memory the row's processes hold between them, each
+             page shared by several (ltcp's workers, forks of one template) counted once
   idle-cpu   CPU of the proxy over 5 s with those 4,000 connections idle and
              idle timeouts armed; percent of one core
   reloads    ltcp and HAProxy rows: keep-alive requests/s over 16 persistent
@@ -309,6 +312,12 @@ class Ltcp2(Ltcp):
     peer = "haproxy2"
 
 
+class LtcpAuto(Ltcp):
+    name = "ltcpauto"
+    workers = "auto"
+    peer = "haproxy2"
+
+
 class Haproxy(Row):
     name = "haproxy"
     threads = 1
@@ -355,7 +364,7 @@ class Asyncio(Row):
 
 
 ROWS = {"direct": Direct, "ltcp": Ltcp, "ltcplog": LtcpLog, "haproxy": Haproxy, "ltcp2": Ltcp2, "haproxy2": Haproxy2,
-        "asyncio": Asyncio}
+        "ltcpauto": LtcpAuto, "asyncio": Asyncio}
 
 
 # -- workloads ---------------------------------------------------------------------------
@@ -548,6 +557,15 @@ def _rss_kb(row):
     return total
 
 
+def _pss_kb(row):
+    """Proportional memory of every process of the row: summed, each physical page counts once."""
+    total = 0
+    for pid in row.pids():
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total += int(re.search(r"^Pss:\s+(\d+)", f.read(), re.MULTILINE).group(1))
+    return total
+
+
 def _cpu_seconds(row):
     total = 0.0
     for pid in row.pids():
@@ -578,7 +596,7 @@ def _close_all(socks):
 
 
 def idle(row, backends, duration):
-    """(RSS MB, KB per connection, % CPU) with IDLE_CONNECTIONS idle proxied connections."""
+    """(RSS MB, PSS MB, KB per connection, % CPU) with IDLE_CONNECTIONS idle proxied connections."""
     pid = row.pid()
     if pid is None:
         return None
@@ -586,13 +604,13 @@ def idle(row, backends, duration):
     socks = _open_idle(row, IDLE_CONNECTIONS)
     try:
         time.sleep(1.0)  # let the proxy settle before measuring
-        after = _rss_kb(row)
+        after, pss = _rss_kb(row), _pss_kb(row)
         cpu_before = _cpu_seconds(row)
         time.sleep(duration)
         cpu = (_cpu_seconds(row) - cpu_before) / duration * 100
     finally:
         _close_all(socks)
-    return after / 1024, (after - before) / IDLE_CONNECTIONS, cpu
+    return after / 1024, pss / 1024, (after - before) / IDLE_CONNECTIONS, cpu
 
 
 def scrapes(row, backends, duration, pairs, per_second=20, streams=2000, path="/metrics"):
@@ -652,8 +670,9 @@ def measure(row, backends, args):
         runs = [latency(row, backends, duration) for _ in range(args.repeat)]
         results["latency p50/p99 us"] = tuple(statistics.median(r[i] for r in runs) for i in range(2))
     if row.name != "direct" and "idle" in wanted:
-        rss, per_conn, cpu = idle(row, backends, duration)
+        rss, pss, per_conn, cpu = idle(row, backends, duration)
         results["idle RSS MB"] = rss
+        results["idle PSS MB"] = pss
         results["idle KB/conn"] = per_conn
         results["idle CPU %"] = cpu
     if hasattr(row, "admin_port") and "scrapes" in wanted:
@@ -730,7 +749,7 @@ def print_table(results):
             cells.append(f"{shown:>{width}}")
         print(f"{metric:<20}" + "".join(cells))
     if base:
-        print(f"ratios in brackets are to {reference}, or to haproxy2 for ltcp2 (latency: p99)")
+        print(f"ratios in brackets are to {reference}, or to haproxy2 for ltcp2 and ltcpauto (latency: p99)")
     for key, what in (("p99 us, 20 scrapes/s", "20 scrapes/s"), ("p99 us, 5 dashboards", "5 open dashboards")):
         scraped = results.get("ltcp", {}).get(key)
         if scraped:

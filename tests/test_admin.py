@@ -303,6 +303,8 @@ def test_cross_site_requests_cannot_stop_ltcp(backends):
             b"GET /routers.json HTTP/1.1\r\nHost: rebind.attacker.example\r\n\r\n",
             b"POST /shutdown HTTP/1.1\r\nHost: rebind.attacker.example:9989\r\n" + form,
         ]
+        # A page rendered a moment ago is answered without a handler thread, under the same protections.
+        assert raw_request(address, b"GET /routers.json HTTP/1.1\r\n" + host + b"Connection: close\r\n\r\n") == 200
         assert [raw_request(address, attack) for attack in attacks] == [403] * len(attacks)
         with ltcp.connect() as c:  # still serving, not draining
             c.sendall(b"alive")

@@ -170,3 +170,30 @@ def recv_until(sock, end):
         assert byte, data
         data += byte
     return data
+
+
+def test_an_answer_ready_at_once_needs_no_handler_thread():
+    """A cached page is written by the socket thread itself: served while every handler is busy, HEAD and
+    keep-alive rules included; what ``at_once`` does not answer still reaches a handler."""
+    release = threading.Event()
+
+    def handle(request):
+        release.wait(10)
+        return plain(200, "handled")
+
+    server = HttpServer(("127.0.0.1", 0), handle, handlers=1,
+                        at_once=lambda request: plain(200, "cached") if request.path == "/cached" else None)
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5) as slow, \
+                socket.create_connection(server.address, timeout=5) as fast:
+            slow.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")  # takes the one handler until released
+            fast.sendall(b"HEAD /cached HTTP/1.1\r\nHost: a\r\n\r\nGET /cached HTTP/1.1\r\nHost: a\r\n\r\n")
+            head = recv_until(fast, b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 7\r\n" in head
+            assert recv_until(fast, b"\r\n\r\n").startswith(b"HTTP/1.1 200 ") and recv_exactly(fast, 7) == b"cached\n"
+            release.set()
+            assert recv_until(slow, b"\r\n\r\n").startswith(b"HTTP/1.1 200 ") and recv_exactly(slow, 8) == b"handled\n"
+    finally:
+        release.set()
+        server.close()

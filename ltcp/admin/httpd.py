@@ -9,7 +9,9 @@ response must be taken within ``DEADLINE`` too; when ``MAX_CONNECTIONS`` are
 open, the one that has waited longest is closed to make room.  Only complete
 requests reach ``handle``, on one of a few handler threads that only compute
 responses (an answer that waits on other work, a reload say, is a Future of
-its Response: the handler thread goes on to the next request meanwhile);
+its Response: the handler thread goes on to the next request meanwhile),
+unless ``at_once`` has an answer ready without computing (a cached page),
+which the selector thread writes itself;
 while they are all busy and ``MAX_QUEUED`` requests wait, further ones are
 answered 503 at once.  A connection that closes before its request
 is complete is never acted on.
@@ -226,11 +228,19 @@ class _Connection:
         self.closed = False
 
 
+def _as_sent(request, response):
+    """(the response as ``request`` gets it, whether the connection stays open after it)."""
+    if request.method == "HEAD":
+        response = response.without_body()
+    return response, request.keep_alive and response.status < 400
+
+
 class HttpServer:
     """Serves ``handle(request) -> Response`` on ``address``; see the module docstring."""
 
-    def __init__(self, address, handle, name="http", handlers=HANDLER_THREADS):
+    def __init__(self, address, handle, name="http", handlers=HANDLER_THREADS, at_once=None):
         self.handle = handle
+        self.at_once = at_once  # request -> a Response ready now, or None (on the selector thread: never waits)
         self.name = name
         ip, port = address
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -399,6 +409,10 @@ class HttpServer:
         connection.head = None
         self._timed.pop(connection, None)
         self._selector.unregister(connection.sock)
+        ready = self.at_once(request) if self.at_once is not None else None
+        if ready is not None:
+            self._respond(connection, *_as_sent(request, ready))
+            return
         try:
             self._requests.put_nowait((connection, request))
         except queue.Full:
@@ -480,9 +494,7 @@ class HttpServer:
                 self._answer(connection, request, response)
 
     def _answer(self, connection, request, response):
-        if request.method == "HEAD":
-            response = response.without_body()
-        self._answers.put((connection, response, request.keep_alive and response.status < 400))
+        self._answers.put((connection, *_as_sent(request, response)))
 
     def _answer_later(self, connection, request, future):
         """A deferred answer is ready (on whichever thread made it)."""

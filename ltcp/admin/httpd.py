@@ -409,7 +409,8 @@ class HttpServer:
         connection.head = None
         self._timed.pop(connection, None)
         self._selector.unregister(connection.sock)
-        ready = self.at_once(request) if self.at_once is not None else None
+        # (Not with more pipelined behind it: writing it would parse the next at once, and so on, recursively.)
+        ready = self.at_once(request) if self.at_once is not None and not connection.buffer else None
         if ready is not None:
             self._respond(connection, *_as_sent(request, ready))
             return

@@ -276,7 +276,9 @@ class Leg(Registration):
 
     def shutdown_write(self):
         self.writing = self.writing.moves["shut"]
-        if self.peer.writing is not SHUT:  # (else the stream is done: both sides have ended, and the close sends it)
+        # The stream is done once both sides have ended, and its close sends the end as well; unless another
+        # process holds the socket too: closing this descriptor would then send nothing.
+        if self.peer.writing is not SHUT or self.duplex.shared:
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -304,7 +306,7 @@ class Leg(Registration):
 
         Closing a socket's last descriptor takes it out of the epoll set, so the
         reactor is only told to forget it, one ``epoll_ctl`` fewer per socket;
-        a socket another process holds too (``held_elsewhere``: handed over)
+        a socket another process may hold too (``held_elsewhere``: a ``shared`` stream)
         must be withdrawn from the set by hand.
         """
         if held_elsewhere:
@@ -409,7 +411,7 @@ class Duplex:
 
     __slots__ = ("reactor", "client", "upstream", "owner", "balancer", "endpoint", "envelope", "buffer", "view",
                  "started", "last_active", "timer", "closed", "ending", "held", "reason", "detail", "from_client",
-                 "to_client", "adopted")
+                 "to_client", "shared")
 
     def __init__(self, owner: DuplexOwner, route, client_sock, client_events, upstream_sock, upstream_events,
                  buffer, resumed=None):
@@ -429,7 +431,7 @@ class Duplex:
         self.closed = False
         self.ending = False  # counted in its endpoint's ``ending``: one side has finished sending
         self.held = resumed is not None  # reading neither side: a hand-over waits for what was read to be out
-        self.adopted = resumed is not None  # the worker that handed it over may still hold its sockets
+        self.shared = resumed is not None  # another process may hold its sockets too (see ``record``)
         self.reason = None
         self.detail = ""
         self.from_client = self.to_client = 0  # bytes, once closed: read from the client, written to it
@@ -460,7 +462,12 @@ class Duplex:
 
     def record(self, stream_id, router, listener):
         """What another worker needs to go on with this stream (``streamrecord.StreamRecord``); ``_resume``
-        reads it back."""
+        reads it back.
+
+        From now on the stream's sockets may be held by another process as well (in a message it has not
+        read, or adopted), even if this one takes the stream back: it is ``shared`` for good.
+        """
+        self.shared = True
         envelope, client, upstream = self.envelope, self.client, self.upstream
         return StreamRecord(
             stream_id, router, listener, envelope.dst_name, self.endpoint.sockaddr, tuple(envelope.source[:2]),
@@ -563,8 +570,8 @@ class Duplex:
         self.from_client = client.received
         # What was read from upstream, less what never made it out to the client.
         self.to_client = upstream.received - client.piped - (len(client.pending) if client.pending is not None else 0)
-        self.client.release(reset, self.adopted)
-        self.upstream.release(reset, self.adopted)
+        self.client.release(reset, self.shared)
+        self.upstream.release(reset, self.shared)
         self.owner.stream_closed(self)
         # Unlink the legs so reference counting frees the stream now, not a GC pass later.
         self.client.peer = self.upstream.peer = None

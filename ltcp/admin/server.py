@@ -123,16 +123,22 @@ class _Cached:
         """The page, rendered now unless the last rendering is fresh (waiting for a rendering under way)."""
         with self._lock:
             last = self._last
-            if last is None or time.monotonic() - last[0] >= CACHE_SECS:
+            if not _fresh(last):
                 last = self._last = (time.monotonic(), self._render())
-        return Response(200, last[1], content_type=self._content_type, headers=self._headers)
+        return self._page(last[1])
 
     def fresh_response(self):
         """The page if its last rendering is fresh, else None: never renders, never waits."""
         last = self._last
-        if last is None or time.monotonic() - last[0] >= CACHE_SECS:
-            return None
-        return Response(200, last[1], content_type=self._content_type, headers=self._headers)
+        return self._page(last[1]) if _fresh(last) else None
+
+    def _page(self, body):
+        return Response(200, body, content_type=self._content_type, headers=self._headers)
+
+
+def _fresh(last):
+    """Whether a (monotonic time, body) rendering is recent enough to serve again."""
+    return last is not None and time.monotonic() - last[0] < CACHE_SECS
 
 
 class ReactorView:

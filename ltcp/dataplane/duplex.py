@@ -301,15 +301,15 @@ class Leg(Registration):
                 events |= READ
         return events
 
-    def release(self, reset, held_elsewhere=False):
+    def release(self, reset):
         """Close this leg's socket (``reset``: with an RST).
 
         Closing a socket's last descriptor takes it out of the epoll set, so the
         reactor is only told to forget it, one ``epoll_ctl`` fewer per socket;
-        a socket another process may hold too (``held_elsewhere``: a ``shared`` stream)
+        the socket of a ``shared`` stream, which another process may hold too,
         must be withdrawn from the set by hand.
         """
-        if held_elsewhere:
+        if self.duplex.shared:
             self.want(0)
         elif self.events:
             self.reactor.forget(self.fd)
@@ -516,8 +516,8 @@ class Duplex:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.client.release(False, held_elsewhere=True)
-        self.upstream.release(False, held_elsewhere=True)
+        self.client.release(False)  # (shared: it was recorded, or adopted)
+        self.upstream.release(False)
         self.client.peer = self.upstream.peer = None
         self.client = self.upstream = None
 
@@ -570,8 +570,8 @@ class Duplex:
         self.from_client = client.received
         # What was read from upstream, less what never made it out to the client.
         self.to_client = upstream.received - client.piped - (len(client.pending) if client.pending is not None else 0)
-        self.client.release(reset, self.shared)
-        self.upstream.release(reset, self.shared)
+        self.client.release(reset)
+        self.upstream.release(reset)
         self.owner.stream_closed(self)
         # Unlink the legs so reference counting frees the stream now, not a GC pass later.
         self.client.peer = self.upstream.peer = None

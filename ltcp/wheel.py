@@ -62,8 +62,10 @@ class TimerWheel:
         self.clock = clock
         self.tick_ns = max(1, round(tick * NS_PER_SEC))
         self._mask = slots - 1
-        self._slots = [dict() for _ in range(slots)]
-        self._occupied = 0  # bit i set <=> self._slots[i] is not empty
+        # A slot is a dict of its timers while it holds any, else None: 4,096 empty dicts would be 0.3 MB
+        # in every worker, most of them empty at any time.
+        self._slots = [None] * slots
+        self._occupied = 0  # bit i set <=> self._slots[i] holds timers
         self._count = 0
         self._current = clock() // self.tick_ns  # last tick fully processed
         # advance() has nothing to do before the clock reads this: a caller on a hot
@@ -88,7 +90,8 @@ class TimerWheel:
         timer = Timer(self, when, tick, fn, args)
         index = tick & self._mask
         slot = self._slots[index]
-        if not slot:
+        if slot is None:
+            slot = self._slots[index] = {}
             self._occupied |= 1 << index
         slot[timer] = None
         self._count += 1
@@ -99,9 +102,10 @@ class TimerWheel:
     def _discard(self, timer):
         index = timer.tick & self._mask
         slot = self._slots[index]
-        if slot.pop(timer, False) is None:
+        if slot is not None and slot.pop(timer, False) is None:  # (a due timer has left its slot already)
             self._count -= 1
             if not slot:
+                self._slots[index] = None
                 self._occupied &= ~(1 << index)
 
     def next_tick(self):
@@ -177,6 +181,7 @@ class TimerWheel:
             del slot[timer]
         self._count -= len(due)
         if not slot:
+            self._slots[index] = None
             self._occupied &= ~(1 << index)
         return due
 

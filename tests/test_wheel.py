@@ -136,6 +136,14 @@ class WheelMachine(RuleBasedStateMachine):
     def count_matches(self):
         assert len(self.wheel) == len(self._pending())
 
+    @invariant()
+    def only_slots_with_timers_are_kept(self):
+        """An emptied slot is dropped (memory), and the bitmap names exactly the slots that hold timers."""
+        held = {index for index, slot in enumerate(self.wheel._slots) if slot is not None}
+        assert all(self.wheel._slots[index] for index in held)
+        assert self.wheel._occupied == sum(1 << index for index in held)
+        assert sum(len(self.wheel._slots[index]) for index in held) == len(self._pending())
+
 
 WheelMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 TestWheel = WheelMachine.TestCase

@@ -21,6 +21,7 @@ import sys
 
 from . import logs
 from .dataplane.app import App, tune_garbage_collection
+from .dataplane.heaptrim import HeapTrim, malloc_trim
 from .control import Channel, Framer, RemoteDiscovery, encode
 from .process.lifeline import die_with
 from .admin.snapshot import snapshot
@@ -59,6 +60,9 @@ class Worker:
         log.info("worker %d (generation %d) serving", os.getpid(), self.generation)  # (before the supervisor knows)
         self.send(("ready", os.getpid()))
         tune_garbage_collection()
+        trim = malloc_trim()
+        if trim is not None:
+            HeapTrim(app.reactor, lambda: sum(listener.finished for listener in app.listeners), trim)
         app.run()
         self._say_goodbye()
         log.info("worker %d finished", os.getpid())

@@ -28,6 +28,7 @@ BOTTOM = {
     "ltcp.admin.httpd": {"ltcp.mailbox"},
     "ltcp.mailbox": set(),
     "ltcp.dataplane.accesslog": {"ltcp.names"},
+    "ltcp.dataplane.heaptrim": set(),
     "ltcp.logs": set(),
     "ltcp.process.notify": set(),
     "ltcp.process.launch": set(),

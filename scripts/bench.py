@@ -263,6 +263,7 @@ class Direct(Row):
 class Ltcp(Row):
     name = "ltcp"
     workers = 1
+    launch = ("-m", "ltcp")  # what the interpreter runs (bench_workers.py --calls: a profiled ltcp)
     reload_signal = signal.SIGHUP
     access_log = None
 
@@ -290,7 +291,7 @@ class Ltcp(Row):
         path = os.path.join(workdir, f"{self.name}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f)
-        self.proc = subprocess.Popen([sys.executable, "-m", "ltcp", "--log-level", "warning", path])
+        self.proc = subprocess.Popen([sys.executable, *self.launch, "--log-level", "warning", path])
         for port in self.ports.values():
             wait_listening(port)
 

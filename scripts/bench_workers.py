@@ -1,7 +1,7 @@
 """Where a proxy's CPU goes per new connection, process by process: ltcp with one and two workers beside HAProxy
 with one and two threads.
 
-    python scripts/bench_workers.py [--rows ltcp,ltcp2,haproxy,haproxy2] [--seconds 5] [--repeat 3]
+    python scripts/bench_workers.py [--rows ltcp,ltcp2,haproxy,haproxy2] [--seconds 5] [--repeat 3] [--calls]
 
 For each row it runs wrk with ``Connection: close`` (50 connections, nginx behind, as ``bench.py connrate``)
 and reads, over the same seconds:
@@ -14,12 +14,18 @@ and reads, over the same seconds:
   syscalls         with ``perf`` (tracepoints need root): per connection, accept4 calls and those that failed
                    (EAGAIN: a worker woken for a connection another took), epoll_wait, epoll_ctl and all
 
+With ``--calls``, each ltcp row also runs once with its workers under cProfile (``profiled_ltcp.py``) and
+reports, worker by worker, the Python calls (functions and builtins) and the loop turns per connection: the
+work a connection takes, which profiling slows but does not change.
+
 Medians of ``--repeat`` runs, the rows interleaved so that a slower minute of a shared machine falls on each.
 Needs wrk and nginx, like ``bench.py``.
 """
 
 import argparse
+import glob
 import os
+import pstats
 import shutil
 import statistics
 import subprocess
@@ -31,6 +37,7 @@ import time
 import bench
 
 TICKS = os.sysconf("SC_CLK_TCK")
+PROFILED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiled_ltcp.py")
 SYSCALLS = {"accept4": "syscalls:sys_enter_accept4", "accept4 failed": "syscalls:sys_exit_accept4",
             "epoll_wait": "syscalls:sys_enter_epoll_wait", "epoll_ctl": "syscalls:sys_enter_epoll_ctl",
             "all": "raw_syscalls:sys_enter"}
@@ -90,6 +97,28 @@ def measure(row, seconds):
     return rate["value"], per_process, {k: v / connections for k, v in (syscalls or {}).items()}
 
 
+def count_calls(name, backends, workdir, seconds):
+    """[(connections, Python calls per connection, loop turns per connection)] for each worker of an ltcp row,
+    from one run with every reactor under cProfile."""
+    profiles = os.path.join(workdir, f"profiles-{name}")
+    os.makedirs(profiles)
+    os.environ["LTCP_PROFILE_DIR"] = profiles  # (inherited by the row's processes)
+    row = type(name, (bench.ROWS[name],), {"launch": (PROFILED,)})(backends, workdir)
+    try:
+        time.sleep(1)
+        bench._wrk(row.ports["http"], 50, seconds, close=True)
+    finally:
+        row.close()  # (the workers drain, and write their statistics as their reactors stop)
+    workers = []
+    for path in sorted(glob.glob(os.path.join(profiles, "worker.*"))):
+        stats = pstats.Stats(path).stats  # (file, line, function) -> (primitive calls, calls, ...)
+        connections = sum(v[1] for k, v in stats.items() if k[2] == "_accepted")
+        turns = sum(v[1] for k, v in stats.items() if k[2] == "<method 'poll' of 'select.epoll' objects>")
+        if connections:
+            workers.append((connections, sum(v[1] for v in stats.values()) / connections, turns / connections))
+    return workers
+
+
 def summarise(runs):
     """Medians over runs: conn/s, the row's totals, each process's role and figures, the syscalls."""
     rate = statistics.median(r[0] for r in runs)
@@ -106,12 +135,18 @@ def main():
     parser.add_argument("--rows", default="ltcp,ltcp2,haproxy,haproxy2")
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--calls", action="store_true", help="also count Python calls and loop turns per connection")
     args = parser.parse_args()
     names = args.rows.split(",")
     runs = {name: [] for name in names}
+    profiled = {}
     with tempfile.TemporaryDirectory() as workdir:
         backends = bench.Backends(workdir)
         try:
+            if args.calls:
+                for name in names:
+                    if issubclass(bench.ROWS[name], bench.Ltcp):
+                        profiled[name] = count_calls(name, backends, workdir, args.seconds)
             for _ in range(args.repeat):
                 for name in names:
                     row = bench.ROWS[name](backends, workdir)
@@ -133,6 +168,10 @@ def main():
         print(f"{name:10}{rate:9,.0f}{user:8.1f}{system:8.1f}{voluntary:7.2f}{involuntary:7.2f}   {shown}   {calls}")
     print("user, sys: CPU us per connection; vol, invol: context switches per connection; processes in pid order "
           "(ltcp: supervisor, template, workers; HAProxy: master, worker)")
+    for name, workers in profiled.items():
+        shown = "; ".join(f"{n:,} connections, {per:.1f} calls and {turns:.3f} loop turns each"
+                          for n, per, turns in workers)
+        print(f"{name} under cProfile, by worker: {shown}")
 
 
 if __name__ == "__main__":

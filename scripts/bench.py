@@ -23,8 +23,9 @@ Workloads:
              built-in 64-byte echo); requests/s
   connrate   a new connection per request, 50 at a time (wrk with
              "Connection: close", else built-in); connections/s
-  tlsrate    connrate with the proxy terminating TLS (one test certificate from
-             trustme, shared by every row), to nginx in plain HTTP; connections/s
+  tlsrate    run with connrate (no workload of its own): the same with the proxy
+             terminating TLS (one test certificate from trustme, shared by every
+             row), to nginx in plain HTTP; connections/s
   CPU each   for keepalive, connrate and tlsrate: the proxy's CPU time (from
              /proc) per request or connection, in microseconds
   latency    10 keep-alive connections; p50 and p99 in microseconds

@@ -75,4 +75,3 @@ print(before - resident())
 def test_trimming_gives_freed_heap_back():
     out = subprocess.run([sys.executable, "-c", FREED_HEAP], capture_output=True, text=True, timeout=20, check=True)
     assert int(out.stdout) > 20 << 20, out
-

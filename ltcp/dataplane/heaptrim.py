@@ -22,12 +22,13 @@ def malloc_trim():
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
+    trim.argtypes = [ctypes.c_size_t]
     return lambda: trim(0)
 
 
 class HeapTrim:
     """Every ``period`` seconds on ``reactor``, trim the heap with ``trim()`` if ``ended()`` (a count of the
-    streams that ended, ever) grew since the last look."""
+    streams that ended, ever) changed since the last look."""
 
     __slots__ = ("reactor", "ended", "trim", "period", "seen", "timer")
 
@@ -40,8 +41,8 @@ class HeapTrim:
         self.timer = reactor.call_later(period, self._look)
 
     def _look(self):
+        self.timer = self.reactor.call_later(self.period, self._look)  # (first: a failure below ends no look after)
         ended = self.ended()
         if ended != self.seen:
             self.seen = ended
             self.trim()
-        self.timer = self.reactor.call_later(self.period, self._look)

@@ -32,6 +32,17 @@ def wait_for(condition, timeout=10.0, interval=0.005, message="condition"):
         time.sleep(interval)
 
 
+def run_reactor_until(reactor, condition, timeout=5.0):
+    """Run ``reactor`` on this thread, 10 ms at a time, until ``condition()`` holds (AssertionError after
+    ``timeout`` seconds): for tests that drive a reactor themselves."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not done within {timeout}s")
+        reactor.call_later(0.01, reactor.stop)
+        reactor.run()
+
+
 def open_fds():
     return len(os.listdir("/proc/self/fd"))
 

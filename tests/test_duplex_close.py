@@ -13,7 +13,7 @@ import pytest
 
 from ltcp.dataplane.duplex import Duplex, Tally
 from ltcp.loop import Reactor
-from netutil import recv_all
+from netutil import recv_all, run_reactor_until
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -69,22 +69,13 @@ def stream():
     reactor.close()
 
 
-def run_until(reactor, done):
-    for _ in range(200):
-        if done():
-            return
-        reactor.call_later(0.01, reactor.stop)
-        reactor.run()
-    raise AssertionError("the stream did not finish")
-
-
 def finish(reactor, owner, client, upstream):
     """Both sides send their bytes and their end; each should read the other's, then EOF."""
     client.sendall(b"request")
     client.shutdown(socket.SHUT_WR)
     upstream.sendall(b"answer")
     upstream.shutdown(socket.SHUT_WR)
-    run_until(reactor, lambda: owner.ended)
+    run_reactor_until(reactor, lambda: owner.ended)
     assert owner.ended == ["done"]
     assert recv_all(upstream) == b"request"
     assert recv_all(client) == b"answer"  # (to EOF: a timeout here is a FIN that never came)

@@ -2,28 +2,14 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 
 from ltcp.dataplane.heaptrim import HeapTrim, malloc_trim
 from ltcp.loop import Reactor
+from netutil import run_reactor_until
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def run_reactor_until(reactor, condition, limit=5.0):
-    """Run ``reactor`` on this thread until ``condition()`` holds (checked every 10 ms) or ``limit`` passes."""
-    deadline = time.monotonic() + limit
-
-    def check():
-        if condition() or time.monotonic() > deadline:
-            reactor.stop()
-        else:
-            reactor.call_later(0.01, check)
-
-    reactor.call_later(0.01, check)
-    reactor.run()
 
 
 def test_trims_once_a_period_and_only_after_streams_ended():

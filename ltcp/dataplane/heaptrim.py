@@ -30,7 +30,7 @@ class HeapTrim:
     """Every ``period`` seconds on ``reactor``, trim the heap with ``trim()`` if ``ended()`` (a count of the
     streams that ended, ever) changed since the last look."""
 
-    __slots__ = ("reactor", "ended", "trim", "period", "seen", "timer")
+    __slots__ = ("reactor", "ended", "trim", "period", "seen")
 
     def __init__(self, reactor, ended, trim, period=TRIM_PERIOD):
         self.reactor = reactor
@@ -38,10 +38,10 @@ class HeapTrim:
         self.trim = trim
         self.period = period
         self.seen = ended()
-        self.timer = reactor.call_later(period, self._look)
+        reactor.call_later(period, self._look)
 
     def _look(self):
-        self.timer = self.reactor.call_later(self.period, self._look)  # (first: a failure below ends no look after)
+        self.reactor.call_later(self.period, self._look)  # (first: a failure below ends no look after)
         ended = self.ended()
         if ended != self.seen:
             self.seen = ended
